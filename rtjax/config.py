@@ -1,0 +1,150 @@
+"""The experiment config contract: every key and its default, and validation
+that runs before anything is compiled.
+
+Config files start from `base_config()` and change values; a key that is not
+here (a typo, a stale option) is an error that names it.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from rtjax.data import DATASET_NAMES
+from rtjax.models import DATASET_ARGS, model_arg_names, model_names
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+class ConfigError(ValueError):
+  """A config value is unknown or out of range; the message names the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet"
+  # Constructor arguments of the family (checked against its signature);
+  # num_classes and input_shape come from the dataset.
+  c.model.args = ml_collections.ConfigDict()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"
+  c.data.dir = ""  # cifar10: local or gs:// directory of the python batches
+  c.data.val_fraction = 0.1
+  c.data.test_fraction = 0.2  # digits only; cifar10 has its own test_batch
+  c.data.max_shift = 1  # random translation, pixels
+  c.data.random_flip = False
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64
+  c.train.num_steps = 1000
+  c.train.optimizer = "adamw"
+  c.train.learning_rate = 1e-3
+  c.train.momentum = 0.9  # sgd
+  c.train.nesterov = True  # sgd
+  c.train.weight_decay = 1e-4
+  c.train.schedule = "cosine"
+  c.train.warmup_steps = 50
+  c.train.grad_clip_norm = 0.0  # 0 disables clipping
+  c.train.label_smoothing = 0.0
+  c.train.log_every = 50
+  c.train.eval_every = 250
+  c.train.eval_batch_size = 512
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 250
+  c.checkpoint.max_to_keep = 2
+  return c
+
+
+def _unknown_keys(config, schema, prefix="") -> list[str]:
+  unknown = []
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if key not in schema:
+      unknown.append(path)
+    elif path == "model.args":
+      continue  # checked against the model family's constructor
+    elif isinstance(value, ml_collections.ConfigDict):
+      unknown += _unknown_keys(value, schema[key], path + ".")
+  return unknown
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+  if not condition:
+    raise ConfigError(f"config.{key}: {message}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad key; cheap, runs before compiling."""
+  unknown = _unknown_keys(config, base_config())
+  if unknown:
+    raise ConfigError(
+        f"unknown config key(s): {', '.join(unknown)}. Known keys are those "
+        "of rtjax.config.base_config(); check the spelling.")
+
+  _require(config.model.name in model_names(), "model.name",
+           f"unknown model {config.model.name!r}; known: "
+           f"{', '.join(model_names())}")
+  allowed = model_arg_names(config.model.name)
+  for arg in config.model.args:
+    if arg in DATASET_ARGS:
+      raise ConfigError(f"config.model.args.{arg} is set from the dataset; "
+                        "remove it")
+    _require(arg in allowed, f"model.args.{arg}",
+             f"not an argument of {config.model.name!r}; its arguments are "
+             f"{', '.join(allowed)}")
+
+  data = config.data
+  _require(data.name in DATASET_NAMES, "data.name",
+           f"unknown dataset {data.name!r}; known: {', '.join(DATASET_NAMES)}")
+  _require(0.0 <= data.val_fraction < 1.0, "data.val_fraction",
+           f"must be in [0, 1), got {data.val_fraction}")
+  _require(0.0 < data.test_fraction < 1.0, "data.test_fraction",
+           f"must be in (0, 1), got {data.test_fraction}")
+  _require(data.val_fraction + data.test_fraction < 1.0, "data.val_fraction",
+           "val_fraction + test_fraction must leave training data")
+  _require(data.max_shift >= 0, "data.max_shift",
+           f"must be >= 0, got {data.max_shift}")
+
+  train = config.train
+  _require(train.num_steps > 0, "train.num_steps",
+           f"must be > 0, got {train.num_steps}")
+  _require(train.batch_size > 0, "train.batch_size",
+           f"must be > 0, got {train.batch_size}")
+  devices = jax.device_count()
+  _require(train.batch_size % devices == 0, "train.batch_size",
+           f"{train.batch_size} is not divisible by the {devices} devices; "
+           f"use a multiple of {devices}")
+  _require(train.eval_batch_size > 0 and train.eval_batch_size % devices == 0,
+           "train.eval_batch_size",
+           f"must be a positive multiple of the {devices} devices, "
+           f"got {train.eval_batch_size}")
+  _require(train.learning_rate > 0, "train.learning_rate",
+           f"must be > 0, got {train.learning_rate}")
+  _require(train.optimizer in OPTIMIZERS, "train.optimizer",
+           f"unknown optimizer {train.optimizer!r}; known: "
+           f"{', '.join(OPTIMIZERS)}")
+  _require(train.schedule in SCHEDULES, "train.schedule",
+           f"unknown schedule {train.schedule!r}; known: {', '.join(SCHEDULES)}")
+  _require(0 <= train.warmup_steps < train.num_steps, "train.warmup_steps",
+           f"must be in [0, num_steps), got {train.warmup_steps}")
+  _require(train.weight_decay >= 0, "train.weight_decay",
+           f"must be >= 0, got {train.weight_decay}")
+  _require(0.0 <= train.momentum < 1.0, "train.momentum",
+           f"must be in [0, 1), got {train.momentum}")
+  _require(train.grad_clip_norm >= 0, "train.grad_clip_norm",
+           f"must be >= 0, got {train.grad_clip_norm}")
+  _require(0.0 <= train.label_smoothing < 1.0, "train.label_smoothing",
+           f"must be in [0, 1), got {train.label_smoothing}")
+  for key in ("log_every", "eval_every"):
+    _require(train[key] > 0, f"train.{key}", f"must be > 0, got {train[key]}")
+
+  _require(config.checkpoint.every_steps > 0, "checkpoint.every_steps",
+           f"must be > 0, got {config.checkpoint.every_steps}")
+  _require(config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep",
+           f"must be >= 1, got {config.checkpoint.max_to_keep}")

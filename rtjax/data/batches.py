@@ -1,0 +1,73 @@
+"""Training batches as a pure function of (seed, step), so a resumed run sees
+exactly the batches an uninterrupted one would."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from rtjax.data.dataset import Split
+
+
+def shift_and_flip(images: np.ndarray, rng: np.random.Generator,
+                   max_shift: int, random_flip: bool) -> np.ndarray:
+  """Random translation by up to `max_shift` pixels (zero fill), optional h-flip."""
+  batch, height, width, _ = images.shape
+  if max_shift > 0:
+    padded = np.pad(images, ((0, 0), (max_shift, max_shift),
+                             (max_shift, max_shift), (0, 0)))
+    dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, batch))
+    rows = dy[:, None] + np.arange(height)
+    cols = dx[:, None] + np.arange(width)
+    images = padded[np.arange(batch)[:, None, None], rows[:, :, None],
+                    cols[:, None, :]]
+  if random_flip:
+    flip = rng.random(batch) < 0.5
+    images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+  return images
+
+
+class TrainBatches:
+  """batch(step): epoch-wise shuffles (dropping the remainder) plus augmentation."""
+
+  def __init__(self, split: Split, batch_size: int, seed: int,
+               max_shift: int = 0, random_flip: bool = False):
+    if batch_size > len(split):
+      raise ValueError(f"train.batch_size {batch_size} is larger than the "
+                       f"training split ({len(split)} examples)")
+    self.split, self.batch_size, self.seed = split, batch_size, seed
+    self.max_shift, self.random_flip = max_shift, random_flip
+    self.steps_per_epoch = len(split) // batch_size
+    self._epoch, self._order = -1, None
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch != self._epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      self._epoch, self._order = epoch, rng.permutation(len(self.split))
+    return self._order
+
+  def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    epoch, index = divmod(step, self.steps_per_epoch)
+    start = index * self.batch_size
+    rows = self._permutation(epoch)[start:start + self.batch_size]
+    images = self.split.images[rows]
+    rng = np.random.default_rng([self.seed, step, 1])
+    images = shift_and_flip(images, rng, self.max_shift, self.random_flip)
+    return images, self.split.labels[rows]
+
+
+def eval_batches(split: Split, batch_size: int
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Fixed-shape batches (last one zero-padded) with a mask of the real rows."""
+  for start in range(0, len(split), batch_size):
+    images = split.images[start:start + batch_size]
+    labels = split.labels[start:start + batch_size]
+    real = len(labels)
+    pad = batch_size - real
+    mask = np.concatenate([np.ones(real, bool), np.zeros(pad, bool)])
+    if pad:
+      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]),
+                                                images.dtype)])
+      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+    yield images, labels, mask

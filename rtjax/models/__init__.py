@@ -1,0 +1,14 @@
+"""Flax NNX model families, constructible by name."""
+
+# Importing the family modules registers them.
+from rtjax.models import lenet, resnet, vit  # noqa: F401
+from rtjax.models.modes import inference_view, training_view
+from rtjax.models.registry import (DATASET_ARGS, abstract_model, create_model,
+                                   model_arg_names, model_class, model_names)
+from rtjax.models.stats import cost_analysis, forward_flops, param_count
+
+__all__ = [
+    "DATASET_ARGS", "abstract_model", "cost_analysis", "create_model",
+    "forward_flops", "inference_view", "model_arg_names", "model_class",
+    "model_names", "param_count", "training_view",
+]

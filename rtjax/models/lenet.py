@@ -1,0 +1,44 @@
+"""LeNet-5 as used on CIFAR: two 5x5 VALID convs with max-pooling, three dense layers."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+from rtjax.models.registry import register
+
+
+@register("lenet5")
+class LeNet5(nnx.Module):
+  """Widths are arguments so structured pruning can rebuild it narrower."""
+
+  def __init__(self,
+               num_classes: int,
+               input_shape: Sequence[int] = (32, 32, 3),
+               conv_channels: Sequence[int] = (6, 16),
+               hidden: Sequence[int] = (120, 84),
+               *,
+               rngs: nnx.Rngs):
+    height, width, channels = input_shape
+    c1, c2 = conv_channels
+    self.conv1 = nnx.Conv(channels, c1, (5, 5), padding="VALID", rngs=rngs)
+    self.conv2 = nnx.Conv(c1, c2, (5, 5), padding="VALID", rngs=rngs)
+    # Two (VALID 5x5 conv, 2x2 pool) pairs: 32 -> 28 -> 14 -> 10 -> 5.
+    out_h = ((height - 4) // 2 - 4) // 2
+    out_w = ((width - 4) // 2 - 4) // 2
+    if out_h < 1 or out_w < 1:
+      raise ValueError(f"lenet5 needs inputs of at least 16x16, got {height}x{width}")
+    h1, h2 = hidden
+    self.fc1 = nnx.Linear(out_h * out_w * c2, h1, rngs=rngs)
+    self.fc2 = nnx.Linear(h1, h2, rngs=rngs)
+    self.head = nnx.Linear(h2, num_classes, rngs=rngs)
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
+    x = nnx.max_pool(nnx.relu(self.conv2(x)), (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nnx.relu(self.fc1(x))
+    x = nnx.relu(self.fc2(x))
+    return self.head(x)

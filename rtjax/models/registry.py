@@ -1,0 +1,53 @@
+"""Model families by name, so a checkpoint's metadata alone rebuilds its model."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from flax import nnx
+
+# Arguments every family takes from the dataset, never from the user's config.
+DATASET_ARGS = ("num_classes", "input_shape")
+
+_REGISTRY: dict[str, type[nnx.Module]] = {}
+
+
+def register(name: str) -> Callable[[type[nnx.Module]], type[nnx.Module]]:
+  """Class decorator: makes a model family constructible by `name`."""
+
+  def wrap(cls: type[nnx.Module]) -> type[nnx.Module]:
+    if name in _REGISTRY:
+      raise ValueError(f"model name {name!r} registered twice")
+    _REGISTRY[name] = cls
+    return cls
+
+  return wrap
+
+
+def model_names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def model_class(name: str) -> type[nnx.Module]:
+  if name not in _REGISTRY:
+    raise ValueError(
+        f"unknown model {name!r}; known models: {', '.join(model_names())}")
+  return _REGISTRY[name]
+
+
+def model_arg_names(name: str) -> list[str]:
+  """Constructor arguments a config may set for family `name`."""
+  params = inspect.signature(model_class(name).__init__).parameters
+  return [p for p in params
+          if p not in ("self", "rngs", *DATASET_ARGS)]
+
+
+def create_model(name: str, args: dict[str, Any], seed: int = 0) -> nnx.Module:
+  """Builds family `name` from its full constructor arguments."""
+  return model_class(name)(**args, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(name: str, args: dict[str, Any]) -> nnx.Module:
+  """The model's structure with shapes only: no memory, no random init."""
+  return nnx.eval_shape(lambda: create_model(name, args))

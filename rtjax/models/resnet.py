@@ -1,0 +1,88 @@
+"""ResNet-style CNN: BatchNorm, residual basic blocks, explicit per-stage widths.
+
+Every width is a constructor argument (stem, each stage's output, each block's
+inner conv) so structured pruning can emit a narrower model of the same family.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+from rtjax.models.registry import register
+
+
+def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int,
+             rngs: nnx.Rngs) -> tuple[nnx.Conv, nnx.BatchNorm]:
+  conv = nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride,
+                  padding="SAME", use_bias=False,
+                  kernel_init=nnx.initializers.he_normal(), rngs=rngs)
+  return conv, nnx.BatchNorm(out_ch, momentum=0.9, rngs=rngs)
+
+
+class BasicBlock(nnx.Module):
+  """conv3x3-BN-ReLU-conv3x3-BN plus a shortcut (1x1 conv-BN when shapes change)."""
+
+  def __init__(self, in_ch: int, inner_ch: int, out_ch: int, stride: int,
+               *, rngs: nnx.Rngs):
+    self.conv1, self.bn1 = _conv_bn(in_ch, inner_ch, 3, stride, rngs)
+    self.conv2, self.bn2 = _conv_bn(inner_ch, out_ch, 3, 1, rngs)
+    if stride != 1 or in_ch != out_ch:
+      self.proj, self.proj_bn = _conv_bn(in_ch, out_ch, 1, stride, rngs)
+    else:
+      self.proj, self.proj_bn = None, None
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    y = nnx.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    shortcut = x if self.proj is None else self.proj_bn(self.proj(x))
+    return nnx.relu(y + shortcut)
+
+
+@register("resnet")
+class ResNet(nnx.Module):
+  """Stem conv, stages of basic blocks, global average pool, dense head."""
+
+  def __init__(self,
+               num_classes: int,
+               input_shape: Sequence[int],
+               stem_width: int = 32,
+               stage_widths: Sequence[int] = (32, 64),
+               blocks_per_stage: Sequence[int] = (1, 1),
+               stage_strides: Sequence[int] = (1, 2),
+               inner_widths: Sequence[int] | None = None,
+               *,
+               rngs: nnx.Rngs):
+    """`inner_widths` gives each block's first conv width, in block order
+    (defaults to its stage's width); pruning shrinks them independently."""
+    if not len(stage_widths) == len(blocks_per_stage) == len(stage_strides):
+      raise ValueError(
+          "resnet: stage_widths, blocks_per_stage and stage_strides must have "
+          f"one entry per stage, got {len(stage_widths)}, "
+          f"{len(blocks_per_stage)}, {len(stage_strides)}")
+    num_blocks = sum(blocks_per_stage)
+    if inner_widths is None:
+      inner_widths = [w for w, n in zip(stage_widths, blocks_per_stage)
+                      for _ in range(n)]
+    if len(inner_widths) != num_blocks:
+      raise ValueError(f"resnet: inner_widths needs {num_blocks} entries "
+                       f"(one per block), got {len(inner_widths)}")
+    self.stem, self.stem_bn = _conv_bn(input_shape[-1], stem_width, 3, 1, rngs)
+    blocks = []
+    in_ch, block_index = stem_width, 0
+    for width, count, stride in zip(stage_widths, blocks_per_stage,
+                                    stage_strides):
+      for i in range(count):
+        blocks.append(BasicBlock(in_ch, inner_widths[block_index], width,
+                                 stride if i == 0 else 1, rngs=rngs))
+        in_ch, block_index = width, block_index + 1
+    self.blocks = nnx.List(blocks)
+    self.head = nnx.Linear(in_ch, num_classes, rngs=rngs)
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    x = nnx.relu(self.stem_bn(self.stem(x)))
+    for block in self.blocks:
+      x = block(x)
+    return self.head(x.mean(axis=(1, 2)))

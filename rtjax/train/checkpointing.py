@@ -1,0 +1,127 @@
+"""Orbax checkpoints that carry their own metadata.
+
+A run's checkpoints live in `<workdir>/checkpoints/<step>/` with three items:
+  model     the model's full state (params and BatchNorm stats) as a plain
+            nested dict, readable by plain orbax without rtjax;
+  opt_state the optax state, only needed to resume training;
+  metadata  JSON: model name and constructor args, dataset, config, stage,
+            parent, step, metrics; enough to rebuild the model alone.
+Orbax writes each step to a temporary directory and renames it when complete,
+so a crash never leaves a step directory that looks finished.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from rtjax.models import abstract_model
+
+ITEMS = ("model", "opt_state", "metadata")
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+class CheckpointError(ValueError):
+  """A path is not a usable checkpoint; the message says which and why."""
+
+
+class RunCheckpoints:
+  """The CheckpointManager of one run directory."""
+
+  def __init__(self, directory: epath.PathLike, max_to_keep: int = 2):
+    self.directory = epath.Path(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                             create=True),
+        item_names=ITEMS)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, model_state: nnx.State, opt_state: Any,
+           metadata: dict) -> None:
+    """Asynchronous: returns once arrays are copied off the device."""
+    self._manager.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(nnx.to_pure_dict(model_state)),
+        opt_state=ocp.args.StandardSave(opt_state),
+        metadata=ocp.args.JsonSave(metadata)))
+
+  def metadata(self, step: int) -> dict:
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    return dict(restored.metadata)
+
+  def restore(self, step: int, model_state: nnx.State,
+              opt_state: Any) -> tuple[nnx.State, Any]:
+    """Restores into the structure (and shardings) of the given templates."""
+    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(
+            abstract(nnx.to_pure_dict(model_state))),
+        opt_state=ocp.args.StandardRestore(abstract(opt_state))))
+    nnx.replace_by_pure_dict(model_state, restored.model)
+    return model_state, restored.opt_state
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _resolve(path: epath.PathLike) -> tuple[epath.Path, int]:
+  """(manager directory, step) for a workdir, a checkpoints dir or a step dir."""
+  path = epath.Path(path)
+  if TMP_MARKER in path.name:
+    raise CheckpointError(
+        f"{path} is a half-written (temporary) orbax checkpoint: its save "
+        "never finished. Use a finished step directory or the run's workdir.")
+  if not path.exists():
+    raise CheckpointError(f"no checkpoint at {path}: the path does not exist")
+  if (path / "metadata").exists() and path.name.isdigit():
+    return path.parent, int(path.name)
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()
+                 and (p / "metadata").exists())
+  if not steps:
+    raise CheckpointError(
+        f"{path} holds no finished rtjax checkpoint (expected step "
+        "directories with model/ and metadata/ items, or a workdir with "
+        "checkpoints/)")
+  return path, steps[-1]
+
+
+def load_checkpoint(path: epath.PathLike) -> tuple[nnx.Module, dict]:
+  """Rebuilds a model from a checkpoint alone: (model in its saved state, metadata).
+
+  `path` may be a run's workdir, its checkpoints/ directory (latest step is
+  used) or one step directory.
+  """
+  directory, step = _resolve(path)
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_names=ITEMS)
+  try:
+    metadata = dict(manager.restore(step, args=ocp.args.Composite(
+        metadata=ocp.args.JsonRestore())).metadata)
+    model = abstract_model(metadata["model"]["name"], metadata["model"]["args"])
+    state = nnx.state(model)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(
+            jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                         nnx.to_pure_dict(state)))))
+  except (KeyError, ValueError, FileNotFoundError) as e:
+    raise CheckpointError(
+        f"checkpoint {directory / str(step)} cannot be restored ({e}); it may "
+        "be truncated or written by another architecture") from e
+  finally:
+    manager.close()
+  nnx.replace_by_pure_dict(state, restored.model)
+  nnx.update(model, state)
+  return model, metadata

@@ -1,0 +1,243 @@
+"""Training stage: config -> trained, evaluated, checkpointed model.
+
+Reads top to bottom: data, model, optimizer, resume, jitted steps, the loop
+(log, evaluate, checkpoint, preemption, NaN guard), final test evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+import rtjax
+from rtjax import config as config_lib
+from rtjax import models
+from rtjax.data import Dataset, Split, TrainBatches, eval_batches, load_dataset
+from rtjax.train.checkpointing import RunCheckpoints
+from rtjax.train.metrics import MetricWriter
+from rtjax.train.optim import make_optimizer
+from rtjax.train.preemption import PreemptionGuard
+
+
+class NonFiniteLossError(RuntimeError):
+  """Loss or gradients became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  preempted: bool
+  metrics: dict[str, dict[str, float]]  # split -> metric -> value
+  checkpoint_dir: epath.Path
+
+
+def model_args_for(config, dataset: Dataset) -> dict:
+  """The family's full constructor arguments: config's plus the dataset's,
+  in their JSON form (lists, not tuples) as the checkpoint metadata holds them."""
+  args = {**config.model.args.to_dict(), "num_classes": dataset.num_classes,
+          "input_shape": list(dataset.input_shape)}
+  return json.loads(json.dumps(args))
+
+
+def _check_same_model(saved: dict, name: str, args: dict, directory) -> None:
+  if saved["model"] != {"name": name, "args": args}:
+    raise config_lib.ConfigError(
+        f"{directory} holds checkpoints of model {saved['model']}, but the "
+        f"config builds {{'name': {name!r}, 'args': {args}}}. Use a new "
+        "--workdir, or the config that wrote this run.")
+
+
+def _loss(logits, labels, num_classes: int, label_smoothing: float):
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes),
+                                label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
+  """Trains the model a config describes; rerun with the same workdir to resume."""
+  config_lib.validate(config)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_writer = jax.process_index() == 0
+  train_cfg = config.train
+
+  dataset = load_dataset(config.data, config.seed)
+  model_args = model_args_for(config, dataset)
+  model = models.create_model(config.model.name, model_args, config.seed)
+  num_params = models.param_count(model)
+  flops = models.forward_flops(model, dataset.input_shape)
+  logging.info("model %s %s: %d parameters, %.3g FLOPs per example",
+               config.model.name, model_args, num_params, flops)
+
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  replicated = NamedSharding(mesh, P())
+  batch_sharded = NamedSharding(mesh, P("data"))
+
+  tx = make_optimizer(train_cfg)
+  train_graphdef, params, rest = nnx.split(models.training_view(model),
+                                           nnx.Param, ...)
+  eval_graphdef = nnx.split(models.inference_view(model), nnx.Param, ...)[0]
+  opt_state = tx.init(params)
+
+  checkpoints = RunCheckpoints(workdir / "checkpoints",
+                               config.checkpoint.max_to_keep)
+  start_step = checkpoints.latest_step() or 0
+  if start_step:
+    _check_same_model(checkpoints.metadata(start_step), config.model.name,
+                      model_args, checkpoints.directory)
+    state, opt_state = checkpoints.restore(start_step, nnx.state(model),
+                                           opt_state)
+    nnx.update(model, state)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    logging.info("resuming from step %d in %s", start_step,
+                 checkpoints.directory)
+  params, rest, opt_state = jax.device_put((params, rest, opt_state),
+                                           replicated)
+
+  num_classes = dataset.num_classes
+
+  @jax.jit
+  def train_step(params, rest, opt_state, images, labels):
+    def loss_fn(params, rest):
+      model = nnx.merge(train_graphdef, params, rest, copy=True)
+      logits = model(images)
+      loss = _loss(logits, labels, num_classes,
+                   train_cfg.label_smoothing).mean()
+      new_rest = nnx.split(model, nnx.Param, ...)[2]
+      return loss, (new_rest, logits)
+
+    (loss, (new_rest, logits)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params, rest)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    return params, new_rest, opt_state, metrics
+
+  @jax.jit
+  def eval_step(params, rest, images, labels, mask):
+    logits = nnx.merge(eval_graphdef, params, rest)(images)
+    losses = _loss(logits, labels, num_classes, 0.0)
+    correct = (jnp.argmax(logits, -1) == labels)
+    return {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
+            "count": jnp.sum(mask)}
+
+  def evaluate(split: Split) -> dict[str, float]:
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for images, labels, mask in eval_batches(split, train_cfg.eval_batch_size):
+      out = eval_step(params, rest,
+                      *jax.device_put((images, labels, mask), batch_sharded))
+      totals = {k: totals[k] + float(v) for k, v in out.items()}
+    count = max(totals["count"], 1.0)
+    return {"loss": totals["loss"] / count,
+            "accuracy": totals["correct"] / count}
+
+  metrics: dict[str, dict[str, float]] = {}
+
+  def metadata(step: int) -> dict:
+    return {
+        "rtjax_version": rtjax.__version__,
+        "stage": "train",
+        "parent": None,
+        "model": {"name": config.model.name, "args": model_args},
+        "dataset": dataset.describe(),
+        "config": config.to_dict(),
+        "step": step,
+        "param_count": num_params,
+        "flops_per_example": flops,
+        "metrics": metrics,
+    }
+
+  batches = TrainBatches(dataset.train, train_cfg.batch_size, config.seed,
+                         config.data.max_shift, config.data.random_flip)
+  writer = MetricWriter(workdir, enabled=is_writer)
+  window: list[dict] = []
+  window_start, window_first_step = time.perf_counter(), start_step
+  last_saved = start_step
+  step = start_step
+  preempted = False
+
+  def flush_window(step: int) -> None:
+    """Host sync: average the window's metrics, refuse NaN/inf, log them."""
+    nonlocal window, window_start, window_first_step
+    if not window:
+      return
+    means = {k: float(np.mean([float(m[k]) for m in window]))
+             for k in window[0]}
+    if not (math.isfinite(means["loss"]) and math.isfinite(means["grad_norm"])):
+      raise NonFiniteLossError(
+          f"loss or gradients became non-finite (loss={means['loss']}, "
+          f"grad_norm={means['grad_norm']}) between steps {window_first_step}"
+          f" and {step}. The last good checkpoint (step {last_saved}) is kept "
+          f"in {checkpoints.directory}. Lower config.train.learning_rate or "
+          "set config.train.grad_clip_norm.")
+    elapsed = time.perf_counter() - window_start
+    means["steps_per_sec"] = len(window) / max(elapsed, 1e-9)
+    metrics["train"] = means
+    writer.write(step, "train", means)
+    bar.set_postfix(loss=f"{means['loss']:.4f}",
+                    acc=f"{means['accuracy']:.3f}",
+                    steps_per_s=f"{means['steps_per_sec']:.1f}")
+    window, window_start, window_first_step = [], time.perf_counter(), step
+
+  def save(step: int) -> None:
+    nonlocal last_saved
+    nnx.update(model, params, rest)
+    checkpoints.save(step, nnx.state(model), opt_state, metadata(step))
+    last_saved = step
+
+  with PreemptionGuard() as preemption, tqdm(
+      total=train_cfg.num_steps, initial=start_step, desc="train",
+      disable=not is_writer, dynamic_ncols=True) as bar:
+    try:
+      for step in range(start_step + 1, train_cfg.num_steps + 1):
+        images, labels = batches.batch(step - 1)
+        params, rest, opt_state, step_metrics = train_step(
+            params, rest, opt_state,
+            *jax.device_put((images, labels), batch_sharded))
+        window.append(step_metrics)
+        bar.update(1)
+        last = step == train_cfg.num_steps
+        saving = (step % config.checkpoint.every_steps == 0 or last
+                  or preemption.requested)
+        if step % train_cfg.log_every == 0 or saving:
+          flush_window(step)
+        if step % train_cfg.eval_every == 0 or last:
+          metrics["val"] = evaluate(dataset.val)
+          writer.write(step, "val", metrics["val"])
+        if last:
+          metrics["test"] = evaluate(dataset.test)
+          writer.write(step, "test", metrics["test"])
+        if saving:
+          save(step)
+        if preemption.requested and not last:
+          preempted = True
+          logging.warning("preempted: checkpoint saved at step %d in %s; "
+                          "rerun the same command to resume", step,
+                          checkpoints.directory)
+          break
+      if start_step >= train_cfg.num_steps:
+        logging.info("run already complete at step %d", start_step)
+        metrics.update(checkpoints.metadata(start_step)["metrics"])
+    finally:
+      checkpoints.wait()
+      checkpoints.close()
+      writer.close()
+
+  if "test" in metrics:
+    logging.info("step %d: test accuracy %.4f, loss %.4f", step,
+                 metrics["test"]["accuracy"], metrics["test"]["loss"])
+  return TrainResult(step=max(step, start_step), preempted=preempted,
+                     metrics=metrics, checkpoint_dir=checkpoints.directory)

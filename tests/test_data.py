@@ -1,0 +1,133 @@
+"""Datasets: shapes, deterministic splits, batches as a pure function of (seed, step)."""
+
+import pickle
+
+import ml_collections
+import numpy as np
+import pytest
+
+from rtjax.data import TrainBatches, cifar10, eval_batches, load_dataset
+from rtjax.data.dataset import Split
+
+
+def data_config(**overrides):
+  config = ml_collections.ConfigDict(dict(
+      name="digits", dir="", val_fraction=0.1, test_fraction=0.2))
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize("name,shape", [("digits", (8, 8, 1)),
+                                        ("digits32", (32, 32, 3))])
+def test_digits_shapes_and_sizes(name, shape):
+  ds = load_dataset(data_config(name=name), seed=0)
+  assert ds.input_shape == shape and ds.num_classes == 10
+  assert len(ds.train) + len(ds.val) + len(ds.test) == 1797
+  assert len(ds.test) == pytest.approx(0.2 * 1797, abs=1)
+  assert len(ds.val) == pytest.approx(0.1 * 1797, abs=1)
+  for split in (ds.train, ds.val, ds.test):
+    assert split.images.dtype == np.float32 and split.labels.dtype == np.int32
+    assert split.images.shape[1:] == shape
+    assert 0.0 <= split.images.min() and split.images.max() <= 1.0
+    assert set(np.unique(split.labels)) == set(range(10))  # stratified
+
+
+def test_digits32_is_digits_resized():
+  small = load_dataset(data_config(name="digits"), seed=3)
+  big = load_dataset(data_config(name="digits32"), seed=3)
+  np.testing.assert_array_equal(small.test.labels, big.test.labels)
+  # Same split, channels identical, and the 8x8 average of each image matches.
+  np.testing.assert_array_equal(big.test.images[..., 0], big.test.images[..., 2])
+  pooled = big.test.images[..., 0].reshape(-1, 8, 4, 8, 4).mean(axis=(2, 4))
+  assert np.corrcoef(pooled.ravel(), small.test.images.ravel())[0, 1] > 0.95
+
+
+def test_splits_are_deterministic_by_seed():
+  a = load_dataset(data_config(), seed=0)
+  b = load_dataset(data_config(), seed=0)
+  c = load_dataset(data_config(), seed=1)
+  for split in ("train", "val", "test"):
+    np.testing.assert_array_equal(getattr(a, split).images,
+                                  getattr(b, split).images)
+  assert not np.array_equal(a.test.images, c.test.images)
+
+
+def test_train_batches_are_a_pure_function_of_seed_and_step():
+  split = load_dataset(data_config(), seed=0).train
+  walked = TrainBatches(split, 32, seed=5, max_shift=1)
+  sequence = [walked.batch(step) for step in range(100)]
+  fresh = TrainBatches(split, 32, seed=5, max_shift=1)
+  for step in (99, 0, 57, 40):  # any order, new instance: same batches
+    np.testing.assert_array_equal(fresh.batch(step)[0], sequence[step][0])
+    np.testing.assert_array_equal(fresh.batch(step)[1], sequence[step][1])
+  other_seed = TrainBatches(split, 32, seed=6, max_shift=1)
+  assert not np.array_equal(other_seed.batch(0)[0], sequence[0][0])
+
+
+def test_an_epoch_visits_each_example_once():
+  split = Split(np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1),
+                np.arange(10, dtype=np.int32))
+  batches = TrainBatches(split, 3, seed=0)
+  epoch = np.concatenate([batches.batch(s)[1] for s in range(3)])
+  assert len(set(epoch.tolist())) == 9  # 3 batches of 3, remainder dropped
+  next_epoch = np.concatenate([batches.batch(s)[1] for s in range(3, 6)])
+  assert not np.array_equal(epoch, next_epoch)  # reshuffled
+
+
+def test_shift_augmentation_moves_content_without_changing_it():
+  image = np.zeros((1, 8, 8, 1), np.float32)
+  image[0, 3, 4, 0] = 1.0
+  split = Split(np.repeat(image, 64, axis=0), np.zeros(64, np.int32))
+  images, _ = TrainBatches(split, 64, seed=0, max_shift=2).batch(0)
+  assert np.all(images.sum(axis=(1, 2, 3)) == 1.0)  # the pixel stays inside
+  rows, cols = np.nonzero(images[..., 0])[1:]
+  assert set(rows) <= set(range(1, 6)) and set(cols) <= set(range(2, 7))
+  assert len(set(zip(rows, cols))) > 10  # many different shifts
+
+
+def test_eval_batches_pad_and_mask():
+  split = Split(np.ones((5, 2, 2, 1), np.float32), np.arange(5, dtype=np.int32))
+  batches = list(eval_batches(split, 2))
+  assert [b[0].shape[0] for b in batches] == [2, 2, 2]
+  assert batches[-1][2].tolist() == [True, False]
+  assert np.concatenate([b[1][b[2]] for b in batches]).tolist() == [0, 1, 2, 3, 4]
+
+
+def write_cifar_batches(directory, per_batch=8, seed=0):
+  """Files in the exact format of cifar-10-batches-py, with random pixels."""
+  rng = np.random.default_rng(seed)
+  written = {}
+  for name in (*cifar10.TRAIN_FILES, cifar10.TEST_FILE):
+    data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+    labels = [int(i % 10) for i in range(per_batch)]
+    with open(directory / name, "wb") as f:
+      pickle.dump({b"batch_label": name.encode(), b"labels": labels,
+                   b"data": data, b"filenames": [b"x.png"] * per_batch}, f)
+    written[name] = (data, labels)
+  return written
+
+
+def test_cifar10_loader_reads_python_batches(tmp_path):
+  written = write_cifar_batches(tmp_path)
+  ds = load_dataset(data_config(name="cifar10", dir=str(tmp_path),
+                                val_fraction=0.25), seed=0)
+  assert ds.input_shape == (32, 32, 3)
+  assert (len(ds.train), len(ds.val), len(ds.test)) == (30, 10, 8)
+  # Channel-planar rows become HWC images, normalized per channel.
+  data, labels = written[cifar10.TEST_FILE]
+  expected = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1) / 255.0
+  expected = (expected - cifar10.MEAN) / cifar10.STD
+  np.testing.assert_allclose(ds.test.images, expected, rtol=1e-5, atol=1e-5)
+  assert ds.test.labels.tolist() == labels
+
+
+def test_cifar10_missing_files_named(tmp_path):
+  write_cifar_batches(tmp_path)
+  (tmp_path / "data_batch_3").unlink()
+  with pytest.raises(FileNotFoundError, match=r"missing data_batch_3.*test_batch"):
+    load_dataset(data_config(name="cifar10", dir=str(tmp_path)), seed=0)
+  with pytest.raises(FileNotFoundError, match="does-not-exist is missing"):
+    load_dataset(data_config(name="cifar10", dir=str(tmp_path / "does-not-exist")),
+                 seed=0)
+  with pytest.raises(FileNotFoundError, match="needs data.dir"):
+    load_dataset(data_config(name="cifar10"), seed=0)

@@ -40,7 +40,7 @@ def test_overrides_and_variants():
                  "--config.model.args.stage_widths=(4,8)")
   assert config.train.learning_rate == 0.5
   assert tuple(config.model.args.stage_widths) == (4, 8)
-  assert config.train.num_steps == 60  # from the :tiny variant
+  assert config.train.num_steps == 150  # from the :tiny variant
   config_lib.validate(config)
 
 

@@ -210,8 +210,9 @@ def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
         window.append(step_metrics)
         bar.update(1)
         last = step == train_cfg.num_steps
-        saving = (step % config.checkpoint.every_steps == 0 or last
-                  or preemption.requested)
+        # Read the flag once: SIGTERM may land anywhere in this iteration.
+        stopping = preemption.requested and not last
+        saving = step % config.checkpoint.every_steps == 0 or last or stopping
         if step % train_cfg.log_every == 0 or saving:
           flush_window(step)
         if step % train_cfg.eval_every == 0 or last:
@@ -222,7 +223,7 @@ def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
           writer.write(step, "test", metrics["test"])
         if saving:
           save(step)
-        if preemption.requested and not last:
+        if stopping:
           preempted = True
           logging.warning("preempted: checkpoint saved at step %d in %s; "
                           "rerun the same command to resume", step,

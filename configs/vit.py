@@ -7,7 +7,8 @@ from rtjax.config import base_config
 
 
 def get_config(arg: str | None = None):
-  del arg  # no variants yet
+  if arg:
+    raise ValueError(f"configs/vit.py has no variant {arg!r}")
   config = base_config()
   config.model.name = "vit"
   config.model.args.patch_size = 2

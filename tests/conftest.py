@@ -12,12 +12,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def tiny_config():
   """configs/default.py:tiny, as `python -m experiments.main` would load it."""
-  sys.path.insert(0, REPO)
-  try:
-    from configs import default
-  finally:
-    sys.path.remove(REPO)
+  from configs import default
   return default.get_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+  """One tiny default run, shared by every test that only reads its outputs:
+  (config, workdir, TrainResult)."""
+  from configs import default
+  from rtjax.train import train_and_evaluate
+  config = default.get_config("tiny")
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  return config, workdir, train_and_evaluate(config, workdir)
 
 
 def run_module(module: str, *args: str, timeout: float = 300,
@@ -26,3 +33,18 @@ def run_module(module: str, *args: str, timeout: float = 300,
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
                         capture_output=True, text=True, timeout=timeout,
                         env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(trained, tmp_path_factory):
+  """A short-trained checkpoint of each model family: {name: workdir}."""
+  from configs import lenet5, vit
+  from rtjax.train import train_and_evaluate
+  paths = {"resnet": trained[1]}
+  for name, module in (("lenet5", lenet5), ("vit", vit)):
+    config = module.get_config()
+    config.train.num_steps, config.train.warmup_steps = 20, 5
+    workdir = tmp_path_factory.mktemp(name)
+    train_and_evaluate(config, workdir)
+    paths[name] = workdir
+  return paths

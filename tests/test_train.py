@@ -2,7 +2,6 @@
 preemption (SIGTERM), the NaN guard and clear checkpoint errors."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,17 +18,6 @@ from rtjax.data import load_dataset
 from rtjax.train import (CheckpointError, load_checkpoint, read_metrics,
                          train_and_evaluate)
 from tests.conftest import REPO, run_module
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """One tiny default run shared by the tests that only read its outputs."""
-  sys.path.insert(0, REPO)
-  from configs import default
-  sys.path.remove(REPO)
-  config = default.get_config("tiny")
-  workdir = tmp_path_factory.mktemp("tiny_run")
-  return config, workdir, train_and_evaluate(config, workdir)
 
 
 def params_of(path):

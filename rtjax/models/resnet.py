@@ -27,16 +27,16 @@ class BasicBlock(nnx.Module):
 
   def __init__(self, in_ch: int, inner_ch: int, out_ch: int, stride: int,
                *, rngs: nnx.Rngs):
-    self.conv1, self.bn1 = _conv_bn(in_ch, inner_ch, 3, stride, rngs)
-    self.conv2, self.bn2 = _conv_bn(inner_ch, out_ch, 3, 1, rngs)
+    self.conv1, self.conv1_bn = _conv_bn(in_ch, inner_ch, 3, stride, rngs)
+    self.conv2, self.conv2_bn = _conv_bn(inner_ch, out_ch, 3, 1, rngs)
     if stride != 1 or in_ch != out_ch:
       self.proj, self.proj_bn = _conv_bn(in_ch, out_ch, 1, stride, rngs)
     else:
       self.proj, self.proj_bn = None, None
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    y = nnx.relu(self.bn1(self.conv1(x)))
-    y = self.bn2(self.conv2(y))
+    y = nnx.relu(self.conv1_bn(self.conv1(x)))
+    y = self.conv2_bn(self.conv2(y))
     shortcut = x if self.proj is None else self.proj_bn(self.proj(x))
     return nnx.relu(y + shortcut)
 

@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rtjax.models import abstract_model
 
@@ -112,10 +113,14 @@ def load_checkpoint(path: epath.PathLike) -> tuple[nnx.Module, dict]:
         metadata=ocp.args.JsonRestore())).metadata)
     model = abstract_model(metadata["model"]["name"], metadata["model"]["args"])
     state = nnx.state(model)
+    # Replicated on every current device (of every process), whatever mesh
+    # wrote the checkpoint; serving re-shards from there.
+    replicated = NamedSharding(Mesh(jax.devices(), ("all",)), PartitionSpec())
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        nnx.to_pure_dict(state))
     restored = manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(
-            jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                         nnx.to_pure_dict(state)))))
+        model=ocp.args.StandardRestore(target)))
   except (KeyError, ValueError, FileNotFoundError) as e:
     raise CheckpointError(
         f"checkpoint {directory / str(step)} cannot be restored ({e}); it may "

@@ -1,0 +1,32 @@
+"""Exports a checkpoint's serving function as a standalone artifact.
+
+  python -m experiments.export --checkpoint=workdirs/default --format=jax_export \
+      --out=workdirs/default/export/model.jax
+
+The artifact (StableHLO with the weights inside, batch dimension symbolic)
+runs in any process with jax:
+  jax.export.deserialize(bytearray(open(path, 'rb').read())).call(images)
+"""
+
+from absl import app, flags
+
+from rtjax.infer.export import export_serving
+from rtjax.train import load_checkpoint
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints/ "
+                                  "or step directory.", required=True)
+_FORMAT = flags.DEFINE_enum("format", "jax_export", ["jax_export"],
+                            "Artifact format.")
+_OUT = flags.DEFINE_string("out", None, "Artifact path.", required=True)
+
+
+def main(argv):
+  del argv
+  model, metadata = load_checkpoint(_CHECKPOINT.value)
+  path = export_serving(model, metadata["model"]["args"]["input_shape"],
+                        _OUT.value, metadata)
+  print(f"wrote {path} and {path}.json", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

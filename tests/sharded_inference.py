@@ -1,0 +1,48 @@
+"""`python -m tests.sharded_inference CHECKPOINT...`: on 8 simulated CPU devices,
+the largest |difference| between each mesh's outputs and the same serving
+function's outputs on one device.
+
+A separate process because the device count is fixed when JAX starts.
+"""
+
+import json
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import numpy as np  # noqa: E402
+
+from rtjax.infer import CompiledModel, make_mesh  # noqa: E402
+from rtjax.train import load_checkpoint  # noqa: E402
+
+MESHES = {"data_parallel": {"data": 8}, "tensor_parallel": {"model": 8},
+          "data_and_tensor": {"data": 2, "model": 4}}
+
+
+def main(paths):
+  report = {}
+  for path in paths:
+    model, metadata = load_checkpoint(path)
+    shape = metadata["model"]["args"]["input_shape"]
+    images = np.random.default_rng(0).normal(size=(24, *shape)).astype(np.float32)
+    one_device = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    reference = CompiledModel(model, shape, batch_sizes=(8, 16),
+                              mesh=one_device)(images)
+    report[path] = {}
+    for name, mesh in MESHES.items():
+      served = CompiledModel(model, shape, batch_sizes=(8, 16), mesh=make_mesh(mesh))
+      outputs = served(images)
+      hlo = served.executables[8].as_text()
+      report[path][name] = {
+          "max_abs_diff": float(np.max(np.abs(outputs - reference))),
+          "shape": list(outputs.shape),
+          "collectives": sum(hlo.count(op) for op in ("all-reduce", "all-gather",
+                                                     "reduce-scatter", "all-to-all")),
+      }
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

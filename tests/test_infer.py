@@ -1,0 +1,163 @@
+"""Serving: BatchNorm folding, buckets and padding, meshes on 8 simulated
+devices, 2 real processes, exported artifacts, compilation cache, bad input."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rtjax import models
+from rtjax.data import load_dataset
+from rtjax.infer import CompiledModel, fold_batchnorm, make_mesh, parse_mesh
+from rtjax.infer.export import export_serving
+from rtjax.train import CheckpointError, load_checkpoint
+from tests.conftest import REPO, run_module
+
+
+def images(n, shape=(8, 8, 1), seed=0):
+  return np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
+
+
+def test_folded_batchnorm_matches_inference_and_leaves_no_norm():
+  from flax import nnx
+  model = models.create_model("resnet", {"num_classes": 10,
+                                         "input_shape": (8, 8, 1)})
+  for seed in range(3):  # move the running statistics away from (0, 1)
+    models.training_view(model)(images(16, seed=seed) * 3 + 1)
+  folded = fold_batchnorm(model)
+  assert not any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_graph(folded))
+  x = images(16, seed=9)
+  np.testing.assert_allclose(folded(x), models.inference_view(model)(x),
+                             atol=1e-5)
+  # The original model is untouched and still trainable.
+  assert any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_graph(model))
+
+
+def test_from_checkpoint_reproduces_recorded_accuracy(trained):
+  config, workdir, result = trained
+  served = CompiledModel.from_checkpoint(workdir, batch_sizes=(1, 64, 256))
+  test = load_dataset(config.data, config.seed).test
+  accuracy = np.mean(np.argmax(served(test.images), -1) == test.labels)
+  assert accuracy == pytest.approx(result.metrics["test"]["accuracy"], abs=1e-9)
+  assert set(served.compile_seconds) == {1, 64, 256}
+  assert all(t > 0 for t in served.compile_seconds.values())
+
+
+def test_padding_to_buckets_never_changes_real_rows(trained):
+  served = CompiledModel.from_checkpoint(trained[1], batch_sizes=(4, 8))
+  x = images(20)
+  for n in (1, 3, 4, 5, 7, 8):
+    bucket = served.bucket_for(n)
+    assert bucket == (4 if n <= 4 else 8)
+    # Same executable, zero padding vs real rows behind: bit-identical rows.
+    np.testing.assert_array_equal(served(x[:n]), served(x[:bucket])[:n])
+  # Across buckets only the float summation order may differ.
+  np.testing.assert_allclose(served(x[:3]), served(x[:8])[:3], atol=1e-5)
+  # More rows than the largest bucket: several calls, not an error.
+  np.testing.assert_array_equal(served(x)[:16], np.concatenate(
+      [served(x[:8]), served(x[8:16])]))
+  np.testing.assert_array_equal(served(x)[16:], served(x[16:]))
+  assert served(x[:0]).shape[0] == 0
+
+
+def test_meshes_on_8_devices_match_single_device(family_checkpoints):
+  paths = [str(p) for p in family_checkpoints.values()]
+  result = run_module("tests.sharded_inference", *paths, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  for path in paths:
+    for mesh, numbers in report[path].items():
+      assert numbers["shape"] == [24, 10]
+      assert numbers["max_abs_diff"] <= 1e-5, (path, mesh, numbers)
+    # Tensor parallelism really splits weights: XLA had to add collectives.
+    assert report[path]["tensor_parallel"]["collectives"] > 0
+    assert report[path]["data_parallel"]["collectives"] == 0
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(trained, tmp_path):
+  workdir = str(trained[1])
+  single = run_module("experiments.predict", f"--checkpoint={workdir}",
+                      f"--output={tmp_path / 'single'}")
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "experiments.predict", f"--checkpoint={workdir}",
+       f"--output={tmp_path / f'multi{i}'}", "--mesh=data:2,model:2",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2",
+       f"--process_id={i}"], cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True,
+      env={**__import__("os").environ, "JAX_NUM_CPU_DEVICES": "2"})
+      for i in range(2)]
+  outs = [p.communicate(timeout=180) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert not (tmp_path / "multi1").exists()  # only process 0 writes
+  results = json.loads((tmp_path / "multi0" / "results.json").read_text())
+  assert results["processes"] == 2 and results["mesh"] == {"data": 2, "model": 2}
+  np.testing.assert_allclose(np.load(tmp_path / "multi0" / "logits.npy"),
+                             np.load(tmp_path / "single" / "logits.npy"),
+                             atol=1e-5)
+
+
+def test_exported_artifact_runs_without_rtjax(trained, tmp_path):
+  workdir = trained[1]
+  result = run_module("experiments.export", f"--checkpoint={workdir}",
+                      f"--out={tmp_path / 'model.jax'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  manifest = json.loads((tmp_path / "model.jax.json").read_text())
+  assert manifest["input_shape"] == [8, 8, 1]
+  assert manifest["metadata"]["model"]["name"] == "resnet"
+  x = images(5)
+  np.save(tmp_path / "x.npy", x)
+  code = f"""
+import sys, numpy as np, jax
+run = jax.export.deserialize(bytearray(open({str(tmp_path / 'model.jax')!r}, 'rb').read())).call
+np.save({str(tmp_path / 'y.npy')!r}, np.asarray(run(np.load({str(tmp_path / 'x.npy')!r}))))
+assert not any(m.startswith(('rtjax', 'flax')) for m in sys.modules), 'model code loaded'
+"""
+  fresh = subprocess.run([sys.executable, "-c", code], cwd="/", text=True,
+                         capture_output=True, timeout=120)
+  assert fresh.returncode == 0, fresh.stderr[-3000:]
+  live = CompiledModel.from_checkpoint(workdir, batch_sizes=(8,))(x)
+  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), live, atol=1e-6)
+
+
+def test_compilation_cache_is_hit_by_a_second_process(trained, tmp_path):
+  args = [f"--checkpoint={trained[1]}", f"--output={tmp_path}",
+          f"--compilation_cache_dir={tmp_path / 'cache'}", "--batch_sizes=8,64"]
+  counts = []
+  for _ in range(2):
+    result = run_module("experiments.predict", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts.append(json.loads(result.stdout.strip().splitlines()[-1])
+                  ["compilation_cache"])
+  assert counts[0]["cache_misses"] >= 2 and counts[0]["cache_hits"] == 0
+  assert counts[1]["cache_hits"] >= 2 and counts[1]["cache_misses"] == 0
+
+
+def test_bad_input_gets_clear_errors(trained, tmp_path):
+  with pytest.raises(CheckpointError, match="does not exist"):
+    CompiledModel.from_checkpoint(tmp_path / "missing")
+  half = tmp_path / "checkpoints" / "150.orbax-checkpoint-tmp-99"
+  shutil.copytree(trained[1] / "checkpoints" / "150", half)
+  with pytest.raises(CheckpointError, match="half-written"):
+    CompiledModel.from_checkpoint(half)
+  with pytest.raises(ValueError, match=r"needs 6 devices but 1 are available"):
+    make_mesh({"data": 3, "model": 2})
+  with pytest.raises(ValueError, match="bad mesh axis 'rows:2'"):
+    parse_mesh("rows:2")
+  model, _ = load_checkpoint(trained[1])
+  served = CompiledModel(model, (8, 8, 1), batch_sizes=(4,))
+  with pytest.raises(ValueError, match=r"compiled for \(8, 8, 1\)"):
+    served(images(2, shape=(8, 8, 3)))

@@ -2,7 +2,8 @@ r"""python -m experiments.main --config=configs/default.py --workdir=workdirs/de
 
 Default experiment: a small ResNet-style CNN on the embedded digits (8x8x1).
 
-Variant `configs/default.py:tiny` is a seconds-long run for smoke tests.
+Variants: `configs/default.py:tiny` is a seconds-long run for smoke tests;
+`configs/default.py:tpu` sizes batches for a v5e-8 (see experiments/launch.py).
 """
 
 from rtjax.config import base_config
@@ -29,7 +30,15 @@ def get_config(arg: str | None = None):
     config.train.log_every = 10
     config.train.eval_every = 50
     config.checkpoint.every_steps = 50
+  elif arg == "tpu":
+    # A v5e-8 (8 chips, one host) or any slice whose device count divides 256.
+    config.train.batch_size = 256
+    config.train.eval_batch_size = 512
+    config.train.num_steps = 600
+    config.train.learning_rate = 6e-3
+    config.train.warmup_steps = 50
+    config.checkpoint.every_steps = 200
   elif arg:
     raise ValueError(f"unknown variant {arg!r} of configs/default.py; "
-                     "known: tiny")
+                     "known: tiny, tpu")
   return config

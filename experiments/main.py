@@ -5,6 +5,8 @@
       --config.train.num_steps=500
 
 Rerunning with the same --workdir resumes from its latest checkpoint.
+Multi-process: --multihost on Cloud TPU (see experiments.launch), or
+--coordinator_address=host:port --num_processes=N --process_id=i elsewhere.
 """
 
 import sys
@@ -12,15 +14,28 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from rtjax import distributed
 from rtjax.config import ConfigError
+from rtjax.infer.cache import enable_compilation_cache
 from rtjax.train import CheckpointError, NonFiniteLossError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/default.py or configs/x.py:arg.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard "
-    "events; reusing it resumes the run.")
+    "workdir", None, "Directory (local or gs://) for checkpoints, metrics.jsonl "
+    "and TensorBoard events; reusing it resumes the run.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", None, "Persistent XLA compilation cache; default "
+    "<workdir>/compilation_cache, '' disables it.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Cloud TPU VM / pod slice: jax.distributed.initialize() "
+    "detects the hosts (experiments.launch sets this).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process "
+    "runs outside Cloud TPU (with --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,6 +48,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  if _MULTIHOST.value or _COORDINATOR.value:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value)
+  cache = (_CACHE.value if _CACHE.value is not None
+           else f"{_WORKDIR.value.rstrip('/')}/compilation_cache")
+  if cache:
+    enable_compilation_cache(cache)
   try:
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, CheckpointError, FileNotFoundError) as e:

@@ -85,6 +85,14 @@ def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
   replicated = NamedSharding(mesh, P())
   batch_sharded = NamedSharding(mesh, P("data"))
 
+  def feed(*arrays: np.ndarray) -> tuple[jax.Array, ...]:
+    """Global batch arrays; each process supplies only its block of rows."""
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+      return jax.device_put(arrays, batch_sharded)
+    return tuple(jax.make_array_from_process_local_data(
+        batch_sharded, np.array_split(a, count)[index]) for a in arrays)
+
   tx = make_optimizer(train_cfg)
   train_graphdef, params, rest = nnx.split(models.training_view(model),
                                            nnx.Param, ...)
@@ -137,8 +145,7 @@ def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
   def evaluate(split: Split) -> dict[str, float]:
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for images, labels, mask in eval_batches(split, train_cfg.eval_batch_size):
-      out = eval_step(params, rest,
-                      *jax.device_put((images, labels, mask), batch_sharded))
+      out = eval_step(params, rest, *feed(images, labels, mask))
       totals = {k: totals[k] + float(v) for k, v in out.items()}
     count = max(totals["count"], 1.0)
     return {"loss": totals["loss"] / count,
@@ -205,8 +212,7 @@ def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
       for step in range(start_step + 1, train_cfg.num_steps + 1):
         images, labels = batches.batch(step - 1)
         params, rest, opt_state, step_metrics = train_step(
-            params, rest, opt_state,
-            *jax.device_put((images, labels), batch_sharded))
+            params, rest, opt_state, *feed(images, labels))
         window.append(step_metrics)
         bar.update(1)
         last = step == train_cfg.num_steps

@@ -1,0 +1,65 @@
+"""Runs an experiment on every host of a Cloud TPU VM or pod slice.
+
+  python -m experiments.launch --tpu=my-tpu --zone=us-west4-a --project=my-proj \
+      --accelerator_type=v5litepod-8 --create --delete_after -- \
+      --config=configs/default.py:tpu --workdir=gs://my-bucket/runs/default
+
+Everything after `--` goes to `python -m experiments.main` on each worker.
+--dry_run prints the exact commands and runs nothing.
+"""
+
+import shlex
+import sys
+
+from absl import app, flags, logging
+
+from rtjax import tpu
+
+_TPU = flags.DEFINE_string("tpu", None, "TPU name.", required=True)
+_ZONE = flags.DEFINE_string("zone", None, "GCP zone.", required=True)
+_PROJECT = flags.DEFINE_string("project", None, "GCP project.", required=True)
+_ACCELERATOR = flags.DEFINE_string("accelerator_type", "v5litepod-8",
+                                   "e.g. v4-8, v5litepod-8, v5p-16, v6e-8.")
+_RUNTIME = flags.DEFINE_string("runtime_version", "", "TPU software version; "
+                               "default: the generation's published one.")
+_CREATE = flags.DEFINE_bool("create", False, "Create the TPU first.")
+_QUEUED = flags.DEFINE_bool("queued", False, "Create through queued resources.")
+_SPOT = flags.DEFINE_bool("spot", False, "Spot (preemptible) capacity.")
+_DELETE = flags.DEFINE_bool("delete_after", False, "Delete the TPU at the end, "
+                            "also when the run fails.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands only.")
+_SOURCE = flags.DEFINE_string("source_dir", ".", "Local code to copy.")
+_REMOTE = flags.DEFINE_string("remote_dir", "rtjax", "Code directory on workers.")
+_GIT_URL = flags.DEFINE_string("git_url", "", "Clone this repository on the "
+                               "workers instead of copying --source_dir.")
+_GIT_REF = flags.DEFINE_string("git_ref", "main", "Ref to check out with --git_url.")
+_LOG_DIR = flags.DEFINE_string("launch_logs", "launch_logs", "Local logs, one per "
+                               "worker.")
+
+
+def main(argv):
+  plan = tpu.LaunchPlan(
+      tpu=tpu.TpuSpec(_TPU.value, _ZONE.value, _PROJECT.value,
+                      _ACCELERATOR.value, _RUNTIME.value, _SPOT.value,
+                      _QUEUED.value),
+      main_args=list(argv[1:]), create=_CREATE.value,
+      delete_after=_DELETE.value, source_dir=_SOURCE.value,
+      remote_dir=_REMOTE.value, git_url=_GIT_URL.value, git_ref=_GIT_REF.value,
+      log_dir=_LOG_DIR.value)
+  if _DRY_RUN.value:
+    if not plan.git_url:
+      print(f"# package the git-tracked files of {plan.source_dir} into "
+            f"{plan.archive}")
+    for command in plan.commands():
+      print(shlex.join(command))
+    return
+  try:
+    tpu.launch(plan)
+  except tpu.LaunchError as e:
+    logging.error("%s", e)
+    sys.exit(1)
+  print(f"done: {plan.workers} worker(s); logs in {_LOG_DIR.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,278 @@
+"""Cloud TPU launch plan: the exact gcloud commands that create a TPU VM (or
+pod slice), ship the code to every worker, run an experiment on all of them
+and delete the TPU, and a runner that executes them with one log per worker.
+
+Every value reaches the remote shell through shlex.quote, and local commands
+run without a shell, so no flag value can inject a command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import tarfile
+import time
+from typing import Sequence
+
+from etils import epath
+
+# Published TPU VM software versions per generation (gcloud --version flag).
+RUNTIME_VERSIONS = {
+    "v4": "tpu-ubuntu2204-base",
+    "v5litepod": "v2-alpha-tpuv5-lite",
+    "v5p": "v2-alpha-tpuv5",
+    "v6e": "v2-alpha-tpuv6e",
+}
+
+
+def parse_accelerator(accelerator_type: str) -> tuple[str, int]:
+  """'v5litepod-8' -> ('v5litepod', 8); unknown generations are an error."""
+  match = re.fullmatch(r"(v4|v5litepod|v5p|v6e)-(\d+)", accelerator_type)
+  if not match:
+    raise ValueError(
+        f"unknown accelerator type {accelerator_type!r}; expected one of "
+        f"{', '.join(g + '-N' for g in RUNTIME_VERSIONS)} (e.g. v5litepod-8)")
+  return match.group(1), int(match.group(2))
+
+
+def num_workers(accelerator_type: str) -> int:
+  """Host VMs in the slice: v4/v5p count TensorCores (8 per host); v5e/v6e
+  count chips (up to 8 on one host, 4 per host in multi-host slices)."""
+  generation, size = parse_accelerator(accelerator_type)
+  if generation in ("v4", "v5p"):
+    return max(1, size // 8)
+  return 1 if size <= 8 else size // 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSpec:
+  name: str
+  zone: str
+  project: str
+  accelerator_type: str
+  runtime_version: str = ""
+  spot: bool = False
+  queued: bool = False
+
+  @property
+  def runtime(self) -> str:
+    return self.runtime_version or RUNTIME_VERSIONS[
+        parse_accelerator(self.accelerator_type)[0]]
+
+  def _where(self) -> list[str]:
+    return [f"--zone={self.zone}", f"--project={self.project}"]
+
+
+def create_command(tpu: TpuSpec) -> list[str]:
+  if tpu.queued:
+    command = ["gcloud", "compute", "tpus", "queued-resources", "create",
+               tpu.name, f"--node-id={tpu.name}",
+               f"--runtime-version={tpu.runtime}"]
+  else:
+    command = ["gcloud", "compute", "tpus", "tpu-vm", "create", tpu.name,
+               f"--version={tpu.runtime}"]
+  command += [f"--accelerator-type={tpu.accelerator_type}", *tpu._where()]
+  if tpu.spot:
+    command.append("--spot")
+  return command
+
+
+def wait_ready_command(tpu: TpuSpec) -> list[str] | None:
+  """Queued resources are granted later: block until ACTIVE."""
+  if not tpu.queued:
+    return None
+  return ["gcloud", "compute", "tpus", "queued-resources", "describe",
+          tpu.name, *tpu._where(), "--format=value(state.state)"]
+
+
+def delete_command(tpu: TpuSpec) -> list[str]:
+  if tpu.queued:
+    return ["gcloud", "compute", "tpus", "queued-resources", "delete",
+            tpu.name, *tpu._where(), "--force", "--quiet"]
+  return ["gcloud", "compute", "tpus", "tpu-vm", "delete", tpu.name,
+          *tpu._where(), "--quiet"]
+
+
+def ssh_command(tpu: TpuSpec, worker: str, remote: str) -> list[str]:
+  return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu.name,
+          *tpu._where(), f"--worker={worker}", f"--command={remote}"]
+
+
+ARCHIVE = "rtjax-source.tar.gz"
+
+
+def package_source(source_dir: str, out: epath.PathLike) -> epath.Path:
+  """The files under `source_dir` that git does not ignore (so no venv, no
+  workdirs; uncommitted edits included), as a tarball."""
+  files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                          "--exclude-standard"], cwd=source_dir, check=True,
+                         capture_output=True, text=True).stdout.split("\0")
+  out = epath.Path(out)
+  with tarfile.open(out, "w:gz") as tar:
+    for name in filter(None, files):
+      tar.add(os.path.join(source_dir, name), arcname=name)
+  return out
+
+
+def copy_command(tpu: TpuSpec, archive: str) -> list[str]:
+  return ["gcloud", "compute", "tpus", "tpu-vm", "scp", archive,
+          f"{tpu.name}:{ARCHIVE}", *tpu._where(), "--worker=all"]
+
+
+def setup_script(remote_dir: str, git_url: str = "", git_ref: str = "") -> str:
+  """Fetch the code (unpack the copied archive, or git), free a TPU held by an
+  earlier run, install rtjax[tpu]."""
+  d = shlex.quote(remote_dir)
+  steps = []
+  if not git_url:
+    steps.append(f"mkdir -p {d} && tar -xzf {ARCHIVE} -C {d}")
+  else:
+    steps.append(f"(test -d {d}/.git || git clone {shlex.quote(git_url)} {d})")
+    steps.append(f"git -C {d} fetch --all --quiet")
+    steps.append(f"git -C {d} checkout --quiet {shlex.quote(git_ref or 'main')}")
+  steps += [
+      # A crashed run can keep /dev/accel* open or leave libtpu's lockfile.
+      "(sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | xargs -r sudo kill -9 || true)",
+      "sudo rm -f /tmp/libtpu_lockfile",
+      f"cd {d}",
+      "python3 -m pip install --quiet --upgrade pip",
+      "python3 -m pip install --quiet -e '.[tpu]'",
+  ]
+  return " && ".join(steps)
+
+
+def run_script(remote_dir: str, main_args: Sequence[str]) -> str:
+  """experiments.main on one worker; JAX finds the other hosts itself."""
+  args = " ".join(shlex.quote(a) for a in main_args)
+  return (f"cd {shlex.quote(remote_dir)} && python3 -m experiments.main "
+          f"--multihost {args}")
+
+
+STOP_SCRIPT = "pkill -f 'experiments.main' || true"
+
+
+@dataclasses.dataclass
+class LaunchPlan:
+  tpu: TpuSpec
+  main_args: list[str]
+  create: bool = False
+  delete_after: bool = False
+  source_dir: str = "."
+  remote_dir: str = "rtjax"
+  git_url: str = ""
+  git_ref: str = ""
+  log_dir: str = "launch_logs"  # per-worker logs and the source archive
+
+  @property
+  def archive(self) -> str:
+    return os.path.join(self.log_dir, ARCHIVE)
+
+  @property
+  def workers(self) -> int:
+    return num_workers(self.tpu.accelerator_type)
+
+  def commands(self) -> list[list[str]]:
+    """Every command in order, as a dry run prints them (runs: per worker)."""
+    out = []
+    if self.create:
+      out.append(create_command(self.tpu))
+      wait = wait_ready_command(self.tpu)
+      if wait:
+        out.append(wait)
+    if not self.git_url:
+      out.append(copy_command(self.tpu, self.archive))
+    out.append(ssh_command(self.tpu, "all", setup_script(
+        self.remote_dir, self.git_url, self.git_ref)))
+    for worker in range(self.workers):
+      out.append(ssh_command(self.tpu, str(worker),
+                             run_script(self.remote_dir, self.main_args)))
+    if self.delete_after:
+      out.append(delete_command(self.tpu))
+    return out
+
+
+class LaunchError(RuntimeError):
+  pass
+
+
+def _run(command: list[str], log: epath.Path | None = None) -> None:
+  with (log.open("w") if log else open("/dev/null", "w")) as out:
+    result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+  if result.returncode:
+    raise LaunchError(f"command failed with exit code {result.returncode}: "
+                      f"{shlex.join(command)}")
+
+
+def _wait_until_active(command: list[str], timeout_s: float,
+                       poll_s: float) -> None:
+  deadline = time.monotonic() + timeout_s
+  while True:
+    state = subprocess.run(command, capture_output=True, text=True).stdout.strip()
+    if state == "ACTIVE":
+      return
+    if state in ("FAILED", "SUSPENDED") or time.monotonic() > deadline:
+      raise LaunchError(f"queued resource did not become ACTIVE (state {state!r})")
+    time.sleep(poll_s)
+
+
+def run_on_workers(plan: LaunchPlan, log_dir: epath.Path,
+                   poll_s: float = 0.5) -> None:
+  """One ssh per worker, each with its own log; the first failure stops the rest."""
+  log_dir.mkdir(parents=True, exist_ok=True)
+  procs = {}
+  for worker in range(plan.workers):
+    command = ssh_command(plan.tpu, str(worker),
+                          run_script(plan.remote_dir, plan.main_args))
+    log = (log_dir / f"worker-{worker}.log").open("w")
+    procs[worker] = (subprocess.Popen(command, stdout=log,
+                                      stderr=subprocess.STDOUT), log)
+  failed = None
+  try:
+    while failed is None and any(p.poll() is None for p, _ in procs.values()):
+      for worker, (proc, _) in procs.items():
+        if proc.poll() not in (None, 0):
+          failed = worker
+          break
+      time.sleep(poll_s)
+    if failed is None:
+      failed = next((w for w, (p, _) in procs.items() if p.returncode), None)
+    if failed is not None:
+      for proc, _ in procs.values():
+        if proc.poll() is None:
+          proc.terminate()
+      # The remote processes outlive a killed ssh: stop them on every worker.
+      subprocess.run(ssh_command(plan.tpu, "all", STOP_SCRIPT),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+      raise LaunchError(
+          f"worker {failed} failed with exit code "
+          f"{procs[failed][0].returncode}; stopped the other workers. Its log: "
+          f"{log_dir / f'worker-{failed}.log'}")
+  finally:
+    for proc, log in procs.values():
+      proc.wait()
+      log.close()
+
+
+def launch(plan: LaunchPlan, queued_timeout_s: float = 3600,
+           poll_s: float = 10) -> None:
+  """create -> copy -> set up -> run on all workers -> delete (also on failure)."""
+  log_dir = epath.Path(plan.log_dir)
+  log_dir.mkdir(parents=True, exist_ok=True)
+  try:
+    if plan.create:
+      _run(create_command(plan.tpu), log_dir / "create.log")
+      wait = wait_ready_command(plan.tpu)
+      if wait:
+        _wait_until_active(wait, queued_timeout_s, poll_s)
+    if not plan.git_url:
+      package_source(plan.source_dir, plan.archive)
+      _run(copy_command(plan.tpu, plan.archive), log_dir / "copy.log")
+    _run(ssh_command(plan.tpu, "all", setup_script(
+        plan.remote_dir, plan.git_url, plan.git_ref)), log_dir / "setup.log")
+    run_on_workers(plan, log_dir)
+  finally:
+    if plan.delete_after:
+      _run(delete_command(plan.tpu), log_dir / "delete.log")

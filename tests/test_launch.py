@@ -1,0 +1,180 @@
+"""Cloud TPU launcher: dry-run commands, quoting, the whole flow against a fake
+gcloud (one worker failing stops the rest), and multi-process training."""
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from rtjax import tpu
+from rtjax.train import load_checkpoint, read_metrics
+from tests.conftest import REPO, run_module
+
+NASTY = ["--config=configs/default.py:tiny",
+         "--workdir=gs://bucket/run with space",
+         "--config.data.dir=it's; rm -rf / #", '--note="$(reboot)"']
+
+
+def dry_run(*flags):
+  result = run_module("experiments.launch", "--tpu=rt", "--zone=us-west4-a",
+                      "--project=proj", "--dry_run", *flags)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return [line for line in result.stdout.splitlines()
+          if not line.startswith("#")]
+
+
+@pytest.mark.parametrize("accelerator,workers,runtime", [
+    ("v4-8", 1, "tpu-ubuntu2204-base"), ("v4-32", 4, "tpu-ubuntu2204-base"),
+    ("v5litepod-8", 1, "v2-alpha-tpuv5-lite"), ("v5litepod-16", 4, "v2-alpha-tpuv5-lite"),
+    ("v5p-16", 2, "v2-alpha-tpuv5"), ("v6e-8", 1, "v2-alpha-tpuv6e")])
+def test_dry_run_commands(accelerator, workers, runtime):
+  lines = dry_run(f"--accelerator_type={accelerator}", "--create",
+                  "--delete_after", "--", "--config=configs/default.py:tpu")
+  commands = [shlex.split(line) for line in lines]
+  assert commands[0][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
+  assert f"--accelerator-type={accelerator}" in commands[0]
+  assert f"--version={runtime}" in commands[0]
+  assert commands[1][4] == "scp" and "--worker=all" in commands[1]
+  assert commands[2][4] == "ssh" and "--worker=all" in commands[2]
+  runs = commands[3:-1]
+  assert [c[8] for c in runs] == [f"--worker={i}" for i in range(workers)]
+  assert all("experiments.main --multihost" in c[9] for c in runs)
+  assert commands[-1][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "delete"]
+
+
+def test_queued_spot_and_git_variants():
+  commands = [shlex.split(line) for line in dry_run(
+      "--accelerator_type=v5p-8", "--create", "--queued", "--spot",
+      "--git_url=https://example.com/rtjax.git", "--git_ref=v1.0")]
+  assert commands[0][3:5] == ["queued-resources", "create"]
+  assert "--spot" in commands[0] and "--node-id=rt" in commands[0]
+  assert commands[1][3:5] == ["queued-resources", "describe"]
+  assert not any(c[4] == "scp" for c in commands)  # code comes from git
+  setup = commands[2][-1]
+  assert "git clone https://example.com/rtjax.git rtjax" in setup
+  assert "checkout --quiet v1.0" in setup
+
+
+def test_no_argument_can_inject_a_command():
+  lines = dry_run("--accelerator_type=v4-16", "--", *NASTY)
+  for line in lines[2:]:
+    remote = shlex.split(line)[-1].removeprefix("--command=")
+    words = shlex.split(remote)  # what the worker's shell will see
+    assert words[:2] == ["cd", "rtjax"] and words[2] == "&&"
+    assert words[-len(NASTY):] == NASTY  # each argument arrives whole
+    assert words.count("&&") == 1
+
+
+def test_unknown_accelerator_is_named():
+  with pytest.raises(ValueError, match="unknown accelerator type 'v9-8'"):
+    tpu.num_workers("v9-8")
+
+
+def test_source_archive_holds_tracked_files_only(tmp_path):
+  archive = tpu.package_source(REPO, tmp_path / "src.tar.gz")
+  with tarfile.open(archive) as tar:
+    names = set(tar.getnames())
+  assert {"pyproject.toml", "rtjax/tpu.py", "experiments/main.py"} <= names
+  assert not any(n.startswith((".venv", "workdirs", ".git/")) for n in names)
+
+
+FAKE_GCLOUD = """#!{python}
+import json, os, sys, time
+argv = sys.argv[1:]
+with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:
+  f.write(json.dumps(argv) + "\\n")
+command = next((a for a in argv if a.startswith("--command=")), "")
+worker = next((a.split("=")[1] for a in argv if a.startswith("--worker=")), "")
+if "describe" in argv:
+  print("ACTIVE")
+elif "-m experiments.main" in command:
+  if worker == os.environ.get("FAKE_GCLOUD_FAIL_WORKER"):
+    time.sleep(0.5)
+    sys.exit(3)
+  time.sleep(float(os.environ.get("FAKE_GCLOUD_RUN_SECONDS", "0.2")))
+  open(os.path.join(os.environ["FAKE_GCLOUD_DONE"], worker), "w").close()
+"""
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path):
+  bin_dir, done = tmp_path / "bin", tmp_path / "done"
+  bin_dir.mkdir(), done.mkdir()
+  script = bin_dir / "gcloud"
+  script.write_text(FAKE_GCLOUD.format(python=sys.executable))
+  script.chmod(0o755)
+  log = tmp_path / "gcloud.jsonl"
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_GCLOUD_LOG": str(log),
+         "FAKE_GCLOUD_DONE": str(done)}
+
+  def calls():
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+  return env, calls, done
+
+
+def launch(env, tmp_path, *extra):
+  return run_module("experiments.launch", "--tpu=rt", "--zone=z",
+                    "--project=p", "--accelerator_type=v4-32", "--create",
+                    "--delete_after", f"--launch_logs={tmp_path / 'logs'}",
+                    *extra, "--", "--config=configs/default.py:tpu",
+                    env=env, timeout=120)
+
+
+def test_whole_flow_create_copy_run_delete(fake_gcloud, tmp_path):
+  env, calls, done = fake_gcloud
+  result = launch(env, tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  steps = [tuple(c[2:4]) for c in calls()]  # argv after "gcloud compute tpus"
+  assert steps[0] == ("tpu-vm", "create") and steps[-1] == ("tpu-vm", "delete")
+  assert steps[1] == ("tpu-vm", "scp") and steps[2] == ("tpu-vm", "ssh")
+  assert sorted(os.listdir(done)) == ["0", "1", "2", "3"]  # all 4 workers ran
+  logs = sorted(os.listdir(tmp_path / "logs"))
+  assert [f"worker-{i}.log" for i in range(4)] == [l for l in logs if l.startswith("worker")]
+  with tarfile.open(tmp_path / "logs" / tpu.ARCHIVE) as tar:
+    assert "rtjax/trainer.py" not in tar.getnames()
+    assert "rtjax/train/trainer.py" in tar.getnames()
+
+
+def test_failing_worker_stops_the_rest_and_is_named(fake_gcloud, tmp_path):
+  env, calls, done = fake_gcloud
+  env.update(FAKE_GCLOUD_FAIL_WORKER="1", FAKE_GCLOUD_RUN_SECONDS="60")
+  result = launch(env, tmp_path)
+  assert result.returncode == 1
+  assert "worker 1 failed with exit code 3" in result.stderr
+  assert os.listdir(done) == []  # the others were stopped, not waited for
+  stop = [c for c in calls() if "--command=" + tpu.STOP_SCRIPT in c]
+  assert stop and "--worker=all" in stop[0]
+  assert calls()[-1][2:4] == ["tpu-vm", "delete"]  # deleted even on failure
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_main_as_two_processes(tmp_path):
+  port, workdir = free_port(), tmp_path / "run"
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "experiments.main",
+       "--config=configs/default.py:tiny", f"--workdir={workdir}",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2",
+       f"--process_id={i}"], cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True,
+      env={**os.environ, "JAX_NUM_CPU_DEVICES": "2"}) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  records = read_metrics(workdir)
+  keys = [(r["step"], r["split"]) for r in records]
+  assert len(keys) == len(set(keys))  # written once: by process 0 only
+  assert len(list((workdir / "tensorboard").iterdir())) == 1
+  model, metadata = load_checkpoint(workdir)
+  assert metadata["step"] == 150
+  assert metadata["metrics"]["test"]["accuracy"] >= 0.9

@@ -63,13 +63,17 @@ def main(argv):
   except NonFiniteLossError as e:
     logging.error("%s", e)
     sys.exit(1)
-  if result.preempted:
-    print(f"preempted at step {result.step}; rerun to resume", flush=True)
-    return
-  test = result.metrics.get("test", {})
-  print(f"step {result.step}: test accuracy {test.get('accuracy', float('nan')):.4f}"
-        f" (loss {test.get('loss', float('nan')):.4f}); checkpoints in "
-        f"{result.checkpoint_dir}", flush=True)
+  results = result if isinstance(result, dict) else {"train": result}
+  for stage, outcome in results.items():
+    if outcome.preempted:
+      print(f"{stage}: preempted at step {outcome.step}; rerun to resume",
+            flush=True)
+      return
+    test = outcome.metrics.get("test", {})
+    print(f"{stage}: step {outcome.step}: test accuracy "
+          f"{test.get('accuracy', float('nan')):.4f} (loss "
+          f"{test.get('loss', float('nan')):.4f}); checkpoints in "
+          f"{outcome.checkpoint_dir}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ replaced by an identity, so serving graphs carry no normalization ops.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -38,8 +39,9 @@ def fold_batchnorm(model: nnx.Module) -> nnx.Module:
       continue
     for name, bn in list(vars(module).items()):
       layer = getattr(module, name[:-3], None) if name.endswith("_bn") else None
-      if isinstance(bn, nnx.BatchNorm) and isinstance(layer, (nnx.Conv,
-                                                               nnx.Linear)):
+      if (isinstance(bn, nnx.BatchNorm) and isinstance(layer, (nnx.Conv,
+                                                                nnx.Linear))
+          and isinstance(layer.kernel[...], jax.Array)):  # not int8 (qwix)
         _fold_into(layer, bn)
         setattr(module, name, Identity())
   return model

@@ -20,13 +20,15 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 DATA, MODEL = "data", "model"
 
 # (path regex, index of the dimension split over `model`, counted from the end).
-TENSOR_PARALLEL_RULES: tuple[tuple[str, int], ...] = (
-    (r"(^|/)(query|key|value|mlp_in)/kernel$", -1),
+# int8 kernels (qwix) are kernel/array/{qvalue,scale}: split like the kernel.
+_KERNEL = r"kernel(/array/(qvalue|scale))?$"
+TENSOR_PARALLEL_RULES: tuple[tuple[str, int | None], ...] = (
+    (r"(^|/)(query|key|value|mlp_in)/" + _KERNEL, -1),
     (r"(^|/)(query|key|value|mlp_in)/bias$", -1),
-    (r"(^|/)(out|mlp_out)/kernel$", -2),
+    (r"(^|/)(out|mlp_out)/" + _KERNEL, -2),
     (r"(^|/)(out|mlp_out)/bias$", None),
     (r"(^|/)norm[^/]*/(scale|bias)$", None),
-    (r"(^|/)kernel$", -1),
+    (r"(^|/)" + _KERNEL, -1),
     (r"(^|/)bias$", -1),
 )
 

@@ -26,10 +26,10 @@ class BasicBlock(nnx.Module):
   """conv3x3-BN-ReLU-conv3x3-BN plus a shortcut (1x1 conv-BN when shapes change)."""
 
   def __init__(self, in_ch: int, inner_ch: int, out_ch: int, stride: int,
-               *, rngs: nnx.Rngs):
+               projection: bool, *, rngs: nnx.Rngs):
     self.conv1, self.conv1_bn = _conv_bn(in_ch, inner_ch, 3, stride, rngs)
     self.conv2, self.conv2_bn = _conv_bn(inner_ch, out_ch, 3, 1, rngs)
-    if stride != 1 or in_ch != out_ch:
+    if projection:
       self.proj, self.proj_bn = _conv_bn(in_ch, out_ch, 1, stride, rngs)
     else:
       self.proj, self.proj_bn = None, None
@@ -53,10 +53,13 @@ class ResNet(nnx.Module):
                blocks_per_stage: Sequence[int] = (1, 1),
                stage_strides: Sequence[int] = (1, 2),
                inner_widths: Sequence[int] | None = None,
+               projections: Sequence[bool] | None = None,
                *,
                rngs: nnx.Rngs):
     """`inner_widths` gives each block's first conv width, in block order
-    (defaults to its stage's width); pruning shrinks them independently."""
+    (defaults to its stage's width); pruning shrinks them independently.
+    `projections` says which blocks have a 1x1 conv shortcut (default: where
+    the stride or the width changes); pruning keeps the original choice."""
     if not len(stage_widths) == len(blocks_per_stage) == len(stage_strides):
       raise ValueError(
           "resnet: stage_widths, blocks_per_stage and stage_strides must have "
@@ -69,14 +72,24 @@ class ResNet(nnx.Module):
     if len(inner_widths) != num_blocks:
       raise ValueError(f"resnet: inner_widths needs {num_blocks} entries "
                        f"(one per block), got {len(inner_widths)}")
+    if projections is not None and len(projections) != num_blocks:
+      raise ValueError(f"resnet: projections needs {num_blocks} entries "
+                       f"(one per block), got {len(projections)}")
     self.stem, self.stem_bn = _conv_bn(input_shape[-1], stem_width, 3, 1, rngs)
     blocks = []
     in_ch, block_index = stem_width, 0
-    for width, count, stride in zip(stage_widths, blocks_per_stage,
-                                    stage_strides):
+    for width, count, stage_stride in zip(stage_widths, blocks_per_stage,
+                                          stage_strides):
       for i in range(count):
+        stride = stage_stride if i == 0 else 1
+        projection = (projections[block_index] if projections is not None
+                      else stride != 1 or in_ch != width)
+        if not projection and (stride != 1 or in_ch != width):
+          raise ValueError(f"resnet: block {block_index} changes shape "
+                           f"({in_ch}->{width}, stride {stride}) and needs a "
+                           "projection")
         blocks.append(BasicBlock(in_ch, inner_widths[block_index], width,
-                                 stride if i == 0 else 1, rngs=rngs))
+                                 stride, projection, rngs=rngs))
         in_ch, block_index = width, block_index + 1
     self.blocks = nnx.List(blocks)
     self.head = nnx.Linear(in_ch, num_classes, rngs=rngs)

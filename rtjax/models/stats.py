@@ -37,3 +37,55 @@ def forward_flops(model: nnx.Module, input_shape: Sequence[int],
   x = jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32)
   compiled = jax.jit(forward).lower(state, x).compile()
   return float(cost_analysis(compiled).get("flops", 0.0))
+
+
+def layer_stats(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, dict]:
+  """Per Conv/Linear layer: parameters, zero weights and FLOPs for one example.
+
+  Output shapes come from tracing one forward pass (no compute); FLOPs are
+  2 x multiply-adds of the layer, the same convention as XLA's cost analysis.
+  """
+  shapes: dict[int, tuple] = {}
+  originals = {cls: cls.__call__ for cls in (nnx.Conv, nnx.Linear)}
+
+  def recording(cls):
+    def call(self, x, *args, **kwargs):
+      y = originals[cls](self, x, *args, **kwargs)
+      shapes[id(self)] = y.shape
+      return y
+    return call
+
+  view = inference_view(model)
+  for cls in originals:  # restored below; only this trace is affected
+    cls.__call__ = recording(cls)
+  try:
+    graphdef, state = nnx.split(view)
+    traced = {}
+
+    def forward(s, x):  # merge() makes new modules: record them by path
+      m = nnx.merge(graphdef, s)
+      out = m(x)
+      for path, module in nnx.iter_graph(m):
+        if id(module) in shapes:
+          traced["/".join(map(str, path))] = shapes[id(module)]
+      return out
+
+    jax.eval_shape(forward, state,
+                   jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+  finally:
+    for cls, call in originals.items():
+      cls.__call__ = call
+
+  stats = {}
+  for path, module in nnx.iter_graph(model):
+    name = "/".join(map(str, path))
+    if not isinstance(module, (nnx.Conv, nnx.Linear)) or name not in traced:
+      continue
+    kernel = np.asarray(module.kernel[...])
+    out_elements = int(np.prod(traced[name]))
+    reduce = kernel.size // kernel.shape[-1]
+    params = kernel.size + (module.bias.size if module.bias is not None else 0)
+    stats[name] = {"params": int(params),
+                   "zeros": int(np.sum(kernel == 0)),
+                   "flops": 2 * out_elements * reduce}
+  return stats

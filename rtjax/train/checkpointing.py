@@ -20,7 +20,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rtjax.models import abstract_model
+from rtjax.models import abstract_model, create_model
 
 ITEMS = ("model", "opt_state", "metadata")
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -45,12 +45,20 @@ class RunCheckpoints:
     return self._manager.latest_step()
 
   def save(self, step: int, model_state: nnx.State, opt_state: Any,
-           metadata: dict) -> None:
-    """Asynchronous: returns once arrays are copied off the device."""
-    self._manager.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave(nnx.to_pure_dict(model_state)),
-        opt_state=ocp.args.StandardSave(opt_state),
-        metadata=ocp.args.JsonSave(metadata)))
+           metadata: dict, host_arrays: bool = False) -> None:
+    """Asynchronous: returns once arrays are copied off the device.
+
+    `host_arrays` saves the model as plain numpy arrays (no per-array
+    sharding records): the lean form of serving-only checkpoints.
+    """
+    model = nnx.to_pure_dict(model_state)
+    if host_arrays:
+      model = jax.device_get(model)
+    items = {"model": ocp.args.StandardSave(model),
+             "metadata": ocp.args.JsonSave(metadata)}
+    if opt_state is not None:  # serving-only checkpoints (int8) have none
+      items["opt_state"] = ocp.args.StandardSave(opt_state)
+    self._manager.save(step, args=ocp.args.Composite(**items))
 
   def metadata(self, step: int) -> dict:
     restored = self._manager.restore(
@@ -73,6 +81,19 @@ class RunCheckpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def model_from_spec(spec: dict) -> nnx.Module:
+  """The model a checkpoint's metadata['model'] describes, weights not loaded.
+
+  Float models are built abstract (shapes only); quantized ones are wrapped by
+  qwix exactly as when they were saved.
+  """
+  if not spec.get("quantization"):
+    return abstract_model(spec["name"], spec["args"])
+  from rtjax.compress.quantize import rebuild  # only quantized checkpoints
+  return rebuild(create_model(spec["name"], spec["args"]),
+                 spec["quantization"], spec["args"]["input_shape"])
 
 
 def _resolve(path: epath.PathLike) -> tuple[epath.Path, int]:
@@ -111,7 +132,7 @@ def load_checkpoint(path: epath.PathLike) -> tuple[nnx.Module, dict]:
   try:
     metadata = dict(manager.restore(step, args=ocp.args.Composite(
         metadata=ocp.args.JsonRestore())).metadata)
-    model = abstract_model(metadata["model"]["name"], metadata["model"]["args"])
+    model = model_from_spec(metadata["model"])
     state = nnx.state(model)
     # Replicated on every current device (of every process), whatever mesh
     # wrote the checkpoint; serving re-shards from there.

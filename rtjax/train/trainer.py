@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +25,9 @@ from tqdm import tqdm
 import rtjax
 from rtjax import config as config_lib
 from rtjax import models
-from rtjax.data import Dataset, Split, TrainBatches, eval_batches, load_dataset
+from rtjax.data import Dataset, Split, TrainBatches, load_dataset
 from rtjax.train.checkpointing import RunCheckpoints
+from rtjax.train.evaluate import evaluate
 from rtjax.train.metrics import MetricWriter
 from rtjax.train.optim import make_optimizer
 from rtjax.train.preemption import PreemptionGuard
@@ -51,12 +53,12 @@ def model_args_for(config, dataset: Dataset) -> dict:
   return json.loads(json.dumps(args))
 
 
-def _check_same_model(saved: dict, name: str, args: dict, directory) -> None:
-  if saved["model"] != {"name": name, "args": args}:
+def _check_same_model(saved: dict, spec: dict, directory) -> None:
+  if saved["model"] != spec:
     raise config_lib.ConfigError(
-        f"{directory} holds checkpoints of model {saved['model']}, but the "
-        f"config builds {{'name': {name!r}, 'args': {args}}}. Use a new "
-        "--workdir, or the config that wrote this run.")
+        f"{directory} holds checkpoints of model {saved['model']}, but this "
+        f"run builds {spec}. Use a new --workdir, or the config that wrote "
+        "this run.")
 
 
 def _loss(logits, labels, num_classes: int, label_smoothing: float):
@@ -65,23 +67,89 @@ def _loss(logits, labels, num_classes: int, label_smoothing: float):
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
-  """Trains the model a config describes; rerun with the same workdir to resume."""
+@dataclasses.dataclass
+class Teacher:
+  """Distillation: a frozen model whose softened logits the student matches."""
+  model: nnx.Module
+  alpha: float
+  temperature: float
+
+
+@dataclasses.dataclass
+class Stage:
+  """What one training stage starts from and how it differs from plain training.
+
+  `spec` rebuilds the model from the checkpoint alone ({'name', 'args'} and,
+  for quantized models, 'quantization'); `wrap_optimizer` adds e.g. pruning
+  masks around the config's optax optimizer; `done` records what the stage
+  did (lineage metadata)."""
+  model: nnx.Module
+  spec: dict
+  name: str = "train"
+  type: str = "train"
+  parent: str | None = None
+  wrap_optimizer: Callable[[optax.GradientTransformation],
+                           optax.GradientTransformation] = lambda tx: tx
+  teacher: Teacher | None = None
+  done: dict = dataclasses.field(default_factory=dict)
+
+
+def model_size(model: nnx.Module, input_shape) -> dict:
+  return {"param_count": models.param_count(model),
+          "flops_per_example": models.forward_flops(model, input_shape)}
+
+
+def stage_metadata(config, stage: Stage, dataset: Dataset, step: int,
+                   metrics: dict, size: dict, complete: bool) -> dict:
+  """The metadata every checkpoint carries (see checkpointing.py)."""
+  return {
+      "rtjax_version": rtjax.__version__,
+      "stage": stage.name,
+      "stage_type": stage.type,
+      "parent": stage.parent,
+      "done": stage.done,
+      "model": stage.spec,
+      "dataset": dataset.describe(),
+      "config": config.to_dict(),
+      "step": step,
+      "complete": complete,  # the stage's last step: a rerun skips it
+      **size,
+      "metrics": metrics,
+  }
+
+
+def train_and_evaluate(config, workdir: epath.PathLike):
+  """Trains the model a config describes; rerun with the same workdir to resume.
+
+  A config with `stages` runs the compression pipeline instead (one
+  subdirectory per stage) and returns {stage: TrainResult}.
+  """
   config_lib.validate(config)
+  dataset = load_dataset(config.data, config.seed)
+  if config.stages:
+    from rtjax.compress.pipeline import run_pipeline  # compress builds on train
+    return run_pipeline(config, workdir, dataset)
+  spec = {"name": config.model.name, "args": model_args_for(config, dataset)}
+  model = models.create_model(spec["name"], spec["args"], config.seed)
+  return train_stage(config, config.train, workdir, dataset,
+                     Stage(model=model, spec=spec))
+
+
+def train_stage(config, train_cfg, workdir: epath.PathLike, dataset: Dataset,
+                stage: Stage) -> TrainResult:
+  """Trains `stage.model` on `dataset` with `train_cfg`, checkpointing into
+  `workdir`; resumes from the latest checkpoint there."""
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_writer = jax.process_index() == 0
-  train_cfg = config.train
+  model = stage.model
+  size = model_size(model, dataset.input_shape)
+  logging.info("stage %s (%s): model %s: %d parameters, %.3g FLOPs/example",
+               stage.name, stage.type, stage.spec, size["param_count"],
+               size["flops_per_example"])
 
-  dataset = load_dataset(config.data, config.seed)
-  model_args = model_args_for(config, dataset)
-  model = models.create_model(config.model.name, model_args, config.seed)
-  num_params = models.param_count(model)
-  flops = models.forward_flops(model, dataset.input_shape)
-  logging.info("model %s %s: %d parameters, %.3g FLOPs per example",
-               config.model.name, model_args, num_params, flops)
-
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
   batch_sharded = NamedSharding(mesh, P("data"))
 
@@ -93,18 +161,17 @@ def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
     return tuple(jax.make_array_from_process_local_data(
         batch_sharded, np.array_split(a, count)[index]) for a in arrays)
 
-  tx = make_optimizer(train_cfg)
+  tx = stage.wrap_optimizer(make_optimizer(train_cfg))
   train_graphdef, params, rest = nnx.split(models.training_view(model),
                                            nnx.Param, ...)
-  eval_graphdef = nnx.split(models.inference_view(model), nnx.Param, ...)[0]
   opt_state = tx.init(params)
 
   checkpoints = RunCheckpoints(workdir / "checkpoints",
                                config.checkpoint.max_to_keep)
   start_step = checkpoints.latest_step() or 0
   if start_step:
-    _check_same_model(checkpoints.metadata(start_step), config.model.name,
-                      model_args, checkpoints.directory)
+    _check_same_model(checkpoints.metadata(start_step), stage.spec,
+                      checkpoints.directory)
     state, opt_state = checkpoints.restore(start_step, nnx.state(model),
                                            opt_state)
     nnx.update(model, state)
@@ -115,16 +182,26 @@ def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
                                            replicated)
 
   num_classes = dataset.num_classes
+  teacher = stage.teacher
+  teacher_graphdef, teacher_state = (
+      nnx.split(models.inference_view(teacher.model)) if teacher else (None, None))
+  teacher_state = jax.device_put(teacher_state, replicated)
 
   @jax.jit
-  def train_step(params, rest, opt_state, images, labels):
+  def train_step(params, rest, opt_state, teacher_state, images, labels):
     def loss_fn(params, rest):
       model = nnx.merge(train_graphdef, params, rest, copy=True)
       logits = model(images)
-      loss = _loss(logits, labels, num_classes,
-                   train_cfg.label_smoothing).mean()
+      loss = _loss(logits, labels, num_classes, train_cfg.label_smoothing)
+      if teacher is not None:
+        t = teacher.temperature
+        teacher_logits = jax.lax.stop_gradient(
+            nnx.merge(teacher_graphdef, teacher_state)(images))
+        kl = optax.kl_divergence(jax.nn.log_softmax(logits / t),
+                                 jax.nn.softmax(teacher_logits / t))
+        loss = teacher.alpha * t * t * kl + (1 - teacher.alpha) * loss
       new_rest = nnx.split(model, nnx.Param, ...)[2]
-      return loss, (new_rest, logits)
+      return loss.mean(), (new_rest, logits)
 
     (loss, (new_rest, logits)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(params, rest)
@@ -134,38 +211,14 @@ def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
     return params, new_rest, opt_state, metrics
 
-  @jax.jit
-  def eval_step(params, rest, images, labels, mask):
-    logits = nnx.merge(eval_graphdef, params, rest)(images)
-    losses = _loss(logits, labels, num_classes, 0.0)
-    correct = (jnp.argmax(logits, -1) == labels)
-    return {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
-            "count": jnp.sum(mask)}
+  def current_model() -> nnx.Module:
+    nnx.update(model, params, rest)
+    return model
 
-  def evaluate(split: Split) -> dict[str, float]:
-    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for images, labels, mask in eval_batches(split, train_cfg.eval_batch_size):
-      out = eval_step(params, rest, *feed(images, labels, mask))
-      totals = {k: totals[k] + float(v) for k, v in out.items()}
-    count = max(totals["count"], 1.0)
-    return {"loss": totals["loss"] / count,
-            "accuracy": totals["correct"] / count}
+  def evaluate_split(split: Split) -> dict[str, float]:
+    return evaluate(current_model(), split, train_cfg.eval_batch_size, feed)
 
   metrics: dict[str, dict[str, float]] = {}
-
-  def metadata(step: int) -> dict:
-    return {
-        "rtjax_version": rtjax.__version__,
-        "stage": "train",
-        "parent": None,
-        "model": {"name": config.model.name, "args": model_args},
-        "dataset": dataset.describe(),
-        "config": config.to_dict(),
-        "step": step,
-        "param_count": num_params,
-        "flops_per_example": flops,
-        "metrics": metrics,
-    }
 
   batches = TrainBatches(dataset.train, train_cfg.batch_size, config.seed,
                          config.data.max_shift, config.data.random_flip)
@@ -201,8 +254,9 @@ def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
 
   def save(step: int) -> None:
     nonlocal last_saved
-    nnx.update(model, params, rest)
-    checkpoints.save(step, nnx.state(model), opt_state, metadata(step))
+    checkpoints.save(step, nnx.state(current_model()), opt_state,
+                     stage_metadata(config, stage, dataset, step, metrics,
+                                    size, step == train_cfg.num_steps))
     last_saved = step
 
   with PreemptionGuard() as preemption, tqdm(
@@ -212,7 +266,7 @@ def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
       for step in range(start_step + 1, train_cfg.num_steps + 1):
         images, labels = batches.batch(step - 1)
         params, rest, opt_state, step_metrics = train_step(
-            params, rest, opt_state, *feed(images, labels))
+            params, rest, opt_state, teacher_state, *feed(images, labels))
         window.append(step_metrics)
         bar.update(1)
         last = step == train_cfg.num_steps
@@ -222,10 +276,10 @@ def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
         if step % train_cfg.log_every == 0 or saving:
           flush_window(step)
         if step % train_cfg.eval_every == 0 or last:
-          metrics["val"] = evaluate(dataset.val)
+          metrics["val"] = evaluate_split(dataset.val)
           writer.write(step, "val", metrics["val"])
         if last:
-          metrics["test"] = evaluate(dataset.test)
+          metrics["test"] = evaluate_split(dataset.test)
           writer.write(step, "test", metrics["test"])
         if saving:
           save(step)

@@ -1,0 +1,46 @@
+"""Accuracy and loss of a model on a dataset split (inference mode, padded batches)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from rtjax.data import Split, eval_batches
+from rtjax.models import inference_view
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sums(graphdef, state, images, labels, mask):
+  logits = nnx.merge(graphdef, state)(images)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = jnp.argmax(logits, -1) == labels
+  return {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
+          "count": jnp.sum(mask)}
+
+
+def evaluate(model: nnx.Module, split: Split, batch_size: int,
+             feed: Callable = lambda *arrays: jax.device_put(arrays)
+             ) -> dict[str, float]:
+  """{'loss', 'accuracy'} over the whole split; `feed` places each batch."""
+  graphdef, state = nnx.split(inference_view(model))
+  totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+  for images, labels, mask in eval_batches(split, batch_size):
+    out = _sums(graphdef, state, *feed(images, labels, mask))
+    totals = {k: totals[k] + float(v) for k, v in out.items()}
+  count = max(totals["count"], 1.0)
+  return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count}
+
+
+def predict_logits(model: nnx.Module, images: np.ndarray,
+                   batch_size: int = 512) -> np.ndarray:
+  """Inference-mode logits for all rows (used by reports and comparisons)."""
+  graphdef, state = nnx.split(inference_view(model))
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  return np.concatenate([np.asarray(forward(state, images[i:i + batch_size]))
+                         for i in range(0, len(images), batch_size)])

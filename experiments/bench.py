@@ -1,0 +1,53 @@
+"""Latency of checkpoints side by side: p50/p90/p99 per batch size, one run.
+
+  python -m experiments.bench --checkpoints=workdirs/compress/teacher,workdirs/compress/structured \
+      --batch_sizes=1,256 --output=workdirs/compress/bench.json
+
+Each checkpoint is rebuilt from its metadata, BatchNorm folded and
+AOT-compiled per batch size (compile time reported apart); calls alternate
+between the checkpoints, and speedups are against the first one.
+"""
+
+import json
+
+from absl import app, flags
+from etils import epath
+
+from rtjax.bench.latency import interleaved_latency
+from rtjax.infer import CompiledModel
+
+_CHECKPOINTS = flags.DEFINE_list("checkpoints", None, "Checkpoint paths; the "
+                                 "first is the reference.", required=True)
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "256"], "Batch sizes.")
+_ITERS = flags.DEFINE_integer("iters", 300, "Timed calls per model and batch.")
+_WARMUP = flags.DEFINE_integer("warmup", 30, "Untimed calls first.")
+_OUTPUT = flags.DEFINE_string("output", "", "JSON results file.")
+
+
+def main(argv):
+  del argv
+  batches = [int(b) for b in _BATCH_SIZES.value]
+  served = [CompiledModel.from_checkpoint(path, batch_sizes=batches)
+            for path in _CHECKPOINTS.value]
+  rows = []
+  print(f"{'checkpoint':<40} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} "
+        f"{'p99 ms':>8} {'items/s':>10} {'speedup':>8} {'compile s':>9}")
+  for batch in batches:
+    results = interleaved_latency(served, batch, _ITERS.value, _WARMUP.value)
+    for path, model, result in zip(_CHECKPOINTS.value, served, results):
+      row = {"checkpoint": path, "batch": batch,
+             "stage": model.metadata.get("stage"),
+             "flops_per_example": model.metadata.get("flops_per_example"),
+             "compile_seconds": model.compile_seconds[batch],
+             "speedup_p50": results[0]["p50_ms"] / result["p50_ms"], **result}
+      rows.append(row)
+      print(f"{path[-40:]:<40} {batch:>5} {row['p50_ms']:>8.3f} "
+            f"{row['p90_ms']:>8.3f} {row['p99_ms']:>8.3f} "
+            f"{row['throughput_per_s']:>10.0f} {row['speedup_p50']:>7.2f}x "
+            f"{row['compile_seconds']:>9.3f}", flush=True)
+  if _OUTPUT.value:
+    epath.Path(_OUTPUT.value).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)

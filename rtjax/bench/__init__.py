@@ -1,0 +1,1 @@
+"""Measurement: latency percentiles of compiled serving functions."""

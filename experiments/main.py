@@ -11,11 +11,13 @@ Multi-process: --multihost on Cloud TPU (see experiments.launch), or
 
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rtjax import distributed
+from rtjax import compare, distributed
 from rtjax.config import ConfigError
+from rtjax.data import load_dataset
 from rtjax.infer.cache import enable_compilation_cache
 from rtjax.train import CheckpointError, NonFiniteLossError, train_and_evaluate
 
@@ -34,6 +36,9 @@ _MULTIHOST = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process "
     "runs outside Cloud TPU (with --num_processes and --process_id).")
+_REPORT = flags.DEFINE_bool(
+    "report", True, "End by comparing the run's checkpoints (compare.md/.json/"
+    ".csv/.png in the workdir; single-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -74,6 +79,11 @@ def main(argv):
           f"{test.get('accuracy', float('nan')):.4f} (loss "
           f"{test.get('loss', float('nan')):.4f}); checkpoints in "
           f"{outcome.checkpoint_dir}", flush=True)
+  if _REPORT.value and jax.process_count() == 1:
+    rows = compare.compare(compare.load_all(
+        compare.stage_checkpoints(_WORKDIR.value)), load_dataset(
+            _CONFIG.value.data, _CONFIG.value.seed).test, iters=100)
+    print(compare.write_outputs(rows, (1, 256), _WORKDIR.value)["markdown"])
 
 
 if __name__ == "__main__":

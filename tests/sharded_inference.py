@@ -14,6 +14,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402
 
+from rtjax.compress import quantize  # noqa: E402
 from rtjax.infer import CompiledModel, make_mesh  # noqa: E402
 from rtjax.train import load_checkpoint  # noqa: E402
 
@@ -24,24 +25,35 @@ MESHES = {"data_parallel": {"data": 8}, "tensor_parallel": {"model": 8},
 def main(paths):
   report = {}
   for path in paths:
-    model, metadata = load_checkpoint(path)
+    float_model, metadata = load_checkpoint(path)
     shape = metadata["model"]["args"]["input_shape"]
-    images = np.random.default_rng(0).normal(size=(24, *shape)).astype(np.float32)
-    one_device = make_mesh({"data": 1}, devices=jax.devices()[:1])
-    reference = CompiledModel(model, shape, batch_sizes=(8, 16),
-                              mesh=one_device)(images)
-    report[path] = {}
-    for name, mesh in MESHES.items():
-      served = CompiledModel(model, shape, batch_sizes=(8, 16), mesh=make_mesh(mesh))
-      outputs = served(images)
-      hlo = served.executables[8].as_text()
-      report[path][name] = {
-          "max_abs_diff": float(np.max(np.abs(outputs - reference))),
-          "shape": list(outputs.shape),
-          "collectives": sum(hlo.count(op) for op in ("all-reduce", "all-gather",
-                                                     "reduce-scatter", "all-to-all")),
-      }
+    int8 = quantize.int8_model(
+        float_model, quantize.quantization_spec("w8a8", mode="ptq"), shape)
+    for kind, model in (("float", float_model), ("int8", int8)):
+      report[f"{path}:{kind}"] = measure(model, shape)
   print(json.dumps(report))
+
+
+def measure(model, shape):
+  """Largest |difference| to one device, per mesh, and the collectives used."""
+  images = np.random.default_rng(0).normal(size=(24, *shape)).astype(np.float32)
+  one_device = make_mesh({"data": 1}, devices=jax.devices()[:1])
+  reference = CompiledModel(model, shape, batch_sizes=(8, 16),
+                            mesh=one_device)(images)
+  result = {}
+  for name, mesh in MESHES.items():
+    served = CompiledModel(model, shape, batch_sizes=(8, 16),
+                           mesh=make_mesh(mesh))
+    outputs = served(images)
+    hlo = served.executables[8].as_text()
+    result[name] = {
+        "max_abs_diff": float(np.max(np.abs(outputs - reference))),
+        "same_top1": bool(np.all(outputs.argmax(-1) == reference.argmax(-1))),
+        "shape": list(outputs.shape),
+        "collectives": sum(hlo.count(op) for op in (
+            "all-reduce", "all-gather", "reduce-scatter", "all-to-all")),
+    }
+  return result
 
 
 if __name__ == "__main__":

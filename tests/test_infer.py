@@ -65,18 +65,28 @@ def test_padding_to_buckets_never_changes_real_rows(trained):
   assert served(x[:0]).shape[0] == 0
 
 
-def test_meshes_on_8_devices_match_single_device(family_checkpoints):
+def test_meshes_on_8_devices_match_single_device_float_and_int8(
+    family_checkpoints):
   paths = [str(p) for p in family_checkpoints.values()]
   result = run_module("tests.sharded_inference", *paths, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
-  for path in paths:
-    for mesh, numbers in report[path].items():
+  assert len(report) == 2 * len(paths)  # float and int8 of each family
+  for key, meshes in report.items():
+    for mesh, numbers in meshes.items():
       assert numbers["shape"] == [24, 10]
-      assert numbers["max_abs_diff"] <= 1e-5, (path, mesh, numbers)
+      if key.endswith("vit0:int8"):
+        # The ViT's int8 activations are quantized per example at run time:
+        # a 1e-7 change in a float sum (another XLA partitioning) can move a
+        # value across an int8 rounding boundary, one quantization step
+        # (~2e-2 in the logits of this briefly trained ViT).
+        assert numbers["max_abs_diff"] <= 5e-2, (key, mesh, numbers)
+      else:
+        assert numbers["same_top1"], (key, mesh, numbers)
+        assert numbers["max_abs_diff"] <= 1e-5, (key, mesh, numbers)
     # Tensor parallelism really splits weights: XLA had to add collectives.
-    assert report[path]["tensor_parallel"]["collectives"] > 0
-    assert report[path]["data_parallel"]["collectives"] == 0
+    assert meshes["tensor_parallel"]["collectives"] > 0
+    assert meshes["data_parallel"]["collectives"] == 0
 
 
 def free_port() -> int:

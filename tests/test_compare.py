@@ -1,0 +1,71 @@
+"""Comparing checkpoints: metrics, Pareto front, errors naming the culprit,
+and the reports (markdown, JSON, CSV, PNG)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from rtjax import compare
+from tests.conftest import run_module
+
+
+def test_agreement_and_kl_of_a_checkpoint_with_itself():
+  logits = np.random.default_rng(0).normal(size=(50, 10))
+  assert compare.agreement(logits, logits) == 1.0
+  assert compare.mean_kl(logits, logits) == pytest.approx(0.0, abs=1e-12)
+  other = logits + np.random.default_rng(1).normal(size=logits.shape)
+  assert compare.agreement(logits, other) < 1.0
+  assert compare.mean_kl(logits, other) > 0.0
+
+
+def test_pareto_front_on_a_hand_made_set():
+  # (accuracy, p99 ms): a fast/inaccurate, b dominated by c, c, d accurate/slow,
+  # e equal to c's latency but less accurate.
+  points = [(0.90, 1.0), (0.95, 3.0), (0.96, 2.0), (0.99, 5.0), (0.93, 2.0)]
+  assert compare.pareto_front(points) == [0, 2, 3]
+  rows = [{"name": n, "accuracy": a, "p99": l}
+          for n, (a, l) in zip("abcde", points)]
+  assert compare.best_under_budget(rows, 2.5, "p99")["name"] == "c"
+  assert compare.best_under_budget(rows, 0.5, "p99") is None
+
+
+def test_compare_cli_reports_a_run(family_checkpoints, tmp_path):
+  resnet = family_checkpoints["resnet"]
+  copy = tmp_path / "run" / "copy"
+  shutil.copytree(resnet, copy)  # a second stage-like checkpoint
+  out = tmp_path / "out"
+  result = run_module("experiments.compare",
+                      f"--checkpoints={resnet},{copy}", "--batch_sizes=1,8",
+                      "--iters=10", "--latency_budget_ms=1000",
+                      f"--output_dir={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((out / "compare.json").read_text())
+  first, second = summary["rows"]
+  assert first["agreement"] == second["agreement"] == 1.0
+  assert second["kl"] == pytest.approx(0.0, abs=1e-9)
+  assert first["accuracy"] == second["accuracy"]
+  assert first["speedup_b1"] == 1.0 and second["p99_ms_b8"] > 0
+  assert first["bytes"] > 0 and first["dtypes"] == ["float32"]
+  assert summary["best_under_budget"] in (first["name"], second["name"])
+  png = (out / "compare.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+  assert "| stage |" in (out / "compare.md").read_text()
+  assert (out / "compare.csv").read_text().startswith("name,")
+
+
+def test_errors_name_the_culprit(family_checkpoints, tmp_path):
+  resnet, lenet = family_checkpoints["resnet"], family_checkpoints["lenet5"]
+  cases = [
+      ([f"--checkpoints={resnet},{tmp_path}"], "holds no finished rtjax checkpoint"),
+      ([f"--checkpoints={resnet},{lenet}"], "cannot share a dataset"),
+      ([f"--checkpoints={resnet}", "--reference=nope"], "unknown reference 'nope'"),
+  ]
+  half = tmp_path / "c" / "checkpoints" / "150.orbax-checkpoint-tmp-7"
+  shutil.copytree(resnet / "checkpoints" / "150", half)
+  cases.append(([f"--checkpoints={half}"], "half-written"))
+  for args, message in cases:
+    result = run_module("experiments.compare", *args, "--iters=2",
+                        f"--output_dir={tmp_path / 'o'}")
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]

@@ -13,7 +13,7 @@ import json
 from absl import app, flags
 from etils import epath
 
-from rtjax.bench.latency import interleaved_latency
+from rtjax.bench.latency import host_overhead, interleaved_latency
 from rtjax.infer import CompiledModel
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", None, "Checkpoint paths; the "
@@ -45,8 +45,15 @@ def main(argv):
             f"{row['p90_ms']:>8.3f} {row['p99_ms']:>8.3f} "
             f"{row['throughput_per_s']:>10.0f} {row['speedup_p50']:>7.2f}x "
             f"{row['compile_seconds']:>9.3f}", flush=True)
+  overhead = host_overhead(served[0])
+  print("batch-1 call paths of the first checkpoint (p50, microseconds): "
+        + ", ".join(f"{k.removesuffix('_p50_us')} {v:.1f}"
+                    for k, v in overhead.items() if k.endswith("_p50_us"))
+        + f"; request overhead over the device call "
+        f"{overhead['request_overhead_us']:.1f}", flush=True)
   if _OUTPUT.value:
-    epath.Path(_OUTPUT.value).write_text(json.dumps(rows, indent=1))
+    epath.Path(_OUTPUT.value).write_text(json.dumps(
+        {"latency": rows, "host_overhead": overhead}, indent=1))
 
 
 if __name__ == "__main__":

@@ -3,28 +3,35 @@
   python -m experiments.export --checkpoint=workdirs/default --format=jax_export \
       --out=workdirs/default/export/model.jax
 
-The artifact (StableHLO with the weights inside, batch dimension symbolic)
-runs in any process with jax:
+  python -m experiments.export --checkpoint=workdirs/lenet5 --format=onnx \
+      --out=workdirs/lenet5/export/model.onnx     # needs pip install 'rtjax[onnx]'
+
+The jax_export artifact (StableHLO with the weights inside, batch dimension
+symbolic) runs in any process with jax:
   jax.export.deserialize(bytearray(open(path, 'rb').read())).call(images)
 """
 
 from absl import app, flags
 
-from rtjax.infer.export import export_serving
+from rtjax.infer.export import export_onnx, export_serving
 from rtjax.train import load_checkpoint
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints/ "
                                   "or step directory.", required=True)
-_FORMAT = flags.DEFINE_enum("format", "jax_export", ["jax_export"],
-                            "Artifact format.")
+_FORMAT = flags.DEFINE_enum("format", "jax_export", ["jax_export", "onnx"],
+                            "jax_export: StableHLO with weights, any model; "
+                            "onnx: float models, needs rtjax[onnx].")
 _OUT = flags.DEFINE_string("out", None, "Artifact path.", required=True)
 
 
 def main(argv):
   del argv
   model, metadata = load_checkpoint(_CHECKPOINT.value)
-  path = export_serving(model, metadata["model"]["args"]["input_shape"],
-                        _OUT.value, metadata)
+  shape = metadata["model"]["args"]["input_shape"]
+  if _FORMAT.value == "onnx":
+    print(f"wrote {export_onnx(model, shape, _OUT.value, metadata)}", flush=True)
+    return
+  path = export_serving(model, shape, _OUT.value, metadata)
   print(f"wrote {path} and {path}.json", flush=True)
 
 

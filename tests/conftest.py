@@ -1,6 +1,7 @@
 """Shared fixtures: small configs that train in seconds on 2 CPU cores."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -25,6 +26,13 @@ def trained(tmp_path_factory):
   config = default.get_config("tiny")
   workdir = tmp_path_factory.mktemp("tiny_run")
   return config, workdir, train_and_evaluate(config, workdir)
+
+
+def free_port() -> int:
+  """A localhost port nobody listens on, for a jax.distributed coordinator."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
 
 
 def run_module(module: str, *args: str, timeout: float = 300,

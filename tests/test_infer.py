@@ -3,7 +3,6 @@ devices, 2 real processes, exported artifacts, compilation cache, bad input."""
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from rtjax.data import load_dataset
 from rtjax.infer import CompiledModel, fold_batchnorm, make_mesh, parse_mesh
 from rtjax.infer.export import export_serving
 from rtjax.train import CheckpointError, load_checkpoint
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, free_port, run_module
 
 
 def images(n, shape=(8, 8, 1), seed=0):
@@ -87,12 +86,6 @@ def test_meshes_on_8_devices_match_single_device_float_and_int8(
     # Tensor parallelism really splits weights: XLA had to add collectives.
     assert meshes["tensor_parallel"]["collectives"] > 0
     assert meshes["data_parallel"]["collectives"] == 0
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def test_two_processes_agree_with_one(trained, tmp_path):
@@ -171,3 +164,21 @@ def test_bad_input_gets_clear_errors(trained, tmp_path):
   served = CompiledModel(model, (8, 8, 1), batch_sizes=(4,))
   with pytest.raises(ValueError, match=r"compiled for \(8, 8, 1\)"):
     served(images(2, shape=(8, 8, 3)))
+
+
+@pytest.mark.parametrize("family", ["lenet5", "resnet", "vit"])
+def test_onnx_export_matches_within_1e4(family_checkpoints, tmp_path, family):
+  pytest.importorskip("jax2onnx", reason="ONNX export is the rtjax[onnx] extra")
+  import onnxruntime
+  path = family_checkpoints[family]
+  result = run_module("experiments.export", f"--checkpoint={path}",
+                      "--format=onnx", f"--out={tmp_path / 'model.onnx'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  model, metadata = load_checkpoint(path)
+  shape = metadata["model"]["args"]["input_shape"]
+  x = images(7, shape=shape)
+  session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"),
+                                         providers=["CPUExecutionProvider"])
+  out = session.run(None, {session.get_inputs()[0].name: x})[0]
+  live = CompiledModel(model, shape, batch_sizes=(8,))(x)
+  np.testing.assert_allclose(out, live, atol=1e-4)

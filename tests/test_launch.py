@@ -4,7 +4,6 @@ gcloud (one worker failing stops the rest), and multi-process training."""
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tarfile
@@ -13,7 +12,7 @@ import pytest
 
 from rtjax import tpu
 from rtjax.train import load_checkpoint, read_metrics
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, free_port, run_module
 
 NASTY = ["--config=configs/default.py:tiny",
          "--workdir=gs://bucket/run with space",
@@ -151,12 +150,6 @@ def test_failing_worker_stops_the_rest_and_is_named(fake_gcloud, tmp_path):
   stop = [c for c in calls() if "--command=" + tpu.STOP_SCRIPT in c]
   assert stop and "--worker=all" in stop[0]
   assert calls()[-1][2:4] == ["tpu-vm", "delete"]  # deleted even on failure
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def test_main_as_two_processes(tmp_path):

@@ -44,3 +44,28 @@ def interleaved_latency(served: Sequence[CompiledModel], batch: int,
       if i >= warmup:
         times[k].append(time.perf_counter() - start)
   return [percentiles(t, batch) for t in times]
+
+
+def host_overhead(model: CompiledModel, iters: int = 500,
+                  warmup: int = 50) -> dict[str, float]:
+  """p50 of three batch-1 paths, timed in turns: a trivial jitted call (the
+  dispatch floor), the compiled model on a device-resident input, and the
+  full request (numpy in, pad, run, trim, numpy out)."""
+  images = np.zeros((1, *model.input_shape), np.float32)
+  bucket = model.bucket_for(1)
+  on_device = jax.device_put(np.zeros((bucket, *model.input_shape), np.float32),
+                             model._input_sharding)
+  trivial = jax.jit(lambda x: x + 1)
+  paths = {"trivial_jit": lambda: trivial(on_device).block_until_ready(),
+           "device_call": lambda: model.run_bucket(on_device).block_until_ready(),
+           "request": lambda: model(images)}
+  times = {name: [] for name in paths}
+  for i in range(warmup + iters):
+    for name, call in paths.items():
+      start = time.perf_counter()
+      call()
+      if i >= warmup:
+        times[name].append(time.perf_counter() - start)
+  p50 = {name: float(np.median(t) * 1e6) for name, t in times.items()}
+  return {f"{name}_p50_us": value for name, value in p50.items()} | {
+      "request_overhead_us": p50["request"] - p50["device_call"]}

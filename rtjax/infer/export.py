@@ -43,3 +43,25 @@ def load_exported(path: epath.PathLike) -> Callable[[np.ndarray], jax.Array]:
   """The exported function: images (any batch) -> logits."""
   exported = jax.export.deserialize(bytearray(epath.Path(path).read_bytes()))
   return exported.call
+
+
+def export_onnx(model: nnx.Module, input_shape: Sequence[int],
+                path: epath.PathLike, metadata: dict | None = None
+                ) -> epath.Path:
+  """ONNX (float models, BatchNorm folded, batch dimension 'B') through
+  jax2onnx, checked with onnx.checker; needs the `onnx` extra."""
+  try:
+    import onnx
+    from jax2onnx import to_onnx
+  except ImportError as e:
+    raise ImportError("ONNX export needs jax2onnx and onnx: pip install "
+                      "'rtjax[onnx]'") from e
+  if (metadata or {}).get("model", {}).get("quantization"):
+    raise ValueError("ONNX export takes float checkpoints; this one is "
+                     "quantized (export its float parent, or use jax_export)")
+  proto = to_onnx(fold_batchnorm(model), [("B", *input_shape)])
+  onnx.checker.check_model(proto)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(proto.SerializeToString())
+  return path

@@ -36,8 +36,10 @@ class LeNet5(nnx.Module):
     self.head = nnx.Linear(h2, num_classes, rngs=rngs)
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
-    x = nnx.max_pool(nnx.relu(self.conv2(x)), (2, 2), strides=(2, 2))
+    x = nnx.max_pool(nnx.relu(self.conv1(x)), window_shape=(2, 2),
+                     strides=(2, 2))
+    x = nnx.max_pool(nnx.relu(self.conv2(x)), window_shape=(2, 2),
+                     strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
     x = nnx.relu(self.fc1(x))
     x = nnx.relu(self.fc2(x))

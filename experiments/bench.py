@@ -1,19 +1,26 @@
-"""Latency of checkpoints side by side: p50/p90/p99 per batch size, one run.
+"""Latency of checkpoints side by side: p50/p90/p99 per batch size, one run,
+then MLPerf LoadGen scenarios on the first checkpoint.
 
   python -m experiments.bench --checkpoints=workdirs/compress/teacher,workdirs/compress/structured \
       --batch_sizes=1,256 --output=workdirs/compress/bench.json
+  python -m experiments.bench --checkpoints=workdirs/default --loadgen=SingleStream,Server,Offline \
+      --loadgen_seconds=10 --server_latency_ms=5 --find_peak_qps
 
 Each checkpoint is rebuilt from its metadata, BatchNorm folded and
 AOT-compiled per batch size (compile time reported apart); calls alternate
 between the checkpoints, and speedups are against the first one.
 """
 
+import dataclasses
 import json
 
+import ml_collections
 from absl import app, flags
 from etils import epath
 
+from rtjax.bench import loadgen
 from rtjax.bench.latency import host_overhead, interleaved_latency
+from rtjax.data import load_dataset
 from rtjax.infer import CompiledModel
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", None, "Checkpoint paths; the "
@@ -22,6 +29,15 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "256"], "Batch sizes.")
 _ITERS = flags.DEFINE_integer("iters", 300, "Timed calls per model and batch.")
 _WARMUP = flags.DEFINE_integer("warmup", 30, "Untimed calls first.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results file.")
+_LOADGEN = flags.DEFINE_list("loadgen", [], "LoadGen scenarios to run on the "
+                             "first checkpoint: SingleStream, Server, Offline.")
+_LOADGEN_SECONDS = flags.DEFINE_float("loadgen_seconds", 0, "Minimum duration "
+                                      "per scenario; 0 keeps LoadGen's defaults.")
+_SERVER_QPS = flags.DEFINE_float("server_qps", 500, "Server target QPS.")
+_SERVER_LATENCY = flags.DEFINE_float("server_latency_ms", 10, "Server p99 deadline.")
+_PEAK = flags.DEFINE_bool("find_peak_qps", False, "Bisect the highest Server "
+                          "QPS that stays VALID.")
+_LOADGEN_DIR = flags.DEFINE_string("loadgen_dir", "loadgen_logs", "LoadGen logs.")
 
 
 def main(argv):
@@ -51,9 +67,35 @@ def main(argv):
                     for k, v in overhead.items() if k.endswith("_p50_us"))
         + f"; request overhead over the device call "
         f"{overhead['request_overhead_us']:.1f}", flush=True)
+  scenarios = run_loadgen(served[0], max(batches)) if _LOADGEN.value else {}
   if _OUTPUT.value:
     epath.Path(_OUTPUT.value).write_text(json.dumps(
-        {"latency": rows, "host_overhead": overhead}, indent=1))
+        {"latency": rows, "host_overhead": overhead, "loadgen": scenarios},
+        indent=1))
+
+
+def run_loadgen(model: CompiledModel, max_batch: int) -> dict:
+  """The scenarios on the checkpoint's own test images (the QSL)."""
+  config = ml_collections.ConfigDict(model.metadata["config"])
+  samples = load_dataset(config.data, config.seed).test.images
+  settings = loadgen.LoadGenConfig(
+      min_duration_ms=int(_LOADGEN_SECONDS.value * 1000),
+      min_query_count=1000 if _LOADGEN_SECONDS.value else 0,
+      target_qps=_SERVER_QPS.value, target_latency_ms=_SERVER_LATENCY.value,
+      max_batch=max_batch)
+  results = {}
+  for scenario in _LOADGEN.value:
+    results[scenario] = loadgen.run(
+        model, samples, dataclasses.replace(settings, scenario=scenario),
+        epath.Path(_LOADGEN_DIR.value) / scenario)
+    print(f"LoadGen {scenario}: {json.dumps(results[scenario])}", flush=True)
+  if _PEAK.value:
+    results["server_peak"] = loadgen.find_peak_server_qps(
+        model, samples, settings, epath.Path(_LOADGEN_DIR.value) / "peak",
+        low=0.0, high=4 * _SERVER_QPS.value)
+    print(f"LoadGen Server peak VALID QPS at p99 <= {_SERVER_LATENCY.value} "
+          f"ms: {results['server_peak']['peak_valid_qps']}", flush=True)
+  return results
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""MLPerf LoadGen: the dynamic batcher's contract, and real short LoadGen runs."""
+
+import threading
+import types
+
+import numpy as np
+import pytest
+
+from rtjax.bench import loadgen
+from rtjax.infer import CompiledModel
+
+
+def test_batcher_answers_every_query_once_with_its_row():
+  samples = np.arange(100, dtype=np.float32).reshape(100, 1)
+  batches, answers, lock = [], [], threading.Lock()
+
+  def model(rows):
+    batches.append(len(rows))
+    return rows * 2  # row i -> 2 * sample i
+
+  def respond(pairs):
+    with lock:
+      answers.extend((q.id, float(out[0])) for q, out in pairs)
+
+  batcher = loadgen.DynamicBatcher(model, samples, respond, max_batch=8,
+                                   max_wait_ms=5)
+  queries = [types.SimpleNamespace(id=1000 + i, index=(7 * i) % 100)
+             for i in range(300)]
+  threads = [threading.Thread(target=batcher.submit, args=(queries[k::3],))
+             for k in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  batcher.stop()
+  assert sorted(a[0] for a in answers) == [q.id for q in queries]  # once each
+  expected = {q.id: 2.0 * q.index for q in queries}
+  assert all(value == expected[qid] for qid, value in answers)
+  assert max(batches) <= 8 and max(batches) > 1  # really batched
+
+
+def test_summary_parser():
+  text = ("Scenario : Server\nMode     : PerformanceOnly\n"
+          "Completed samples per second    : 298.45\nResult is : VALID\n"
+          "99.00 percentile latency (ns)   : 11104119\n"
+          "target_latency (ns): 20000000\n")
+  assert loadgen.parse_summary(text) == {
+      "scenario": "Server", "result": "VALID",
+      "completed_samples_per_second": 298.45,
+      "p99_latency_ns": 11104119.0, "target_latency_ns": 20000000.0}
+
+
+@pytest.mark.parametrize("scenario", ["SingleStream", "Server"])
+def test_short_loadgen_runs_are_valid(trained, tmp_path, scenario):
+  model = CompiledModel.from_checkpoint(trained[1], batch_sizes=(1, 8, 32))
+  samples = np.random.default_rng(0).normal(size=(64, 8, 8, 1)).astype(np.float32)
+  # Server: LoadGen's early-stopping check needs ~1000 queries for a p99.
+  config = loadgen.LoadGenConfig(scenario=scenario, min_duration_ms=2000,
+                                 min_query_count=1000, target_qps=500,
+                                 target_latency_ms=50, max_batch=32)
+  result = loadgen.run(model, samples, config, tmp_path)
+  assert result["result"] == "VALID", (tmp_path / "mlperf_log_summary.txt").read_text()
+  assert result["scenario"] == scenario
+  assert (tmp_path / "mlperf_log_detail.txt").exists()
+  key = "p90_latency_ns" if scenario == "SingleStream" else "p99_latency_ns"
+  assert 0 < result[key] < 50e6

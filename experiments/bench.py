@@ -18,7 +18,7 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 
-from rtjax.bench import loadgen
+from rtjax.bench import breakdown, loadgen
 from rtjax.bench.latency import host_overhead, interleaved_latency
 from rtjax.data import load_dataset
 from rtjax.infer import CompiledModel
@@ -38,6 +38,8 @@ _SERVER_LATENCY = flags.DEFINE_float("server_latency_ms", 10, "Server p99 deadli
 _PEAK = flags.DEFINE_bool("find_peak_qps", False, "Bisect the highest Server "
                           "QPS that stays VALID.")
 _LOADGEN_DIR = flags.DEFINE_string("loadgen_dir", "loadgen_logs", "LoadGen logs.")
+_PUBLISHED = flags.DEFINE_list("published_peaks", [], "Also predict with these "
+                               f"chips' published peaks: {', '.join(breakdown.PUBLISHED_PEAKS)}.")
 
 
 def main(argv):
@@ -61,6 +63,23 @@ def main(argv):
             f"{row['p90_ms']:>8.3f} {row['p99_ms']:>8.3f} "
             f"{row['throughput_per_s']:>10.0f} {row['speedup_p50']:>7.2f}x "
             f"{row['compile_seconds']:>9.3f}", flush=True)
+  peaks = {"measured": breakdown.measure_peaks()}
+  peaks.update({name: breakdown.PUBLISHED_PEAKS[name] for name in _PUBLISHED.value})
+  print(f"\npredicted t_compute + t_memory + t_comm vs measured p50 "
+        f"(peaks: {peaks['measured']['source']}: "
+        f"{peaks['measured']['flops_per_s'] / 1e9:.1f} GFLOP/s, "
+        f"{peaks['measured']['bytes_per_s'] / 1e9:.1f} GB/s)")
+  for row, model in zip(rows, served * len(batches)):
+    terms = {name: breakdown.breakdown(model.executables[row["batch"]], p)
+             for name, p in peaks.items()}
+    row["breakdown"] = terms
+    m = terms["measured"]
+    print(f"{row['checkpoint'][-40:]:<40} {row['batch']:>5} compute "
+          f"{m['t_compute_s'] * 1e3:.4f} ms + memory {m['t_memory_s'] * 1e3:.4f} "
+          f"ms + comm {m['t_comm_s'] * 1e3:.4f} ms = {m['t_predicted_s'] * 1e3:.4f} "
+          f"ms predicted, {row['p50_ms']:.4f} ms measured"
+          + "".join(f"; {n} (published) {t['t_predicted_s'] * 1e3:.5f} ms"
+                    for n, t in terms.items() if n != "measured"), flush=True)
   overhead = host_overhead(served[0])
   print("batch-1 call paths of the first checkpoint (p50, microseconds): "
         + ", ".join(f"{k.removesuffix('_p50_us')} {v:.1f}"
@@ -70,7 +89,8 @@ def main(argv):
   scenarios = run_loadgen(served[0], max(batches)) if _LOADGEN.value else {}
   if _OUTPUT.value:
     epath.Path(_OUTPUT.value).write_text(json.dumps(
-        {"latency": rows, "host_overhead": overhead, "loadgen": scenarios},
+        {"latency": rows, "peaks": peaks, "host_overhead": overhead,
+         "loadgen": scenarios},
         indent=1))
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from rtjax.bench import breakdown
 from rtjax.bench.latency import interleaved_latency, percentiles
 from rtjax.infer import CompiledModel
 from tests.conftest import run_module
@@ -32,6 +33,40 @@ def test_bench_cli_writes_rows(trained, tmp_path):
                       "--batch_sizes=1,8", "--iters=10", "--warmup=2",
                       f"--output={out}")
   assert result.returncode == 0, result.stderr[-2000:]
-  rows = json.loads(out.read_text())
+  report = json.loads(out.read_text())
+  rows = report["latency"]
   assert [r["batch"] for r in rows] == [1, 8]
   assert all(r["speedup_p50"] == 1.0 and r["compile_seconds"] > 0 for r in rows)
+  assert all(r["breakdown"]["measured"]["t_predicted_s"] > 0 for r in rows)
+  overhead = report["host_overhead"]
+  assert 0 < overhead["trivial_jit_p50_us"] < overhead["request_p50_us"]
+
+
+def test_collective_bytes_from_hlo_text():
+  hlo = """
+  %ar = f32[8,10]{1,0} all-reduce(f32[8,10]{1,0} %x), replica_groups={}
+  %ag = bf16[4,16]{1,0} all-gather(bf16[2,16]{1,0} %y), dimensions={0}
+  %t = (f32[2]{0}, s8[3]{0}) all-to-all(f32[2]{0} %a, s8[3]{0} %b)
+  %add = f32[8,10]{1,0} add(f32[8,10]{1,0} %ar, f32[8,10]{1,0} %ar)
+  """
+  assert breakdown.collective_bytes(hlo) == 8 * 10 * 4 + 4 * 16 * 2 + 2 * 4 + 3
+
+
+def test_breakdown_is_consistent_with_cost_analysis(trained):
+  from rtjax.models.stats import cost_analysis
+  served = CompiledModel.from_checkpoint(trained[1], batch_sizes=(8,))
+  compiled = served.executables[8]
+  peaks = {"flops_per_s": 1e11, "bytes_per_s": 1e10, "comm_bytes_per_s": 1e9}
+  terms = breakdown.breakdown(compiled, peaks)
+  costs = cost_analysis(compiled)
+  assert terms["flops"] == costs["flops"] > 0
+  assert terms["bytes_accessed"] == costs["bytes accessed"] > 0
+  assert terms["t_compute_s"] == pytest.approx(costs["flops"] / 1e11)
+  assert terms["t_memory_s"] == pytest.approx(costs["bytes accessed"] / 1e10)
+  assert terms["collective_bytes"] == 0 and terms["t_comm_s"] == 0
+  assert terms["t_predicted_s"] == pytest.approx(
+      terms["t_compute_s"] + terms["t_memory_s"])
+  measured = breakdown.measure_peaks(matmul_size=256, copy_mb=8, repeats=2)
+  assert measured["flops_per_s"] > 1e8 and measured["bytes_per_s"] > 1e8
+  for name, published in breakdown.PUBLISHED_PEAKS.items():
+    assert published["flops_per_s"] > 1e14 and published["source"], name

@@ -18,10 +18,11 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 
-from rtjax.bench import breakdown, loadgen
+from rtjax.bench import breakdown, loadgen, peers
 from rtjax.bench.latency import host_overhead, interleaved_latency
 from rtjax.data import load_dataset
 from rtjax.infer import CompiledModel
+from rtjax.train import load_checkpoint
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", None, "Checkpoint paths; the "
                                  "first is the reference.", required=True)
@@ -38,6 +39,9 @@ _SERVER_LATENCY = flags.DEFINE_float("server_latency_ms", 10, "Server p99 deadli
 _PEAK = flags.DEFINE_bool("find_peak_qps", False, "Bisect the highest Server "
                           "QPS that stays VALID.")
 _LOADGEN_DIR = flags.DEFINE_string("loadgen_dir", "loadgen_logs", "LoadGen logs.")
+_PEERS = flags.DEFINE_bool("peers", False, "Time ONNX Runtime (rtjax[onnx]) "
+                           "and PyTorch eager (LeNet-5, if torch is installed) "
+                           "on the first checkpoint's weights.")
 _PUBLISHED = flags.DEFINE_list("published_peaks", [], "Also predict with these "
                                f"chips' published peaks: {', '.join(breakdown.PUBLISHED_PEAKS)}.")
 
@@ -86,11 +90,24 @@ def main(argv):
                     for k, v in overhead.items() if k.endswith("_p50_us"))
         + f"; request overhead over the device call "
         f"{overhead['request_overhead_us']:.1f}", flush=True)
+  peer_results = {}
+  if _PEERS.value:
+    model, metadata = load_checkpoint(_CHECKPOINTS.value[0])
+    for batch in batches:
+      peer_results[batch] = peers.compare_peers(
+          served[0], model, metadata["model"], batch, _ITERS.value,
+          _WARMUP.value)
+      for name, r in peer_results[batch].items():
+        print(f"peers batch {batch:>4} {name:<12} p50 {r['p50_ms']:.4f} ms, "
+              f"p99 {r['p99_ms']:.4f} ms, {r['throughput_per_s']:.0f}/s; rtjax "
+              f"p50 / {name} p50 = {r['rtjax_p50_ratio']:.2f}, rtjax "
+              f"throughput / {name} = {r['rtjax_throughput_ratio']:.2f}",
+              flush=True)
   scenarios = run_loadgen(served[0], max(batches)) if _LOADGEN.value else {}
   if _OUTPUT.value:
     epath.Path(_OUTPUT.value).write_text(json.dumps(
         {"latency": rows, "peaks": peaks, "host_overhead": overhead,
-         "loadgen": scenarios},
+         "peers": peer_results, "loadgen": scenarios},
         indent=1))
 
 

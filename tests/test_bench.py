@@ -70,3 +70,19 @@ def test_breakdown_is_consistent_with_cost_analysis(trained):
   assert measured["flops_per_s"] > 1e8 and measured["bytes_per_s"] > 1e8
   for name, published in breakdown.PUBLISHED_PEAKS.items():
     assert published["flops_per_s"] > 1e14 and published["source"], name
+
+
+def test_peers_agree_and_are_timed(family_checkpoints):
+  pytest.importorskip("onnxruntime", reason="peers need the rtjax[onnx] extra")
+  pytest.importorskip("jax2onnx", reason="peers need the rtjax[onnx] extra")
+  from rtjax.bench import peers
+  from rtjax.train import load_checkpoint
+  model, metadata = load_checkpoint(family_checkpoints["lenet5"])
+  served = CompiledModel(model, metadata["model"]["args"]["input_shape"],
+                         batch_sizes=(4,))
+  results = peers.compare_peers(served, model, metadata["model"], 4, iters=10,
+                                warmup=2)
+  assert "onnxruntime" in results  # its outputs matched rtjax's within 1e-4
+  for r in results.values():
+    assert r["p50_ms"] > 0 and r["rtjax_p50_ratio"] > 0
+  assert results["rtjax"]["rtjax_p50_ratio"] == 1.0

@@ -6,14 +6,12 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from rtjax import models
 from rtjax.data import load_dataset
 from rtjax.infer import CompiledModel, fold_batchnorm, make_mesh, parse_mesh
-from rtjax.infer.export import export_serving
 from rtjax.train import CheckpointError, load_checkpoint
 from tests.conftest import REPO, free_port, run_module
 

@@ -139,8 +139,7 @@ def _convert_int8(config, name: str, section, parent_dir, stage_dir,
                 str(parent_dir), done={"quantization": qspec,
                                        "calibrated": bool(stats)})
   checkpoints = RunCheckpoints(stage_dir / "checkpoints", 1)
-  size = {"param_count": models.param_count(model),
-          "flops_per_example": models.forward_flops(model, dataset.input_shape)}
+  size = model_size(model, dataset.input_shape)
   checkpoints.save(0, nnx.state(model), None, stage_metadata(
       config, stage, dataset, 0, metrics, size, complete=True),
                    host_arrays=True)

@@ -234,8 +234,8 @@ def train_stage(config, train_cfg, workdir: epath.PathLike, dataset: Dataset,
     nonlocal window, window_start, window_first_step
     if not window:
       return
-    means = {k: float(np.mean([float(m[k]) for m in window]))
-             for k in window[0]}
+    values = jax.device_get(window)  # one transfer for the whole window
+    means = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
     if not (math.isfinite(means["loss"]) and math.isfinite(means["grad_norm"])):
       raise NonFiniteLossError(
           f"loss or gradients became non-finite (loss={means['loss']}, "

@@ -39,6 +39,9 @@ _SERVER_LATENCY = flags.DEFINE_float("server_latency_ms", 10, "Server p99 deadli
 _PEAK = flags.DEFINE_bool("find_peak_qps", False, "Bisect the highest Server "
                           "QPS that stays VALID.")
 _LOADGEN_DIR = flags.DEFINE_string("loadgen_dir", "loadgen_logs", "LoadGen logs.")
+_ROUND = flags.DEFINE_integer("round_widths_to", 0, "Serve every float model "
+                              "with its widths padded by zero units to a "
+                              "multiple of this (same outputs).")
 _PEERS = flags.DEFINE_bool("peers", False, "Time ONNX Runtime (rtjax[onnx]) "
                            "and PyTorch eager (LeNet-5, if torch is installed) "
                            "on the first checkpoint's weights.")
@@ -49,7 +52,8 @@ _PUBLISHED = flags.DEFINE_list("published_peaks", [], "Also predict with these "
 def main(argv):
   del argv
   batches = [int(b) for b in _BATCH_SIZES.value]
-  served = [CompiledModel.from_checkpoint(path, batch_sizes=batches)
+  served = [CompiledModel.from_checkpoint(path, batch_sizes=batches,
+                                          round_widths_to=_ROUND.value)
             for path in _CHECKPOINTS.value]
   rows = []
   print(f"{'checkpoint':<40} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} "

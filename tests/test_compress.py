@@ -238,3 +238,19 @@ def test_rerun_skips_finished_and_resumes_unfinished(pipeline_run, tmp_path):
   assert again["qat"].step == 30
   assert again["qat"].metrics["test"] == pytest.approx(
       results["qat"].metrics["test"], abs=1e-6)
+
+
+def test_widen_pads_with_zero_units_and_keeps_outputs():
+  model = models.create_model("resnet", {
+      "num_classes": 10, "input_shape": [8, 8, 1], "stem_width": 6,
+      "stage_widths": [6, 12], "inner_widths": [5, 12]})
+  x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
+  models.training_view(model)(x * 2 + 1)
+  args = {"num_classes": 10, "input_shape": [8, 8, 1], "stem_width": 6,
+          "stage_widths": [6, 12], "blocks_per_stage": [1, 1],
+          "stage_strides": [1, 2], "inner_widths": [5, 12]}
+  wide, wide_args = structured.widen(model, "resnet", args, 8)
+  assert wide_args["stem_width"] == 8 and wide_args["stage_widths"] == [8, 16]
+  assert wide_args["inner_widths"] == [8, 16]
+  np.testing.assert_allclose(models.inference_view(wide)(x),
+                             models.inference_view(model)(x), atol=1e-5)

@@ -250,3 +250,47 @@ def shrink(model: nnx.Module, name: str, args: dict, keep_fraction: float,
   nnx.replace_by_pure_dict(new_state, state)
   nnx.update(smaller, new_state)
   return smaller, new_args, summary
+
+
+def _pad(value: np.ndarray, width: int, new_width: int, axis: Axis) -> np.ndarray:
+  """Zero units appended to every tile of `axis` (the inverse of slicing)."""
+  moved = np.moveaxis(value, axis.axis, 0)
+  tiles = moved.reshape(axis.tiles, width * axis.block, *moved.shape[1:])
+  pad = np.zeros((axis.tiles, (new_width - width) * axis.block,
+                  *moved.shape[1:]), value.dtype)
+  widened = np.concatenate([tiles, pad], axis=1).reshape(-1, *moved.shape[1:])
+  return np.moveaxis(widened, 0, axis.axis)
+
+
+def widen(model: nnx.Module, name: str, args: dict, multiple: int
+          ) -> tuple[nnx.Module, dict]:
+  """The same function with every unit group padded to a multiple of
+  `multiple` by zero units (hardware-friendly widths, e.g. 6 -> 8 filters).
+
+  Zero filters give zero activations (BatchNorm of a padded channel has scale
+  0), and the next layer's weights for them are zero, so outputs are unchanged.
+  """
+  if name not in FAMILIES:
+    raise ValueError(f"widening knows {', '.join(FAMILIES)}, not {name!r}")
+  make_groups, make_args = FAMILIES[name]
+  state = nnx.to_pure_dict(nnx.state(model))
+  widths = {}
+  for group in make_groups(args):
+    step = multiple // math.gcd(multiple, group.unit)
+    new_width = math.ceil(group.width / step) * step
+    widths[group.name] = new_width
+    if new_width == group.width:
+      continue
+    for axis in group.axes:
+      value = np.asarray(_get(state, axis.path))
+      if axis.path.endswith("/var"):  # keep padded BatchNorm channels finite
+        padded = _pad(value - 1.0, group.width, new_width, axis) + 1.0
+      else:
+        padded = _pad(value, group.width, new_width, axis)
+      _set(state, axis.path, padded)
+  new_args = make_args(args, widths)
+  wider = create_model(name, new_args)
+  new_state = nnx.state(wider)
+  nnx.replace_by_pure_dict(new_state, state)
+  nnx.update(wider, new_state)
+  return wider, new_args

@@ -31,7 +31,17 @@ class CompiledModel:
 
   def __init__(self, model: nnx.Module, input_shape: Sequence[int],
                batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None,
+               spec: dict | None = None, round_widths_to: int = 0):
+    """`round_widths_to` pads every filter/unit/head group of a float model
+    (described by `spec`, its checkpoint's metadata['model']) with zero units
+    to a multiple of it: the same outputs on hardware-friendly widths."""
+    if round_widths_to:
+      if not spec or spec.get("quantization"):
+        raise ValueError("round_widths_to needs the float model's spec "
+                         "(metadata['model']) and no quantization")
+      from rtjax.compress.structured import widen  # serving-only option
+      model, _ = widen(model, spec["name"], spec["args"], round_widths_to)
     self.input_shape = tuple(int(d) for d in input_shape)
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
     self.batch_sizes = sorted(set(int(b) for b in batch_sizes))
@@ -65,7 +75,8 @@ class CompiledModel:
   def from_checkpoint(cls, path: epath.PathLike, **kwargs) -> "CompiledModel":
     """Rebuilt from the checkpoint alone; its metadata kept as `.metadata`."""
     model, metadata = load_checkpoint(path)
-    compiled = cls(model, metadata["model"]["args"]["input_shape"], **kwargs)
+    compiled = cls(model, metadata["model"]["args"]["input_shape"],
+                   spec=metadata["model"], **kwargs)
     compiled.metadata = metadata
     return compiled
 

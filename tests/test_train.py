@@ -2,6 +2,7 @@
 preemption (SIGTERM), the NaN guard and clear checkpoint errors."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -174,6 +175,16 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tiny_config, tmp_path):
   straight = tmp_path / "straight"
   train_and_evaluate(config, straight)
   assert_trees_close(params_of(preempted), params_of(straight), atol=1e-6)
+
+
+def test_cli_with_a_relative_workdir(tmp_path):
+  """As the README runs it: `--workdir=workdirs/...`, relative to the cwd."""
+  relative = os.path.relpath(tmp_path / "run", REPO)
+  result = run_module("experiments.main", "--config=configs/default.py:tiny",
+                      f"--workdir={relative}", "--config.train.num_steps=20",
+                      "--config.train.warmup_steps=2", "--noreport")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert load_checkpoint(tmp_path / "run")[1]["step"] == 20
 
 
 def test_nan_loss_stops_keeps_last_good_checkpoint_and_exits_nonzero(tmp_path):

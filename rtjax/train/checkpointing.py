@@ -12,6 +12,7 @@ so a crash never leaves a step directory that looks finished.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -30,11 +31,17 @@ class CheckpointError(ValueError):
   """A path is not a usable checkpoint; the message says which and why."""
 
 
+def absolute(path: epath.PathLike) -> epath.Path:
+  """Orbax wants absolute paths: resolve local ones, keep gs:// as given."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
 class RunCheckpoints:
   """The CheckpointManager of one run directory."""
 
   def __init__(self, directory: epath.PathLike, max_to_keep: int = 2):
-    self.directory = epath.Path(directory)
+    self.directory = absolute(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
@@ -98,7 +105,7 @@ def model_from_spec(spec: dict) -> nnx.Module:
 
 def _resolve(path: epath.PathLike) -> tuple[epath.Path, int]:
   """(manager directory, step) for a workdir, a checkpoints dir or a step dir."""
-  path = epath.Path(path)
+  path = absolute(path)
   if TMP_MARKER in path.name:
     raise CheckpointError(
         f"{path} is a half-written (temporary) orbax checkpoint: its save "

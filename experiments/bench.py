@@ -39,6 +39,8 @@ _SERVER_LATENCY = flags.DEFINE_float("server_latency_ms", 10, "Server p99 deadli
 _PEAK = flags.DEFINE_bool("find_peak_qps", False, "Bisect the highest Server "
                           "QPS that stays VALID.")
 _LOADGEN_DIR = flags.DEFINE_string("loadgen_dir", "loadgen_logs", "LoadGen logs.")
+_LOADGEN_MAX_BATCH = flags.DEFINE_integer("loadgen_max_batch", 32, "Largest "
+                                          "batch the Server/Offline batcher forms.")
 _ROUND = flags.DEFINE_integer("round_widths_to", 0, "Serve every float model "
                               "with its widths padded by zero units to a "
                               "multiple of this (same outputs).")
@@ -107,7 +109,7 @@ def main(argv):
               f"p50 / {name} p50 = {r['rtjax_p50_ratio']:.2f}, rtjax "
               f"throughput / {name} = {r['rtjax_throughput_ratio']:.2f}",
               flush=True)
-  scenarios = run_loadgen(served[0], max(batches)) if _LOADGEN.value else {}
+  scenarios = run_loadgen(_CHECKPOINTS.value[0]) if _LOADGEN.value else {}
   if _OUTPUT.value:
     epath.Path(_OUTPUT.value).write_text(json.dumps(
         {"latency": rows, "peaks": peaks, "host_overhead": overhead,
@@ -115,8 +117,13 @@ def main(argv):
         indent=1))
 
 
-def run_loadgen(model: CompiledModel, max_batch: int) -> dict:
-  """The scenarios on the checkpoint's own test images (the QSL)."""
+def run_loadgen(path: str) -> dict:
+  """The scenarios on the checkpoint's own test images (the QSL), served
+  with power-of-two buckets so the dynamic batcher pads little."""
+  max_batch = _LOADGEN_MAX_BATCH.value
+  buckets = [2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch]
+  model = CompiledModel.from_checkpoint(path, batch_sizes=buckets,
+                                        round_widths_to=_ROUND.value)
   config = ml_collections.ConfigDict(model.metadata["config"])
   samples = load_dataset(config.data, config.seed).test.images
   settings = loadgen.LoadGenConfig(

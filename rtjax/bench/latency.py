@@ -35,7 +35,7 @@ def interleaved_latency(served: Sequence[CompiledModel], batch: int,
   for model in served:
     images = np.random.default_rng(seed).normal(
         size=(batch, *model.input_shape)).astype(np.float32)
-    inputs.append(jax.device_put(images, model._input_sharding))
+    inputs.append(jax.device_put(images, model.input_sharding))
   times = [[] for _ in served]
   for i in range(warmup + iters):
     for k, (model, x) in enumerate(zip(served, inputs)):
@@ -54,7 +54,7 @@ def host_overhead(model: CompiledModel, iters: int = 500,
   images = np.zeros((1, *model.input_shape), np.float32)
   bucket = model.bucket_for(1)
   on_device = jax.device_put(np.zeros((bucket, *model.input_shape), np.float32),
-                             model._input_sharding)
+                             model.input_sharding)
   trivial = jax.jit(lambda x: x + 1)
   paths = {"trivial_jit": lambda: trivial(on_device).block_until_ready(),
            "device_call": lambda: model.run_bucket(on_device).block_until_ready(),

@@ -56,13 +56,13 @@ class CompiledModel:
     graphdef, state = nnx.split(fold_batchnorm(model))
     shardings = mesh_lib.weight_shardings(state, self.mesh)
     self.state = jax.device_put(state, shardings)  # once, for every call
-    self._input_sharding = mesh_lib.batch_sharding(self.mesh)
+    self.input_sharding = mesh_lib.batch_sharding(self.mesh)
 
     def forward(state, images):
       return nnx.merge(graphdef, state)(images)
 
-    jitted = jax.jit(forward, in_shardings=(shardings, self._input_sharding),
-                     out_shardings=self._input_sharding)
+    jitted = jax.jit(forward, in_shardings=(shardings, self.input_sharding),
+                     out_shardings=self.input_sharding)
     self.compile_seconds: dict[int, float] = {}
     self.executables = {}
     for batch in self.batch_sizes:
@@ -120,6 +120,6 @@ class CompiledModel:
     else:
       out = multihost_utils.process_allgather(
           self.run_bucket(jax.make_array_from_process_local_data(
-              self._input_sharding, padded)), tiled=True)
+              self.input_sharding, padded)), tiled=True)
     out = np.asarray(out)
     return out.reshape(self.num_processes, local, *out.shape[1:])[:, :count]

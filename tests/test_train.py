@@ -201,3 +201,13 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_exits_nonzero(tmp_path):
   assert metadata["step"] < 150
   leaves = jax.tree.leaves(nnx.state(model))
   assert all(np.all(np.isfinite(x)) for x in leaves)
+
+
+def test_metrics_lines_append_in_both_modes(tmp_path):
+  from etils import epath
+  from rtjax.train.metrics import append_line
+  for rewrite in (False, True):  # True: how gs:// files are extended
+    path = epath.Path(tmp_path) / f"log{rewrite}.jsonl"
+    for i in range(3):
+      append_line(path, json.dumps({"i": i}), rewrite=rewrite)
+    assert [json.loads(l)["i"] for l in path.read_text().splitlines()] == [0, 1, 2]

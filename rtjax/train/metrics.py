@@ -23,8 +23,7 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {"step": step, "split": split, "time": time.time(), **metrics}
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    append_line(self.path, json.dumps(record))
     for name, value in metrics.items():
       self._tensorboard.add_scalar(f"{split}/{name}", value, step)
     self._tensorboard.flush()
@@ -32,6 +31,19 @@ class MetricWriter:
   def close(self) -> None:
     if self._tensorboard is not None:
       self._tensorboard.close()
+
+
+def append_line(path: epath.Path, line: str, rewrite: bool | None = None) -> None:
+  """Appends one line. Object stores (gs://) cannot append: there the file
+  is rewritten whole, which is cheap for a metrics log."""
+  if rewrite is None:
+    rewrite = "://" in str(path)
+  if not rewrite:
+    with path.open("a") as f:
+      f.write(line + "\n")
+    return
+  old = path.read_text() if path.exists() else ""
+  path.write_text(old + line + "\n")
 
 
 def read_metrics(workdir) -> list[dict]:

@@ -21,7 +21,8 @@ from flax import nnx
 from rtjax.bench.latency import interleaved_latency
 from rtjax.data import Split
 from rtjax.infer import CompiledModel
-from rtjax.train.checkpointing import CheckpointError, load_checkpoint
+from rtjax.train.checkpointing import (CheckpointError, load_checkpoint,
+                                       model_bytes)
 from rtjax.train.evaluate import predict_logits
 
 
@@ -70,16 +71,6 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 def best_under_budget(rows: list[dict], budget_ms: float, key: str) -> dict | None:
   fits = [r for r in rows if r[key] <= budget_ms]
   return max(fits, key=lambda r: (r["accuracy"], -r[key])) if fits else None
-
-
-def _bytes(directory: epath.Path) -> int:
-  return sum((root / f).stat().length for root, _, files in directory.walk()
-             for f in files)
-
-
-def _model_item(path: epath.Path, step: int) -> epath.Path:
-  checkpoints = path / "checkpoints" if (path / "checkpoints").exists() else path
-  return checkpoints / str(step) / "model"
 
 
 @dataclasses.dataclass
@@ -132,7 +123,6 @@ def compare(loaded: list[Loaded], split: Split, reference: str | None = None,
   rows = []
   for l, out in zip(loaded, logits):
     params = jax.tree.leaves(nnx.state(l.model, nnx.Param))
-    step = l.metadata["step"]
     rows.append({
         "name": l.name, "path": str(l.path),
         "stage_type": l.metadata.get("stage_type", "train"),
@@ -140,7 +130,7 @@ def compare(loaded: list[Loaded], split: Split, reference: str | None = None,
         "params": int(sum(np.size(p) for p in params)),
         "nonzero_params": int(sum(np.count_nonzero(np.asarray(p)) for p in params)),
         "flops": float(l.metadata["flops_per_example"]),
-        "bytes": _bytes(_model_item(l.path, step)),
+        "bytes": model_bytes(l.path),
         "dtypes": sorted({str(np.asarray(p).dtype) for p in params}),
         "accuracy": float(np.mean(np.argmax(out, -1) == split.labels)),
         "agreement": agreement(logits[ref_index], out),

@@ -19,7 +19,8 @@ from rtjax import models
 from rtjax.compress import pruning, quantize, structured
 from rtjax.data import Dataset, eval_batches
 from rtjax.models.stats import layer_stats
-from rtjax.train.checkpointing import RunCheckpoints, load_checkpoint
+from rtjax.train.checkpointing import (RunCheckpoints, load_checkpoint,
+                                       model_bytes)
 from rtjax.train.evaluate import evaluate
 from rtjax.train.trainer import (Stage, Teacher, TrainResult, model_args_for,
                                  model_size, stage_metadata, train_stage)
@@ -149,15 +150,6 @@ def _convert_int8(config, name: str, section, parent_dir, stage_dir,
                      checkpoint_dir=checkpoints.directory)
 
 
-def checkpoint_bytes(stage_dir: epath.Path) -> int:
-  """Bytes of the latest checkpoint's model item (what serving loads)."""
-  checkpoints = stage_dir / "checkpoints"
-  step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-  return sum((root / name).stat().length
-             for root, _, files in (checkpoints / str(step) / "model").walk()
-             for name in files)
-
-
 def write_report(stage_dir: epath.Path, parent_dir, dataset: Dataset) -> dict:
   """Per-layer parameters, zeros and FLOPs of the stage and of its parent."""
   model, metadata = load_checkpoint(stage_dir)
@@ -165,7 +157,7 @@ def write_report(stage_dir: epath.Path, parent_dir, dataset: Dataset) -> dict:
             "parent": metadata["parent"], "done": metadata["done"],
             "metrics": metadata["metrics"], "param_count": metadata["param_count"],
             "flops_per_example": metadata["flops_per_example"],
-            "checkpoint_bytes": checkpoint_bytes(stage_dir)}
+            "checkpoint_bytes": model_bytes(stage_dir)}
   quantized = bool(metadata["model"].get("quantization"))
   if not quantized:
     report["layers"] = layer_stats(model, dataset.input_shape)
@@ -174,7 +166,7 @@ def write_report(stage_dir: epath.Path, parent_dir, dataset: Dataset) -> dict:
         for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
   if parent_dir:
     parent, parent_meta = load_checkpoint(parent_dir)
-    report["parent_checkpoint_bytes"] = checkpoint_bytes(epath.Path(parent_dir))
+    report["parent_checkpoint_bytes"] = model_bytes(parent_dir)
     report["parent_flops_per_example"] = parent_meta["flops_per_example"]
     report["parent_metrics"] = parent_meta["metrics"]
     if not parent_meta["model"].get("quantization"):

@@ -126,6 +126,15 @@ def _resolve(path: epath.PathLike) -> tuple[epath.Path, int]:
   return path, steps[-1]
 
 
+def model_bytes(path: epath.PathLike) -> int:
+  """Bytes on disk of a checkpoint's model item (what serving loads); `path`
+  as for load_checkpoint (workdir, checkpoints/ or a step directory)."""
+  directory, step = _resolve(path)
+  return sum((root / name).stat().length
+             for root, _, files in (directory / str(step) / "model").walk()
+             for name in files)
+
+
 def load_checkpoint(path: epath.PathLike) -> tuple[nnx.Module, dict]:
   """Rebuilds a model from a checkpoint alone: (model in its saved state, metadata).
 

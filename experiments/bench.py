@@ -18,6 +18,7 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 
+from experiments import serving_flags
 from rtjax.bench import breakdown, loadgen, peers
 from rtjax.bench.latency import host_overhead, interleaved_latency
 from rtjax.data import load_dataset
@@ -53,10 +54,14 @@ _PUBLISHED = flags.DEFINE_list("published_peaks", [], "Also predict with these "
 
 def main(argv):
   del argv
+  serving = serving_flags.setup()
   batches = [int(b) for b in _BATCH_SIZES.value]
   served = [CompiledModel.from_checkpoint(path, batch_sizes=batches,
-                                          round_widths_to=_ROUND.value)
+                                          round_widths_to=_ROUND.value,
+                                          **serving)
             for path in _CHECKPOINTS.value]
+  for path, model in zip(_CHECKPOINTS.value, served):
+    print(f"conv lowering of {path} per batch size: {model.conv_lowering}")
   rows = []
   print(f"{'checkpoint':<40} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} "
         f"{'p99 ms':>8} {'items/s':>10} {'speedup':>8} {'compile s':>9}")
@@ -109,21 +114,27 @@ def main(argv):
               f"p50 / {name} p50 = {r['rtjax_p50_ratio']:.2f}, rtjax "
               f"throughput / {name} = {r['rtjax_throughput_ratio']:.2f}",
               flush=True)
-  scenarios = run_loadgen(_CHECKPOINTS.value[0]) if _LOADGEN.value else {}
+  scenarios = (run_loadgen(_CHECKPOINTS.value[0], serving) if _LOADGEN.value
+               else {})
   if _OUTPUT.value:
     epath.Path(_OUTPUT.value).write_text(json.dumps(
-        {"latency": rows, "peaks": peaks, "host_overhead": overhead,
+        {"conv_lowering": {p: m.conv_lowering for p, m in
+                           zip(_CHECKPOINTS.value, served)},
+         "lowering_trials": {p: m.lowering_trials for p, m in
+                             zip(_CHECKPOINTS.value, served)},
+         "latency": rows, "peaks": peaks, "host_overhead": overhead,
          "peers": peer_results, "loadgen": scenarios},
         indent=1))
 
 
-def run_loadgen(path: str) -> dict:
+def run_loadgen(path: str, serving: dict) -> dict:
   """The scenarios on the checkpoint's own test images (the QSL), served
   with power-of-two buckets so the dynamic batcher pads little."""
   max_batch = _LOADGEN_MAX_BATCH.value
   buckets = [2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch]
   model = CompiledModel.from_checkpoint(path, batch_sizes=buckets,
-                                        round_widths_to=_ROUND.value)
+                                        round_widths_to=_ROUND.value,
+                                        **serving)
   config = ml_collections.ConfigDict(model.metadata["config"])
   samples = load_dataset(config.data, config.seed).test.images
   settings = loadgen.LoadGenConfig(

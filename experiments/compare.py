@@ -16,6 +16,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import serving_flags
 from rtjax import compare as compare_lib
 from rtjax.config import base_config
 from rtjax.data import load_dataset
@@ -38,6 +39,7 @@ _CONFIG = config_flags.DEFINE_config_dict(
 
 def main(argv):
   del argv
+  serving = serving_flags.setup()
   paths = list(_CHECKPOINTS.value)
   try:
     if _WORKDIR.value:
@@ -52,7 +54,7 @@ def main(argv):
     split = getattr(load_dataset(config.data, config.seed), _SPLIT.value)
     batches = [int(b) for b in _BATCH_SIZES.value]
     rows = compare_lib.compare(loaded, split, _REFERENCE.value, batches,
-                               _ITERS.value)
+                               _ITERS.value, **serving)
   except compare_lib.CompareError as e:
     logging.error("%s", e)
     sys.exit(2)

@@ -18,6 +18,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
+from experiments import serving_flags
 from rtjax import distributed
 from rtjax.data import load_dataset
 from rtjax.infer import CompiledModel, make_mesh, parse_mesh
@@ -45,6 +46,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "")
 
 def main(argv):
   del argv
+  serving = serving_flags.setup()
   if _MULTIHOST.value or _COORDINATOR.value:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value)
@@ -53,7 +55,7 @@ def main(argv):
   mesh = make_mesh(parse_mesh(_MESH.value) if _MESH.value else None)
   model = CompiledModel.from_checkpoint(
       _CHECKPOINT.value, batch_sizes=[int(b) for b in _BATCH_SIZES.value],
-      mesh=mesh)
+      mesh=mesh, **serving)
   config = ml_collections.ConfigDict(model.metadata["config"])
   split = getattr(load_dataset(config.data, config.seed), _SPLIT.value)
 
@@ -76,6 +78,7 @@ def main(argv):
         "mesh": dict(mesh.shape),
         "accuracy": float(np.mean(np.argmax(logits, -1) == split.labels)),
         "compile_seconds": model.compile_seconds,
+        "conv_lowering": model.conv_lowering,
         "compilation_cache": cache_counts() if _CACHE.value else None,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -108,8 +108,9 @@ def load_all(paths: Sequence[epath.PathLike]) -> list[Loaded]:
 
 def compare(loaded: list[Loaded], split: Split, reference: str | None = None,
             batch_sizes: Sequence[int] = (1, 256), iters: int = 200,
-            warmup: int = 20) -> list[dict]:
-  """One row per checkpoint; latency keys `p50_ms_b{N}` / `p99_ms_b{N}`."""
+            warmup: int = 20, **serving) -> list[dict]:
+  """One row per checkpoint; latency keys `p50_ms_b{N}` / `p99_ms_b{N}`;
+  `serving`: CompiledModel options (conv_lowering, embed_weights)."""
   names = [l.name for l in loaded]
   ref_index = 0
   if reference is not None:
@@ -137,7 +138,8 @@ def compare(loaded: list[Loaded], split: Split, reference: str | None = None,
         "kl": mean_kl(logits[ref_index], out),
     })
   served = [CompiledModel(l.model, l.metadata["model"]["args"]["input_shape"],
-                          batch_sizes=batch_sizes) for l in loaded]
+                          batch_sizes=batch_sizes, **serving)
+            for l in loaded]
   for batch in batch_sizes:
     results = interleaved_latency(served, batch, iters, warmup)
     for row, result in zip(rows, results):

@@ -15,7 +15,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np  # noqa: E402
 
 from rtjax.compress import quantize  # noqa: E402
-from rtjax.infer import CompiledModel, make_mesh  # noqa: E402
+from rtjax.infer import CompiledModel, lowering, make_mesh  # noqa: E402
 from rtjax.train import load_checkpoint  # noqa: E402
 
 MESHES = {"data_parallel": {"data": 8}, "tensor_parallel": {"model": 8},
@@ -41,9 +41,17 @@ def measure(model, shape):
   reference = CompiledModel(model, shape, batch_sizes=(8, 16),
                             mesh=one_device)(images)
   result = {}
-  for name, mesh in MESHES.items():
+  # Float CNNs also data-parallel with every stride-1 conv a banded matmul
+  # and the weights embedded as constants.
+  banded = {path: blocks[0] for path, blocks
+            in lowering.candidate_blocks(model, shape).items()}
+  variants = {name: (mesh, {}) for name, mesh in MESHES.items()}
+  if banded:
+    variants["banded_embedded"] = ({"data": 8}, {"conv_lowering": banded,
+                                                 "embed_weights": True})
+  for name, (mesh, serving) in variants.items():
     served = CompiledModel(model, shape, batch_sizes=(8, 16),
-                           mesh=make_mesh(mesh))
+                           mesh=make_mesh(mesh), **serving)
     outputs = served(images)
     hlo = served.executables[8].as_text()
     result[name] = {

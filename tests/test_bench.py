@@ -31,15 +31,24 @@ def test_bench_cli_writes_rows(trained, tmp_path):
   out = tmp_path / "bench.json"
   result = run_module("experiments.bench", f"--checkpoints={trained[1]}",
                       "--batch_sizes=1,8", "--iters=10", "--warmup=2",
+                      "--conv_lowering=auto", "--embed_weights",
                       f"--output={out}")
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(out.read_text())
+  (path, lowerings), = report["conv_lowering"].items()
+  assert list(lowerings) == ["1", "8"]
+  assert all(trials[0]["lowering"] == {} and len(trials) > 1
+             for trials in report["lowering_trials"][path].values())
   rows = report["latency"]
   assert [r["batch"] for r in rows] == [1, 8]
   assert all(r["speedup_p50"] == 1.0 and r["compile_seconds"] > 0 for r in rows)
   assert all(r["breakdown"]["measured"]["t_predicted_s"] > 0 for r in rows)
   overhead = report["host_overhead"]
   assert 0 < overhead["trivial_jit_p50_us"] < overhead["request_p50_us"]
+  bad = run_module("experiments.bench", f"--checkpoints={trained[1]}",
+                   "--conv_lowering=conv1")
+  assert bad.returncode != 0 and "--conv_lowering: bad conv lowering 'conv1'" in (
+      bad.stderr + bad.stdout)
 
 
 def test_collective_bytes_from_hlo_text():

@@ -69,6 +69,7 @@ def test_meshes_on_8_devices_match_single_device_float_and_int8(
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert len(report) == 2 * len(paths)  # float and int8 of each family
+  cnn_floats = {f"{family_checkpoints[f]}:float" for f in ("lenet5", "resnet")}
   for key, meshes in report.items():
     for mesh, numbers in meshes.items():
       assert numbers["shape"] == [24, 10]
@@ -84,6 +85,7 @@ def test_meshes_on_8_devices_match_single_device_float_and_int8(
     # Tensor parallelism really splits weights: XLA had to add collectives.
     assert meshes["tensor_parallel"]["collectives"] > 0
     assert meshes["data_parallel"]["collectives"] == 0
+    assert ("banded_embedded" in meshes) == (key in cnn_floats)
 
 
 def test_two_processes_agree_with_one(trained, tmp_path):
@@ -95,6 +97,9 @@ def test_two_processes_agree_with_one(trained, tmp_path):
   procs = [subprocess.Popen(
       [sys.executable, "-m", "experiments.predict", f"--checkpoint={workdir}",
        f"--output={tmp_path / f'multi{i}'}", "--mesh=data:2,model:2",
+       # Each process times the lowerings; all must follow process 0's
+       # timings, or their programs differ and the collectives hang.
+       "--conv_lowering=auto", "--batch_sizes=8",
        f"--coordinator_address=localhost:{port}", "--num_processes=2",
        f"--process_id={i}"], cwd=REPO, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True,
@@ -106,6 +111,7 @@ def test_two_processes_agree_with_one(trained, tmp_path):
   assert not (tmp_path / "multi1").exists()  # only process 0 writes
   results = json.loads((tmp_path / "multi0" / "results.json").read_text())
   assert results["processes"] == 2 and results["mesh"] == {"data": 2, "model": 2}
+  assert list(results["conv_lowering"]) == ["8"]
   np.testing.assert_allclose(np.load(tmp_path / "multi0" / "logits.npy"),
                              np.load(tmp_path / "single" / "logits.npy"),
                              atol=1e-5)

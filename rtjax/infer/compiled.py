@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from rtjax.infer import lowering as lowering_lib
 from rtjax.infer import mesh as mesh_lib
 from rtjax.infer.fold import fold_batchnorm
 from rtjax.train.checkpointing import load_checkpoint
@@ -32,16 +33,33 @@ class CompiledModel:
   def __init__(self, model: nnx.Module, input_shape: Sequence[int],
                batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                mesh: jax.sharding.Mesh | None = None,
-               spec: dict | None = None, round_widths_to: int = 0):
+               spec: dict | None = None, round_widths_to: int = 0,
+               conv_lowering: str | Mapping[str, int] = "xla",
+               embed_weights: bool = False):
     """`round_widths_to` pads every filter/unit/head group of a float model
     (described by `spec`, its checkpoint's metadata['model']) with zero units
-    to a multiple of it: the same outputs on hardware-friendly widths."""
+    to a multiple of it: the same outputs on hardware-friendly widths.
+
+    `conv_lowering`: "xla" (XLA's convolutions), "auto" (per batch size, time
+    each stride-1 conv as XLA's conv and as banded matmuls and keep the
+    fastest; see rtjax.infer.lowering) or {layer path: block} for every batch
+    size (what "auto" chose, to pin it). The choice per batch size is kept
+    in `.conv_lowering`, the timings in `.lowering_trials`.
+
+    `embed_weights` compiles the weights into each executable as constants
+    (host copies): XLA folds their layout
+    work at compile time and a call passes one array, not every weight
+    (LeNet-5 at batch 1 on a 2-core CPU: 53 instead of 73 us per call). For
+    small models; with a `model` mesh axis the weights would not be split."""
     if round_widths_to:
       if not spec or spec.get("quantization"):
         raise ValueError("round_widths_to needs the float model's spec "
                          "(metadata['model']) and no quantization")
       from rtjax.compress.structured import widen  # serving-only option
       model, _ = widen(model, spec["name"], spec["args"], round_widths_to)
+    if isinstance(conv_lowering, str) and conv_lowering not in ("xla", "auto"):
+      raise ValueError(f"conv_lowering {conv_lowering!r}: use 'xla', 'auto' "
+                       f"or a {{layer path: block}} mapping")
     self.input_shape = tuple(int(d) for d in input_shape)
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
     self.batch_sizes = sorted(set(int(b) for b in batch_sizes))
@@ -52,24 +70,67 @@ class CompiledModel:
                        f"data axis ({data_size}); use multiples of {data_size}")
     self.num_processes = jax.process_count()
     self.metadata: dict | None = None
-
-    graphdef, state = nnx.split(fold_batchnorm(model))
-    shardings = mesh_lib.weight_shardings(state, self.mesh)
-    self.state = jax.device_put(state, shardings)  # once, for every call
     self.input_sharding = mesh_lib.batch_sharding(self.mesh)
+    if embed_weights and self.mesh.shape[mesh_lib.MODEL] > 1:
+      raise ValueError("embed_weights copies every weight into the program, "
+                       "so a model axis could not split them: use a mesh "
+                       "without one, or embed_weights=False")
+    self.embed_weights = embed_weights
 
-    def forward(state, images):
-      return nnx.merge(graphdef, state)(images)
+    served = fold_batchnorm(model)
+    self.conv_lowering: dict[int, lowering_lib.Lowering] = {}
+    self.lowering_trials: dict[int, list[dict]] = {}
+    self.states, self.executables = {}, {}
+    self.compile_seconds: dict[int, float] = {}
+    placed = {}  # one placed copy of the weights per distinct lowering
+    for batch in self.batch_sizes:
+      if conv_lowering == "auto":
+        lowering, self.lowering_trials[batch] = lowering_lib.choose_lowering(
+            served, self.input_shape, lambda m: self._time(m, batch))
+      else:
+        lowering = {} if conv_lowering == "xla" else dict(conv_lowering)
+      self.conv_lowering[batch] = lowering
+      key = tuple(sorted(lowering.items()))
+      if key not in placed:
+        placed[key] = self._place(lowering_lib.apply_lowering(
+            served, self.input_shape, lowering))
+      jitted, self.states[batch] = placed[key]
+      start = time.perf_counter()
+      self.executables[batch] = jitted.lower(
+          self.states[batch], self._input_spec(batch)).compile()
+      self.compile_seconds[batch] = time.perf_counter() - start
 
+  def _place(self, model: nnx.Module):
+    """(jitted forward, weights placed on the mesh once for every call; no
+    weights to pass when they are embedded)."""
+    graphdef, state = nnx.split(model)
+    if self.embed_weights:  # host copies become constants: no weight inputs
+      constants, state = jax.tree.map(np.asarray, state), {}
+      forward = lambda _, images: nnx.merge(graphdef, constants)(images)
+    else:
+      forward = lambda state, images: nnx.merge(graphdef, state)(images)
+    shardings = mesh_lib.weight_shardings(state, self.mesh)
     jitted = jax.jit(forward, in_shardings=(shardings, self.input_sharding),
                      out_shardings=self.input_sharding)
-    self.compile_seconds: dict[int, float] = {}
-    self.executables = {}
-    for batch in self.batch_sizes:
-      start = time.perf_counter()
-      spec = jax.ShapeDtypeStruct((batch, *self.input_shape), jnp.float32)
-      self.executables[batch] = jitted.lower(self.state, spec).compile()
-      self.compile_seconds[batch] = time.perf_counter() - start
+    return jitted, jax.device_put(state, shardings)
+
+  def _input_spec(self, batch: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((batch, *self.input_shape), jnp.float32)
+
+  def _time(self, model: nnx.Module, batch: int) -> float:
+    """Seconds per call of `model` on `batch` rows, compiled as served. Every
+    process runs the same calls and takes process 0's time, so all of them
+    make the same choices."""
+    jitted, state = self._place(model)
+    compiled = jitted.lower(state, self._input_spec(batch)).compile()
+    images = jax.make_array_from_process_local_data(
+        self.input_sharding, np.zeros((batch // self.num_processes,
+                                       *self.input_shape), np.float32))
+    if self.num_processes == 1:
+      return lowering_lib.median_seconds(lambda: compiled(state, images))
+    seconds = lowering_lib.median_seconds(lambda: compiled(state, images),
+                                          min_calls=20, budget_s=0.0)
+    return float(multihost_utils.broadcast_one_to_all(np.float64(seconds)))
 
   @classmethod
   def from_checkpoint(cls, path: epath.PathLike, **kwargs) -> "CompiledModel":
@@ -87,15 +148,21 @@ class CompiledModel:
 
   def run_bucket(self, images: jax.Array) -> jax.Array:
     """The device fast path: one compiled call on an exact bucket, no padding."""
-    return self.executables[images.shape[0]](self.state, images)
+    return self.executables[images.shape[0]](self.states[images.shape[0]], images)
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     images = np.asarray(images, np.float32)
     if images.shape[1:] != self.input_shape:
       raise ValueError(f"inputs of shape {images.shape[1:]} given to a model "
                        f"compiled for {self.input_shape}")
+    rows = len(images)
+    if self.num_processes == 1 and rows in self.executables:
+      # The latency-critical case, no padding or trimming: host arrays go
+      # straight to the executable (its own transfer is cheaper than a
+      # separate jax.device_put, measured in experiments.bench).
+      return np.asarray(self.executables[rows](self.states[rows], images))
     per_call = self.batch_sizes[-1] // self.num_processes
-    if len(images) <= per_call:  # the common, latency-critical case
+    if rows <= per_call:
       out = self._call_chunk(images)
     else:
       out = np.concatenate([self._call_chunk(images[start:start + per_call])
@@ -114,9 +181,7 @@ class CompiledModel:
       padded = np.zeros((local, *self.input_shape), np.float32)
       padded[:count] = rows
     if self.num_processes == 1:
-      # Host arrays go straight to the executable: its own transfer is
-      # cheaper than a separate jax.device_put (measured in experiments.bench).
-      out = self.executables[bucket](self.state, padded)
+      out = self.executables[bucket](self.states[bucket], padded)
     else:
       out = multihost_utils.process_allgather(
           self.run_bucket(jax.make_array_from_process_local_data(

@@ -10,6 +10,15 @@ from flax import nnx
 from rtjax.models.registry import register
 
 
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+  """2x2, stride-2 VALID max pooling as the max of four strided slices: the
+  values of nnx.max_pool, at about half its reduce_window's time on XLA's CPU
+  backend (LeNet-5's first pool at batch 256: 0.50 vs 0.87 ms here)."""
+  h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+  return jnp.maximum(jnp.maximum(x[:, 0:h:2, 0:w:2], x[:, 0:h:2, 1:w:2]),
+                     jnp.maximum(x[:, 1:h:2, 0:w:2], x[:, 1:h:2, 1:w:2]))
+
+
 @register("lenet5")
 class LeNet5(nnx.Module):
   """Widths are arguments so structured pruning can rebuild it narrower."""
@@ -36,10 +45,8 @@ class LeNet5(nnx.Module):
     self.head = nnx.Linear(h2, num_classes, rngs=rngs)
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    x = nnx.max_pool(nnx.relu(self.conv1(x)), window_shape=(2, 2),
-                     strides=(2, 2))
-    x = nnx.max_pool(nnx.relu(self.conv2(x)), window_shape=(2, 2),
-                     strides=(2, 2))
+    x = max_pool_2x2(nnx.relu(self.conv1(x)))
+    x = max_pool_2x2(nnx.relu(self.conv2(x)))
     x = x.reshape(x.shape[0], -1)
     x = nnx.relu(self.fc1(x))
     x = nnx.relu(self.fc2(x))

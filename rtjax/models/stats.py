@@ -39,19 +39,17 @@ def forward_flops(model: nnx.Module, input_shape: Sequence[int],
   return float(cost_analysis(compiled).get("flops", 0.0))
 
 
-def layer_stats(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, dict]:
-  """Per Conv/Linear layer: parameters, zero weights and FLOPs for one example.
-
-  Output shapes come from tracing one forward pass (no compute); FLOPs are
-  2 x multiply-adds of the layer, the same convention as XLA's cost analysis.
-  """
+def layer_shapes(model: nnx.Module, input_shape: Sequence[int],
+                 batch_size: int = 1) -> dict[str, tuple[tuple, tuple]]:
+  """Per Conv/Linear layer path ('a/b/0/c'): its (input, output) shapes in
+  one abstract forward pass (no compute), for layer-wise costs and lowerings."""
   shapes: dict[int, tuple] = {}
   originals = {cls: cls.__call__ for cls in (nnx.Conv, nnx.Linear)}
 
   def recording(cls):
     def call(self, x, *args, **kwargs):
       y = originals[cls](self, x, *args, **kwargs)
-      shapes[id(self)] = y.shape
+      shapes[id(self)] = (tuple(x.shape), tuple(y.shape))
       return y
     return call
 
@@ -70,19 +68,28 @@ def layer_stats(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, dict
           traced["/".join(map(str, path))] = shapes[id(module)]
       return out
 
-    jax.eval_shape(forward, state,
-                   jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+    jax.eval_shape(forward, state, jax.ShapeDtypeStruct(
+        (batch_size, *input_shape), jnp.float32))
   finally:
     for cls, call in originals.items():
       cls.__call__ = call
+  return traced
 
+
+def layer_stats(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, dict]:
+  """Per Conv/Linear layer: parameters, zero weights and FLOPs for one example.
+
+  FLOPs are 2 x multiply-adds of the layer, the same convention as XLA's cost
+  analysis.
+  """
+  traced = layer_shapes(model, input_shape)
   stats = {}
   for path, module in nnx.iter_graph(model):
     name = "/".join(map(str, path))
     if not isinstance(module, (nnx.Conv, nnx.Linear)) or name not in traced:
       continue
     kernel = np.asarray(module.kernel[...])
-    out_elements = int(np.prod(traced[name]))
+    out_elements = int(np.prod(traced[name][1]))
     reduce = kernel.size // kernel.shape[-1]
     params = kernel.size + (module.bias.size if module.bias is not None else 0)
     stats[name] = {"params": int(params),

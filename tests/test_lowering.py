@@ -1,0 +1,108 @@
+"""Conv lowerings: a banded matmul computes the same conv as XLA's, and the
+serving function keeps its outputs whatever lowering it picks or is given."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from rtjax import models
+from rtjax.infer import CompiledModel
+from rtjax.infer import lowering
+from rtjax.models.lenet import max_pool_2x2
+
+
+def images(n, shape, seed=0):
+  return np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME", ((1, 2), (2, 2))])
+@pytest.mark.parametrize("channels,features,use_bias", [(3, 6, True),
+                                                         (6, 16, False)])
+def test_banded_conv_equals_the_conv(padding, channels, features, use_bias):
+  conv = nnx.Conv(channels, features, (5, 5), padding=padding,
+                  use_bias=use_bias, rngs=nnx.Rngs(0))
+  if use_bias:
+    conv.bias = nnx.Param(jax.random.normal(jax.random.key(1), (features,)))
+  x = images(3, (14, 12, channels))
+  expected = conv(x)
+  out_width = expected.shape[2]
+  blocks = [b for b in range(1, out_width + 1) if out_width % b == 0]
+  assert len(blocks) >= 3
+  for block in blocks:
+    banded = lowering.BandedConv(conv, x.shape[1:], block)
+    np.testing.assert_allclose(banded(x), expected, atol=2e-5, rtol=1e-5,
+                               err_msg=f"block {block}")
+  with pytest.raises(ValueError, match="does not divide"):
+    lowering.BandedConv(conv, x.shape[1:], out_width + 1)
+
+
+def test_candidates_are_the_stride_1_float_convs():
+  resnet = models.create_model("resnet", {"num_classes": 10,
+                                          "input_shape": (8, 8, 1)})
+  candidates = lowering.candidate_blocks(resnet, (8, 8, 1))
+  strided = [path for path, m in nnx.iter_graph(resnet)
+             if isinstance(m, nnx.Conv) and m.strides not in (1, (1, 1), None)]
+  assert candidates and strided
+  assert not set("/".join(map(str, p)) for p in strided) & set(candidates)
+  lenet = models.create_model("lenet5", {"num_classes": 10})
+  # conv1: 28 output columns; block 28 would cost 6.4x the conv's FLOPs.
+  assert lowering.candidate_blocks(lenet, (32, 32, 3)) == {
+      "conv1": [2, 4, 7, 14], "conv2": [2, 5, 10]}
+  with pytest.raises(ValueError, match="no conv layer 'conv9'.*conv1"):
+    lowering.apply_lowering(lenet, (32, 32, 3), {"conv9": 2})
+  with pytest.raises(ValueError, match="not a stride-1 float 2D conv"):
+    lowering.apply_lowering(resnet, (8, 8, 1),
+                            {"/".join(map(str, strided[0])): 2})
+
+
+def test_parse_lowering():
+  assert lowering.parse_lowering("auto") == "auto"
+  assert lowering.parse_lowering("conv1:7,stages/0/conv:2") == {
+      "conv1": 7, "stages/0/conv": 2}
+  for bad in ("conv1", "conv1:x", ":4", "conv1:0"):
+    with pytest.raises(ValueError, match="bad conv lowering"):
+      lowering.parse_lowering(bad)
+
+
+def test_strided_slice_pool_equals_nnx_max_pool():
+  x = images(2, (9, 10, 4))
+  np.testing.assert_array_equal(
+      max_pool_2x2(x), nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2)))
+
+
+def test_pinned_lowering_really_replaces_the_conv(family_checkpoints):
+  path = family_checkpoints["lenet5"]
+  plain = CompiledModel.from_checkpoint(path, batch_sizes=(8,))
+  banded = CompiledModel.from_checkpoint(
+      path, batch_sizes=(8,), conv_lowering={"conv1": 4, "conv2": 5},
+      embed_weights=True)
+  x = images(8, plain.input_shape)
+  np.testing.assert_allclose(banded(x), plain(x), atol=1e-5)
+  assert plain.executables[8].as_text().count("convolution(") == 2
+  assert "convolution(" not in banded.executables[8].as_text()
+  assert banded.states[8] == {}  # embedded: the call passes only the images
+  assert banded.conv_lowering == {8: {"conv1": 4, "conv2": 5}}
+
+
+@pytest.mark.parametrize("family", ["lenet5", "resnet"])
+def test_auto_lowering_keeps_outputs_and_picks_its_fastest_trial(
+    family_checkpoints, family):
+  path = family_checkpoints[family]
+  plain = CompiledModel.from_checkpoint(path, batch_sizes=(1, 16))
+  auto = CompiledModel.from_checkpoint(path, batch_sizes=(1, 16),
+                                       conv_lowering="auto")
+  x = images(17, plain.input_shape)
+  np.testing.assert_allclose(auto(x), plain(x), atol=1e-5)
+  candidates = lowering.candidate_blocks(
+      models.create_model(auto.metadata["model"]["name"],
+                          auto.metadata["model"]["args"]),
+      plain.input_shape)
+  for batch in (1, 16):
+    trials = auto.lowering_trials[batch]
+    assert trials[0]["lowering"] == {}  # XLA's convs first: the baseline
+    assert len(trials) == 1 + sum(len(b) for b in candidates.values())
+    chosen = [t for t in trials if t["lowering"] == auto.conv_lowering[batch]]
+    assert chosen and chosen[-1]["seconds"] <= trials[0]["seconds"]
+    for path_, block in auto.conv_lowering[batch].items():
+      assert block in candidates[path_]

@@ -150,8 +150,7 @@ def run_loadgen(path: str, serving: dict) -> dict:
     print(f"LoadGen {scenario}: {json.dumps(results[scenario])}", flush=True)
   if _PEAK.value:
     results["server_peak"] = loadgen.find_peak_server_qps(
-        model, samples, settings, epath.Path(_LOADGEN_DIR.value) / "peak",
-        low=0.0, high=4 * _SERVER_QPS.value)
+        model, samples, settings, epath.Path(_LOADGEN_DIR.value) / "peak")
     print(f"LoadGen Server peak VALID QPS at p99 <= {_SERVER_LATENCY.value} "
           f"ms: {results['server_peak']['peak_valid_qps']}", flush=True)
   return results

@@ -94,4 +94,22 @@ def test_peers_agree_and_are_timed(family_checkpoints):
   assert "onnxruntime" in results  # its outputs matched rtjax's within 1e-4
   for r in results.values():
     assert r["p50_ms"] > 0 and r["rtjax_p50_ratio"] > 0
+    assert r["calls"] == 10  # one block of 10 timed calls each, in turns
   assert results["rtjax"]["rtjax_p50_ratio"] == 1.0
+
+
+def test_serving_options_table(family_checkpoints, tmp_path):
+  pytest.importorskip("onnxruntime", reason="peers need the rtjax[onnx] extra")
+  result = run_module("experiments.bench_serving_options",
+                      f"--checkpoint={family_checkpoints['lenet5']}",
+                      "--iters=10", "--warmup=2", "--large_batch=8",
+                      f"--output={tmp_path}", timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = (tmp_path / "options.md").read_text().splitlines()[2:]
+  assert len(rows) == 4
+  lowerings = [row.split(" | ")[1] for row in rows]
+  assert lowerings[:2] == ["{'1': {}, '8': {}}"] * 2  # XLA's convs
+  for row in rows:
+    ratios = [float(cell) for cell in row.strip(" |").split(" | ")[2:]]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)
+  assert json.loads((tmp_path / "run3.json").read_text())["lowering_trials"]

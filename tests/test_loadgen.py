@@ -64,3 +64,19 @@ def test_short_loadgen_runs_are_valid(trained, tmp_path, scenario):
   assert (tmp_path / "mlperf_log_detail.txt").exists()
   key = "p90_latency_ns" if scenario == "SingleStream" else "p99_latency_ns"
   assert 0 < result[key] < 50e6
+
+
+def test_peak_server_qps_bisects_below_the_throughput_bound(trained, tmp_path):
+  model = CompiledModel.from_checkpoint(trained[1], batch_sizes=(1, 8, 32))
+  samples = np.random.default_rng(0).normal(size=(64, 8, 8, 1)).astype(np.float32)
+  config = loadgen.LoadGenConfig(min_duration_ms=1000, min_query_count=1000,
+                                 target_latency_ms=50, max_batch=32)
+  bound = loadgen.expectations(model, samples, 32)[1]
+  result = loadgen.find_peak_server_qps(model, samples, config, tmp_path,
+                                        steps=2)
+  low, high = result["searched"]
+  assert 0 <= low < high <= bound * 1.5  # bound re-measured inside: noise
+  assert [p.name for p in sorted(tmp_path.iterdir())] == ["qps_0", "qps_1"]
+  if result["peak_valid_qps"] is not None:
+    assert result["last_valid"]["result"] == "VALID"
+    assert result["peak_valid_qps"] == low > 0

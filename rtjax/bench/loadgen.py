@@ -2,8 +2,9 @@
 latency), Server (Poisson arrivals at a target QPS, p99 against a deadline,
 and a search for the highest QPS that meets it) and Offline (throughput).
 
-The SUT batches dynamically: it collects queries up to `max_batch` rows or
-`max_wait_ms`, pads them to a compiled bucket and answers each query once.
+The Server and Offline SUT batches dynamically: it collects queries up to
+`max_batch` rows or `max_wait_ms`, pads them to a compiled bucket and answers
+each query once; SingleStream queries are answered on LoadGen's thread.
 LoadGen's own logs stay in the output directory; its summary is parsed.
 """
 
@@ -148,10 +149,16 @@ def run(model: CompiledModel, samples: np.ndarray, config: LoadGenConfig,
     settings.max_duration_ms = 4 * config.min_duration_ms
   if config.min_query_count:
     settings.min_query_count = config.min_query_count
-  max_batch = 1 if config.scenario == "SingleStream" else config.max_batch
-  batcher = DynamicBatcher(model, samples, _respond_to_loadgen, max_batch,
-                           0.0 if max_batch == 1 else config.max_wait_ms)
-  sut = lg.ConstructSUT(batcher.submit, lambda: None)
+  if config.scenario == "SingleStream":
+    # One query in flight: answered on LoadGen's own thread, no hand-off.
+    issue = lambda queries: _respond_to_loadgen(list(zip(
+        queries, model(samples[[q.index for q in queries]]))))
+    stop = lambda: None
+  else:
+    batcher = DynamicBatcher(model, samples, _respond_to_loadgen,
+                             config.max_batch, config.max_wait_ms)
+    issue, stop = batcher.submit, batcher.stop
+  sut = lg.ConstructSUT(issue, lambda: None)
   qsl = lg.ConstructQSL(len(samples), len(samples), lambda _: None,
                         lambda _: None)
   log = lg.LogSettings()
@@ -160,7 +167,7 @@ def run(model: CompiledModel, samples: np.ndarray, config: LoadGenConfig,
   try:
     lg.StartTestWithLogSettings(sut, qsl, settings, log)
   finally:
-    batcher.stop()
+    stop()
     lg.DestroyQSL(qsl)
     lg.DestroySUT(sut)
   summary = parse_summary((output_dir / "mlperf_log_summary.txt").read_text())
@@ -170,9 +177,14 @@ def run(model: CompiledModel, samples: np.ndarray, config: LoadGenConfig,
 
 def find_peak_server_qps(model: CompiledModel, samples: np.ndarray,
                          config: LoadGenConfig, output_dir: epath.PathLike,
-                         low: float, high: float, steps: int = 5) -> dict:
-  """Bisects the Server target QPS: the highest VALID one within `steps` runs."""
+                         low: float = 0.0, high: float | None = None,
+                         steps: int = 6) -> dict:
+  """Bisects the Server target QPS: the highest VALID one within `steps` runs.
+  `high` defaults to the model's throughput at the largest batch, which no
+  Server run can exceed."""
   output_dir = epath.Path(output_dir)
+  if high is None:
+    high = expectations(model, samples, config.max_batch)[1]
   best = None
   for i in range(steps):
     qps = (low + high) / 2

@@ -47,10 +47,11 @@ class CompiledModel:
     in `.conv_lowering`, the timings in `.lowering_trials`.
 
     `embed_weights` compiles the weights into each executable as constants
-    (host copies): XLA folds their layout
-    work at compile time and a call passes one array, not every weight
-    (LeNet-5 at batch 1 on a 2-core CPU: 53 instead of 73 us per call). For
-    small models; with a `model` mesh axis the weights would not be split."""
+    (host copies): XLA folds their layout work at compile time and a call
+    passes one array, not every weight (LeNet-5 at batch 1 on a 2-core CPU:
+    53 instead of 73 us per call). For small models; a `model` mesh axis
+    could not split them. "auto" costs a compile and ~0.25 s of timing per
+    candidate, once per batch size."""
     if round_widths_to:
       if not spec or spec.get("quantization"):
         raise ValueError("round_widths_to needs the float model's spec "

@@ -22,7 +22,7 @@ from experiments import serving_flags
 from rtjax.bench import breakdown, loadgen, peers
 from rtjax.bench.latency import host_overhead, interleaved_latency
 from rtjax.data import load_dataset
-from rtjax.infer import CompiledModel
+from rtjax.infer import CompiledModel, lowering
 from rtjax.train import load_checkpoint
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", None, "Checkpoint paths; the "
@@ -61,7 +61,8 @@ def main(argv):
                                           **serving)
             for path in _CHECKPOINTS.value]
   for path, model in zip(_CHECKPOINTS.value, served):
-    print(f"conv lowering of {path} per batch size: {model.conv_lowering}")
+    print(f"conv lowering of {path} per batch size: " + ", ".join(
+        f"{b}: {lowering.describe(l)}" for b, l in model.conv_lowering.items()))
   rows = []
   print(f"{'checkpoint':<40} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} "
         f"{'p99 ms':>8} {'items/s':>10} {'speedup':>8} {'compile s':>9}")
@@ -118,13 +119,19 @@ def main(argv):
                else {})
   if _OUTPUT.value:
     epath.Path(_OUTPUT.value).write_text(json.dumps(
-        {"conv_lowering": {p: m.conv_lowering for p, m in
-                           zip(_CHECKPOINTS.value, served)},
-         "lowering_trials": {p: m.lowering_trials for p, m in
-                             zip(_CHECKPOINTS.value, served)},
+        {"lowering": {p: lowering_report(m)
+                      for p, m in zip(_CHECKPOINTS.value, served)},
          "latency": rows, "peaks": peaks, "host_overhead": overhead,
          "peers": peer_results, "loadgen": scenarios},
         indent=1))
+
+
+def lowering_report(model: CompiledModel) -> dict:
+  """Per batch size: the conv lowering served and each one timed (seconds)."""
+  return {batch: {"chosen": lowering.describe(chosen),
+                  "trials": [[lowering.describe(t["lowering"]), t["seconds"]]
+                             for t in model.lowering_trials.get(batch, [])]}
+          for batch, chosen in model.conv_lowering.items()}
 
 
 def run_loadgen(path: str, serving: dict) -> dict:

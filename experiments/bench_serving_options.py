@@ -38,7 +38,7 @@ def main(argv):
   out = epath.Path(_OUTPUT.value)
   out.mkdir(parents=True, exist_ok=True)
   large = _LARGE_BATCH.value
-  lines = ["| options | lowering (batch: layer block) | batch-1 p50 rtjax / ORT "
+  lines = ["| options | lowering (batch: layer:rows x cols) | batch-1 p50 rtjax / ORT "
            f"| batch-{large} throughput rtjax / ORT |", "| --- | --- | --- | --- |"]
   for index, (name, options) in enumerate(OPTION_SETS.items()):
     result_file = out / f"run{index}.json"
@@ -52,7 +52,8 @@ def main(argv):
       raise RuntimeError(f"{name}: experiments.bench failed:\n{run.stderr[-3000:]}")
     report = json.loads(result_file.read_text())
     ort = {int(b): r["onnxruntime"] for b, r in report["peers"].items()}
-    (lowering,) = report["conv_lowering"].values()
+    (per_batch,) = report["lowering"].values()
+    lowering = "; ".join(f"{b}: {r['chosen']}" for b, r in per_batch.items())
     lines.append(f"| {name} | {lowering} | {ort[1]['rtjax_p50_ratio']:.2f} | "
                  f"{ort[large]['rtjax_throughput_ratio']:.2f} |")
     print(lines[-1], flush=True)

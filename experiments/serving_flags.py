@@ -8,7 +8,7 @@ from rtjax.infer.lowering import parse_lowering
 _CONV_LOWERING = flags.DEFINE_string(
     "conv_lowering", "xla", "xla: XLA's convolutions; auto: time XLA's conv "
     "and banded matmuls per conv layer and batch size, keep the fastest; or "
-    "pin a choice, e.g. conv1:7,conv2:2.")
+    "pin a choice of output block rows x cols, e.g. conv1:4x4,conv2:1x5.")
 _EMBED = flags.DEFINE_bool(
     "embed_weights", False, "Compile the weights into the executables as "
     "constants (small models; no model mesh axis).")

@@ -35,10 +35,11 @@ def test_bench_cli_writes_rows(trained, tmp_path):
                       f"--output={out}")
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(out.read_text())
-  (path, lowerings), = report["conv_lowering"].items()
-  assert list(lowerings) == ["1", "8"]
-  assert all(trials[0]["lowering"] == {} and len(trials) > 1
-             for trials in report["lowering_trials"][path].values())
+  (per_batch,) = report["lowering"].values()
+  assert list(per_batch) == ["1", "8"]
+  for result in per_batch.values():
+    assert result["trials"][0][0] == "xla" and len(result["trials"]) > 1
+    assert result["chosen"] in [name for name, _ in result["trials"]]
   rows = report["latency"]
   assert [r["batch"] for r in rows] == [1, 8]
   assert all(r["speedup_p50"] == 1.0 and r["compile_seconds"] > 0 for r in rows)
@@ -108,8 +109,9 @@ def test_serving_options_table(family_checkpoints, tmp_path):
   rows = (tmp_path / "options.md").read_text().splitlines()[2:]
   assert len(rows) == 4
   lowerings = [row.split(" | ")[1] for row in rows]
-  assert lowerings[:2] == ["{'1': {}, '8': {}}"] * 2  # XLA's convs
+  assert lowerings[:2] == ["1: xla; 8: xla"] * 2  # XLA's convs
   for row in rows:
     ratios = [float(cell) for cell in row.strip(" |").split(" | ")[2:]]
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
-  assert json.loads((tmp_path / "run3.json").read_text())["lowering_trials"]
+  (per_batch,) = json.loads((tmp_path / "run3.json").read_text())["lowering"].values()
+  assert all(len(r["trials"]) > 1 for r in per_batch.values())

@@ -26,15 +26,17 @@ def test_banded_conv_equals_the_conv(padding, channels, features, use_bias):
     conv.bias = nnx.Param(jax.random.normal(jax.random.key(1), (features,)))
   x = images(3, (14, 12, channels))
   expected = conv(x)
-  out_width = expected.shape[2]
-  blocks = [b for b in range(1, out_width + 1) if out_width % b == 0]
-  assert len(blocks) >= 3
+  out_h, out_w = expected.shape[1:3]
+  blocks = [(1, c) for c in range(1, out_w + 1) if out_w % c == 0]
+  blocks += [(r, r) for r in range(2, out_h + 1) if out_h % r == out_w % r == 0]
+  blocks += [(out_h, 1)]
+  assert len(blocks) >= 5
   for block in blocks:
     banded = lowering.BandedConv(conv, x.shape[1:], block)
     np.testing.assert_allclose(banded(x), expected, atol=2e-5, rtol=1e-5,
                                err_msg=f"block {block}")
   with pytest.raises(ValueError, match="does not divide"):
-    lowering.BandedConv(conv, x.shape[1:], out_width + 1)
+    lowering.BandedConv(conv, x.shape[1:], (1, out_w + 1))
 
 
 def test_candidates_are_the_stride_1_float_convs():
@@ -46,9 +48,10 @@ def test_candidates_are_the_stride_1_float_convs():
   assert candidates and strided
   assert not set("/".join(map(str, p)) for p in strided) & set(candidates)
   lenet = models.create_model("lenet5", {"num_classes": 10})
-  # conv1: 28 output columns; block 28 would cost 6.4x the conv's FLOPs.
+  # conv1: 28x28 outputs; 1x28 would cost 6.4x the conv's FLOPs, 7x7 4.8x.
   assert lowering.candidate_blocks(lenet, (32, 32, 3)) == {
-      "conv1": [2, 4, 7, 14], "conv2": [2, 5, 10]}
+      "conv1": [(1, 2), (1, 4), (1, 7), (1, 14), (2, 2), (4, 4)],
+      "conv2": [(1, 2), (1, 5), (1, 10), (2, 2), (5, 5)]}
   with pytest.raises(ValueError, match="no conv layer 'conv9'.*conv1"):
     lowering.apply_lowering(lenet, (32, 32, 3), {"conv9": 2})
   with pytest.raises(ValueError, match="not a stride-1 float 2D conv"):
@@ -56,11 +59,13 @@ def test_candidates_are_the_stride_1_float_convs():
                             {"/".join(map(str, strided[0])): 2})
 
 
-def test_parse_lowering():
+def test_parse_and_describe_lowering():
   assert lowering.parse_lowering("auto") == "auto"
-  assert lowering.parse_lowering("conv1:7,stages/0/conv:2") == {
-      "conv1": 7, "stages/0/conv": 2}
-  for bad in ("conv1", "conv1:x", ":4", "conv1:0"):
+  pinned = lowering.parse_lowering("conv1:4x4,stages/0/conv:2")
+  assert pinned == {"conv1": (4, 4), "stages/0/conv": (1, 2)}
+  assert lowering.parse_lowering(lowering.describe(pinned)) == pinned
+  assert lowering.describe({}) == "xla"
+  for bad in ("conv1", "conv1:x", ":4", "conv1:0", "conv1:2x", "conv1:1x2x3"):
     with pytest.raises(ValueError, match="bad conv lowering"):
       lowering.parse_lowering(bad)
 
@@ -75,22 +80,23 @@ def test_pinned_lowering_really_replaces_the_conv(family_checkpoints):
   path = family_checkpoints["lenet5"]
   plain = CompiledModel.from_checkpoint(path, batch_sizes=(8,))
   banded = CompiledModel.from_checkpoint(
-      path, batch_sizes=(8,), conv_lowering={"conv1": 4, "conv2": 5},
+      path, batch_sizes=(8,), conv_lowering={"conv1": (4, 4), "conv2": 5},
       embed_weights=True)
   x = images(8, plain.input_shape)
   np.testing.assert_allclose(banded(x), plain(x), atol=1e-5)
   assert plain.executables[8].as_text().count("convolution(") == 2
   assert "convolution(" not in banded.executables[8].as_text()
   assert banded.states[8] == {}  # embedded: the call passes only the images
-  assert banded.conv_lowering == {8: {"conv1": 4, "conv2": 5}}
+  assert banded.conv_lowering == {8: {"conv1": (4, 4), "conv2": (1, 5)}}
 
 
-@pytest.mark.parametrize("family", ["lenet5", "resnet"])
+@pytest.mark.parametrize("family,batches", [("lenet5", (1, 16)),
+                                            ("resnet", (4,))])
 def test_auto_lowering_keeps_outputs_and_picks_its_fastest_trial(
-    family_checkpoints, family):
+    family_checkpoints, family, batches):
   path = family_checkpoints[family]
-  plain = CompiledModel.from_checkpoint(path, batch_sizes=(1, 16))
-  auto = CompiledModel.from_checkpoint(path, batch_sizes=(1, 16),
+  plain = CompiledModel.from_checkpoint(path, batch_sizes=batches)
+  auto = CompiledModel.from_checkpoint(path, batch_sizes=batches,
                                        conv_lowering="auto")
   x = images(17, plain.input_shape)
   np.testing.assert_allclose(auto(x), plain(x), atol=1e-5)
@@ -98,11 +104,11 @@ def test_auto_lowering_keeps_outputs_and_picks_its_fastest_trial(
       models.create_model(auto.metadata["model"]["name"],
                           auto.metadata["model"]["args"]),
       plain.input_shape)
-  for batch in (1, 16):
+  for batch in batches:
     trials = auto.lowering_trials[batch]
     assert trials[0]["lowering"] == {}  # XLA's convs first: the baseline
     assert len(trials) == 1 + sum(len(b) for b in candidates.values())
     chosen = [t for t in trials if t["lowering"] == auto.conv_lowering[batch]]
     assert chosen and chosen[-1]["seconds"] <= trials[0]["seconds"]
-    for path_, block in auto.conv_lowering[batch].items():
-      assert block in candidates[path_]
+    for layer, block in auto.conv_lowering[batch].items():
+      assert block in candidates[layer]

@@ -34,16 +34,17 @@ class CompiledModel:
                batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                mesh: jax.sharding.Mesh | None = None,
                spec: dict | None = None, round_widths_to: int = 0,
-               conv_lowering: str | Mapping[str, int] = "xla",
+               conv_lowering: str | Mapping[str, tuple[int, int]] = "xla",
                embed_weights: bool = False):
     """`round_widths_to` pads every filter/unit/head group of a float model
     (described by `spec`, its checkpoint's metadata['model']) with zero units
     to a multiple of it: the same outputs on hardware-friendly widths.
 
     `conv_lowering`: "xla" (XLA's convolutions), "auto" (per batch size, time
-    each stride-1 conv as XLA's conv and as banded matmuls and keep the
-    fastest; see rtjax.infer.lowering) or {layer path: block} for every batch
-    size (what "auto" chose, to pin it). The choice per batch size is kept
+    each stride-1 conv as XLA's conv and as banded matmuls over output blocks
+    of several shapes and keep the fastest; see rtjax.infer.lowering) or
+    {layer path: (rows, cols)} for every batch size (what "auto" chose, to
+    pin it). The choice per batch size is kept
     in `.conv_lowering`, the timings in `.lowering_trials`.
 
     `embed_weights` compiles the weights into each executable as constants
@@ -60,7 +61,7 @@ class CompiledModel:
       model, _ = widen(model, spec["name"], spec["args"], round_widths_to)
     if isinstance(conv_lowering, str) and conv_lowering not in ("xla", "auto"):
       raise ValueError(f"conv_lowering {conv_lowering!r}: use 'xla', 'auto' "
-                       f"or a {{layer path: block}} mapping")
+                       f"or a {{layer path: (rows, cols)}} mapping")
     self.input_shape = tuple(int(d) for d in input_shape)
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
     self.batch_sizes = sorted(set(int(b) for b in batch_sizes))
@@ -89,7 +90,8 @@ class CompiledModel:
         lowering, self.lowering_trials[batch] = lowering_lib.choose_lowering(
             served, self.input_shape, lambda m: self._time(m, batch))
       else:
-        lowering = {} if conv_lowering == "xla" else dict(conv_lowering)
+        lowering = ({} if conv_lowering == "xla"
+                    else lowering_lib.as_lowering(conv_lowering))
       self.conv_lowering[batch] = lowering
       key = tuple(sorted(lowering.items()))
       if key not in placed:

@@ -1,14 +1,15 @@
 """Conv lowerings for serving: XLA's own convolution, or the same conv as one
-banded (block-Toeplitz) matmul, chosen per layer and batch by measuring.
+matmul over tiles of the input, chosen per layer and batch by measuring.
 
 XLA's CPU convolution runs few-channel layers slowly (LeNet-5's 3 -> 6 first
 conv: about 11 GFLOP/s, on one core), while its matmuls run on every core at
-roughly 200 GFLOP/s. A stride-1 conv is a matmul over windows of input rows:
-`block` output columns at a time, the kernel rows' (block + kw - 1)-wide input
-windows times a banded matrix that holds the kernel once per output column.
-That costs (block + kw - 1) / kw times the conv's FLOPs and a copy of the
-windows, so whether it wins depends on the layer, the batch size and the
-machine: `choose_lowerings` times the candidates on the hardware at hand.
+roughly 200 GFLOP/s. A stride-1 conv is a matmul over input tiles: each
+(rows + kh - 1) x (cols + kw - 1) input tile times a banded (block-Toeplitz)
+matrix that holds the kernel once per output pixel of the rows x cols output
+block. That costs (rows + kh - 1)(cols + kw - 1) / (kh kw) times the conv's
+FLOPs and a copy of the tiles, so whether it wins depends on the layer, the
+batch size and the machine: `choose_lowering` times the candidates on the
+hardware at hand.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from flax import nnx
 
 from rtjax.models.stats import layer_shapes
 
-# At most this many times the conv's FLOPs: wider blocks are never faster.
+# At most this many times the conv's FLOPs: larger blocks are never faster.
 MAX_FLOP_INFLATION = 4.0
 # Banded matrices above this many float32 entries (16 MB) are not tried.
 MAX_MATRIX_ENTRIES = 4 * 2**20
 
-Lowering = dict[str, int]  # conv layer path -> block (layers absent: XLA conv)
+Block = tuple[int, int]  # output (rows, cols) per matmul row
+Lowering = dict[str, Block]  # conv layer path -> block (absent: XLA's conv)
 
 
 def _explicit_padding(conv: nnx.Conv, spatial: Sequence[int]):
@@ -58,35 +60,39 @@ def _is_plain_2d_conv(conv: nnx.Conv) -> bool:
           and kernel.dtype == jnp.float32 and conv.dtype in (None, jnp.float32))
 
 
-def banded_matrix(kernel: np.ndarray, block: int) -> np.ndarray:
-  """(kh, kw, C, F) kernel -> (kh * (block + kw - 1) * C, block * F) matrix:
-  row (i, w, c), column (x, f) holds kernel[i, w - x, c, f] where in range."""
+def banded_matrix(kernel: np.ndarray, block: Block) -> np.ndarray:
+  """(kh, kw, C, F) kernel -> (tile rows * tile cols * C, rows * cols * F):
+  row (i, j, c), column (y, x, f) holds kernel[i - y, j - x, c, f] where in
+  range; a tile is (rows + kh - 1) x (cols + kw - 1)."""
   kh, kw, channels, features = kernel.shape
-  window = block + kw - 1
-  matrix = np.zeros((kh, window, channels, block, features), kernel.dtype)
-  for x in range(block):
-    matrix[:, x:x + kw, :, x, :] = kernel
-  return matrix.reshape(kh * window * channels, block * features)
+  rows, cols = block
+  matrix = np.zeros((rows + kh - 1, cols + kw - 1, channels, rows, cols,
+                     features), kernel.dtype)
+  for y in range(rows):
+    for x in range(cols):
+      matrix[y:y + kh, x:x + kw, :, y, x, :] = kernel
+  return matrix.reshape(-1, rows * cols * features)
 
 
 class BandedConv(nnx.Module):
   """A stride-1 nnx.Conv computed as one banded matmul (same outputs)."""
 
-  def __init__(self, conv: nnx.Conv, input_shape: Sequence[int], block: int):
-    """`input_shape`: the conv's (H, W, C) input; `block`: output columns per
-    matmul row, a divisor of the output width."""
+  def __init__(self, conv: nnx.Conv, input_shape: Sequence[int], block: Block):
+    """`input_shape`: the conv's (H, W, C) input; `block`: (rows, cols) of
+    output per matmul row, divisors of the output's height and width."""
     height, width, _ = input_shape
     self.pads = _explicit_padding(conv, (height, width))
     (top, bottom), (left, right) = self.pads
-    out_width = width + left + right - conv.kernel_size[1] + 1
-    if out_width % block:
+    kh, kw = conv.kernel_size
+    out_shape = (height + top + bottom - kh + 1, width + left + right - kw + 1)
+    if any(size % b for size, b in zip(out_shape, block)):
       raise ValueError(f"block {block} does not divide the conv's output "
-                       f"width {out_width}")
-    self.kernel_size = tuple(conv.kernel_size)
+                       f"{out_shape[0]}x{out_shape[1]}")
+    self.kernel_size = (kh, kw)
     self.features = conv.out_features
-    self.block = block
+    self.block = tuple(block)
     self.matrix = nnx.Param(jnp.asarray(
-        banded_matrix(np.asarray(conv.kernel[...]), block)))
+        banded_matrix(np.asarray(conv.kernel[...]), self.block)))
     self.bias = (nnx.Param(conv.bias[...]) if conv.bias is not None
                  else nnx.data(None))
 
@@ -94,21 +100,24 @@ class BandedConv(nnx.Module):
     (top, bottom), (left, right) = self.pads
     if top or bottom or left or right:
       x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    kh, kw = self.kernel_size
-    batch, height, width, channels = x.shape
+    (kh, kw), (rows, cols) = self.kernel_size, self.block
+    batch, height, width, _ = x.shape
     out_h, out_w = height - kh + 1, width - kw + 1
-    window = self.block + kw - 1
-    rows = jnp.stack([x[:, i:i + out_h] for i in range(kh)], axis=2)
-    windows = jnp.stack(  # (batch, out_h, blocks, kh, window, channels)
-        [rows[:, :, :, start:start + window]
-         for start in range(0, out_w, self.block)], axis=2)
-    y = windows.reshape(-1, kh * window * channels) @ self.matrix[...]
-    y = y.reshape(batch, out_h, out_w, self.features)
+    tile_h, tile_w = rows + kh - 1, cols + kw - 1
+    # (batch, out_h / rows, tile_h, width, C): tile row i of every block row.
+    bands = jnp.stack([x[:, i:i + out_h - rows + 1:rows] for i in range(tile_h)],
+                      axis=2)
+    tiles = jnp.stack(  # (batch, out_h / rows, out_w / cols, tile_h, tile_w, C)
+        [bands[:, :, :, start:start + tile_w]
+         for start in range(0, out_w, cols)], axis=2)
+    y = tiles.reshape(-1, self.matrix.shape[0]) @ self.matrix[...]
+    y = y.reshape(batch, out_h // rows, out_w // cols, rows, cols, self.features)
+    y = y.transpose(0, 1, 3, 2, 4, 5).reshape(batch, out_h, out_w, self.features)
     return y + self.bias[...] if self.bias is not None else y
 
 
 def candidate_blocks(model: nnx.Module,
-                     input_shape: Sequence[int]) -> dict[str, list[int]]:
+                     input_shape: Sequence[int]) -> dict[str, list[Block]]:
   """Per stride-1 float conv layer path: the blocks worth timing."""
   shapes = layer_shapes(model, input_shape)
   candidates = {}
@@ -122,11 +131,16 @@ def candidate_blocks(model: nnx.Module,
     if pads is None:
       continue
     kh, kw = module.kernel_size
+    out_h = height + sum(pads[0]) - kh + 1
     out_w = width + sum(pads[1]) - kw + 1
-    entries = lambda b: kh * (b + kw - 1) * module.in_features * b * module.out_features
-    blocks = [b for b in range(2, out_w + 1) if out_w % b == 0
-              and (b + kw - 1) / kw <= MAX_FLOP_INFLATION
-              and entries(b) <= MAX_MATRIX_ENTRIES]
+    # Whole-row blocks (1 x cols) and square ones: the shapes that won here.
+    tried = [(1, c) for c in range(2, out_w + 1) if out_w % c == 0]
+    tried += [(b, b) for b in range(2, min(out_h, out_w) + 1)
+                if out_h % b == 0 and out_w % b == 0]
+    blocks = [(r, c) for r, c in tried
+              if (r + kh - 1) * (c + kw - 1) / (kh * kw) <= MAX_FLOP_INFLATION
+              and ((r + kh - 1) * (c + kw - 1) * module.in_features * r * c
+                   * module.out_features) <= MAX_MATRIX_ENTRIES]
     if blocks:
       candidates[name] = blocks
   return candidates
@@ -140,14 +154,20 @@ def _parent_and_key(model: nnx.Module, path: str):
   return parent, parts[-1]
 
 
+def as_lowering(mapping: Mapping[str, Block | int]) -> Lowering:
+  """{path: (rows, cols) or cols} -> {path: (rows, cols)}."""
+  return {path: (1, int(block)) if isinstance(block, (int, np.integer))
+          else (int(block[0]), int(block[1])) for path, block in mapping.items()}
+
+
 def apply_lowering(model: nnx.Module, input_shape: Sequence[int],
-                   lowering: Mapping[str, int]) -> nnx.Module:
+                   lowering: Mapping[str, Block | int]) -> nnx.Module:
   """A copy of `model` whose convs named in `lowering` are BandedConvs."""
   if not lowering:
     return model
   shapes = layer_shapes(model, input_shape)
   model = nnx.clone(model)
-  for path, block in lowering.items():
+  for path, block in as_lowering(lowering).items():
     if path not in shapes:
       raise ValueError(f"no conv layer {path!r} in the model; its conv "
                        f"layers are {sorted(candidate_blocks(model, input_shape))}")
@@ -156,7 +176,7 @@ def apply_lowering(model: nnx.Module, input_shape: Sequence[int],
     if not isinstance(conv, nnx.Conv) or not _is_plain_2d_conv(conv):
       raise ValueError(f"{path!r} is not a stride-1 float 2D conv; only "
                        f"those can be lowered to a banded matmul")
-    banded = BandedConv(conv, shapes[path][0][1:], int(block))
+    banded = BandedConv(conv, shapes[path][0][1:], block)
     if isinstance(key, int):
       parent[key] = banded
     else:
@@ -200,15 +220,23 @@ def choose_lowering(model: nnx.Module, input_shape: Sequence[int],
 
 
 def parse_lowering(text: str) -> str | Lowering:
-  """'xla' | 'auto' | 'conv1:4,conv2:2' (layer path: block) -> CompiledModel's
-  conv_lowering."""
+  """'xla' | 'auto' | 'conv1:4x4,conv2:1x5' (layer path: rows x cols; a
+  bare number is 1 x cols) -> CompiledModel's conv_lowering."""
   if text in ("xla", "auto"):
     return text
   lowering = {}
   for part in filter(None, text.split(",")):
     path, _, block = part.rpartition(":")
-    if not path or not block.isdigit() or int(block) < 1:
+    sizes = block.split("x") if "x" in block else ["1", block]
+    if (not path or len(sizes) != 2
+        or not all(s.isdigit() and int(s) >= 1 for s in sizes)):
       raise ValueError(f"bad conv lowering {part!r} in {text!r}: write 'xla', "
-                       f"'auto' or layer:block pairs such as conv1:4,conv2:2")
-    lowering[path] = int(block)
+                       f"'auto' or layer:ROWSxCOLS pairs such as "
+                       f"conv1:4x4,conv2:1x5")
+    lowering[path] = (int(sizes[0]), int(sizes[1]))
   return lowering
+
+
+def describe(lowering: Mapping[str, Block]) -> str:
+  """{'conv1': (4, 4)} -> 'conv1:4x4', the form parse_lowering reads."""
+  return ",".join(f"{path}:{r}x{c}" for path, (r, c) in lowering.items()) or "xla"

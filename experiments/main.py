@@ -15,6 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import logs
 from rtjax import compare, distributed
 from rtjax.config import ConfigError
 from rtjax.data import load_dataset
@@ -44,15 +45,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_orbax(record) -> bool:
-  """Orbax logs every file operation at INFO; keep its warnings and errors."""
-  return "orbax" not in record.pathname or record.levelno >= logging.WARNING
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logs.quiet_orbax()
   if _MULTIHOST.value or _COORDINATOR.value:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value)

@@ -23,6 +23,7 @@ from rtjax import distributed
 from rtjax.data import load_dataset
 from rtjax.infer import CompiledModel, make_mesh, parse_mesh
 from rtjax.infer.cache import cache_counts, enable_compilation_cache
+from rtjax.infer.lowering import describe
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints/ "
                                   "or step directory.", required=True)
@@ -78,7 +79,8 @@ def main(argv):
         "mesh": dict(mesh.shape),
         "accuracy": float(np.mean(np.argmax(logits, -1) == split.labels)),
         "compile_seconds": model.compile_seconds,
-        "conv_lowering": model.conv_lowering,
+        "conv_lowering": {batch: describe(lowering) for batch, lowering
+                          in model.conv_lowering.items()},
         "compilation_cache": cache_counts() if _CACHE.value else None,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))

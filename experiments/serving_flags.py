@@ -3,6 +3,7 @@
 import jax
 from absl import app, flags
 
+from experiments import logs
 from rtjax.infer.lowering import parse_lowering
 
 _CONV_LOWERING = flags.DEFINE_string(
@@ -20,7 +21,9 @@ _ASYNC_DISPATCH = flags.DEFINE_bool(
 
 def setup() -> dict:
   """Call first in main(), before any JAX computation creates the CPU client
-  (the dispatch mode is fixed then). Returns CompiledModel's serving options."""
+  (the dispatch mode is fixed then); also quiets orbax's INFO logs. Returns
+  CompiledModel's serving options."""
+  logs.quiet_orbax()
   jax.config.update("jax_cpu_enable_async_dispatch", _ASYNC_DISPATCH.value)
   try:
     lowering = parse_lowering(_CONV_LOWERING.value)

@@ -111,7 +111,7 @@ def test_two_processes_agree_with_one(trained, tmp_path):
   assert not (tmp_path / "multi1").exists()  # only process 0 writes
   results = json.loads((tmp_path / "multi0" / "results.json").read_text())
   assert results["processes"] == 2 and results["mesh"] == {"data": 2, "model": 2}
-  assert list(results["conv_lowering"]) == ["8"]
+  assert list(results["conv_lowering"]) == ["8"]  # e.g. "xla" or "conv1:2x2"
   np.testing.assert_allclose(np.load(tmp_path / "multi0" / "logits.npy"),
                              np.load(tmp_path / "single" / "logits.npy"),
                              atol=1e-5)

@@ -185,6 +185,9 @@ def test_cli_with_a_relative_workdir(tmp_path):
                       "--config.train.warmup_steps=2", "--noreport")
   assert result.returncode == 0, result.stderr[-3000:]
   assert load_checkpoint(tmp_path / "run")[1]["step"] == 20
+  # Orbax's per-file INFO logs are filtered out; rtjax's own lines stay.
+  assert "checkpoint_manager.py" not in result.stderr
+  assert "trainer.py" in result.stderr
 
 
 def test_nan_loss_stops_keeps_last_good_checkpoint_and_exits_nonzero(tmp_path):

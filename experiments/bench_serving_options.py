@@ -22,6 +22,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint path.",
 _ITERS = flags.DEFINE_integer("iters", 300, "Timed calls per contender.")
 _WARMUP = flags.DEFINE_integer("warmup", 30, "Untimed calls first.")
 _LARGE_BATCH = flags.DEFINE_integer("large_batch", 256, "The throughput batch.")
+_ONLY = flags.DEFINE_list("only", [], "Run only these rows (0-based); "
+                          "default: all.")
 _OUTPUT = flags.DEFINE_string("output", "serving_options", "Directory for "
                               "each run's JSON and the table (options.md).")
 
@@ -41,6 +43,8 @@ def main(argv):
   lines = ["| options | lowering (batch: layer:rows x cols) | batch-1 p50 rtjax / ORT "
            f"| batch-{large} throughput rtjax / ORT |", "| --- | --- | --- | --- |"]
   for index, (name, options) in enumerate(OPTION_SETS.items()):
+    if _ONLY.value and str(index) not in _ONLY.value:
+      continue
     result_file = out / f"run{index}.json"
     run = subprocess.run(
         [sys.executable, "-m", "experiments.bench",

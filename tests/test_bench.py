@@ -115,3 +115,25 @@ def test_serving_options_table(family_checkpoints, tmp_path):
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
   (per_batch,) = json.loads((tmp_path / "run3.json").read_text())["lowering"].values()
   assert all(len(r["trials"]) > 1 for r in per_batch.values())
+
+
+def test_lowering_bench_times_every_candidate(family_checkpoints, tmp_path):
+  from rtjax.infer import lowering
+  from rtjax.train import load_checkpoint
+  path = family_checkpoints["lenet5"]
+  out = tmp_path / "lowering.json"
+  result = run_module("experiments.bench_lowering", f"--checkpoint={path}",
+                      "--batch_sizes=2", "--iters=2", f"--output={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  model, metadata = load_checkpoint(path)
+  candidates = lowering.candidate_blocks(
+      model, metadata["model"]["args"]["input_shape"])
+  assert sorted((r["layer"], r["lowering"]) for r in report["layers"]) == sorted(
+      [(layer, "xla") for layer in candidates]
+      + [(layer, f"{r}x{c}") for layer, blocks in candidates.items()
+         for r, c in blocks])
+  assert all(r["ms"] > 0 and r["gflops"] > 0 for r in report["layers"])
+  assert [(r["model"], r["batch"]) for r in report["models"]] == [
+      ("xla", 2), ("xla, embedded", 2), ("auto", 2), ("auto, embedded", 2)]
+  assert report["models"][0]["lowering"] == "xla"

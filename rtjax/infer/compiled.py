@@ -49,9 +49,8 @@ class CompiledModel:
 
     `embed_weights` compiles the weights into each executable as constants
     (host copies): XLA folds their layout work at compile time and a call
-    passes one array, not every weight (LeNet-5 at batch 1 on a 2-core CPU:
-    53 instead of 73 us per call). For small models; a `model` mesh axis
-    could not split them. "auto" costs a compile and ~0.25 s of timing per
+    passes one array, not every weight (experiments.bench_lowering measures
+    it). For small models; a `model` mesh axis could not split them. "auto" costs a compile and ~0.25 s of timing per
     candidate, once per batch size."""
     if round_widths_to:
       if not spec or spec.get("quantization"):

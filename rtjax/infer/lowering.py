@@ -2,8 +2,8 @@
 matmul over tiles of the input, chosen per layer and batch by measuring.
 
 XLA's CPU convolution runs few-channel layers slowly (LeNet-5's 3 -> 6 first
-conv: about 11 GFLOP/s, on one core), while its matmuls run on every core at
-roughly 200 GFLOP/s. A stride-1 conv is a matmul over input tiles: each
+conv: under 10 GFLOP/s, on one core; experiments.bench_lowering), while its
+matmuls run on every core at a few hundred. A stride-1 conv is a matmul over input tiles: each
 (rows + kh - 1) x (cols + kw - 1) input tile times a banded (block-Toeplitz)
 matrix that holds the kernel once per output pixel of the rows x cols output
 block. That costs (rows + kh - 1)(cols + kw - 1) / (kh kw) times the conv's
@@ -154,6 +154,12 @@ def _parent_and_key(model: nnx.Module, path: str):
   return parent, parts[-1]
 
 
+def module_at(model: nnx.Module, path: str) -> nnx.Module:
+  """The submodule at a layer path such as 'stages/0/conv1'."""
+  parent, key = _parent_and_key(model, path)
+  return parent[key] if isinstance(key, int) else getattr(parent, key)
+
+
 def as_lowering(mapping: Mapping[str, Block | int]) -> Lowering:
   """{path: (rows, cols) or cols} -> {path: (rows, cols)}."""
   return {path: (1, int(block)) if isinstance(block, (int, np.integer))
@@ -171,12 +177,12 @@ def apply_lowering(model: nnx.Module, input_shape: Sequence[int],
     if path not in shapes:
       raise ValueError(f"no conv layer {path!r} in the model; its conv "
                        f"layers are {sorted(candidate_blocks(model, input_shape))}")
-    parent, key = _parent_and_key(model, path)
-    conv = parent[key] if isinstance(key, int) else getattr(parent, key)
+    conv = module_at(model, path)
     if not isinstance(conv, nnx.Conv) or not _is_plain_2d_conv(conv):
       raise ValueError(f"{path!r} is not a stride-1 float 2D conv; only "
                        f"those can be lowered to a banded matmul")
     banded = BandedConv(conv, shapes[path][0][1:], block)
+    parent, key = _parent_and_key(model, path)
     if isinstance(key, int):
       parent[key] = banded
     else:

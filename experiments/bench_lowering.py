@@ -1,0 +1,91 @@
+"""Where conv lowering wins: each conv layer of a checkpoint alone, as XLA's
+convolution and as each banded-matmul block, then the whole model served
+with XLA's convs or `auto`, weights passed or embedded. Calls interleaved.
+
+  python -m experiments.bench_lowering --checkpoint=workdirs/lenet5 --batch_sizes=1,256
+
+GFLOP/s counts the conv's own FLOPs (2 x multiply-adds), not the extra ones
+a banded matrix multiplies by zero, so rows compare as work done per second.
+"""
+
+import json
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from etils import epath
+
+from experiments import logs
+from rtjax.bench.latency import interleaved_latency
+from rtjax.infer import CompiledModel, fold_batchnorm, lowering
+from rtjax.models.stats import layer_shapes
+from rtjax.train import load_checkpoint
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint path.",
+                                  required=True)
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "256"], "Batch sizes.")
+_ITERS = flags.DEFINE_integer("iters", 50, "Timed calls per variant.")
+_OUTPUT = flags.DEFINE_string("output", "", "JSON results file.")
+
+
+def time_interleaved(calls: dict, x, iters: int) -> dict[str, float]:
+  """Median seconds per call of each jitted function, called in turns."""
+  compiled = {name: jax.jit(f).lower(x).compile() for name, f in calls.items()}
+  times = {name: [] for name in calls}
+  for i in range(iters + 3):
+    for name, call in compiled.items():
+      start = time.perf_counter()
+      call(x).block_until_ready()
+      if i >= 3:
+        times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def main(argv):
+  del argv
+  logs.quiet_orbax()
+  jax.config.update("jax_cpu_enable_async_dispatch", False)  # as served
+  batches = [int(b) for b in _BATCH_SIZES.value]
+  model, metadata = load_checkpoint(_CHECKPOINT.value)
+  input_shape = tuple(metadata["model"]["args"]["input_shape"])
+  folded = fold_batchnorm(model)
+  shapes = layer_shapes(folded, input_shape)
+  results = {"layers": [], "models": []}
+  for path, blocks in lowering.candidate_blocks(folded, input_shape).items():
+    conv = lowering.module_at(folded, path)
+    (_, *in_shape), (_, *out_shape) = shapes[path]
+    flops = 2 * np.prod(out_shape) * np.prod(conv.kernel_size) * conv.in_features
+    variants = {"xla": conv} | {
+        f"{r}x{c}": lowering.BandedConv(conv, in_shape, (r, c)) for r, c in blocks}
+    for batch in batches:
+      x = jax.numpy.asarray(np.random.default_rng(0).normal(
+          size=(batch, *in_shape)).astype(np.float32))
+      seconds = time_interleaved(
+          {name: (lambda v: lambda x: v(x))(v) for name, v in variants.items()},
+          x, _ITERS.value)
+      for name, s in seconds.items():
+        row = {"layer": path, "batch": batch, "lowering": name, "ms": s * 1e3,
+               "gflops": flops * batch / s / 1e9}
+        results["layers"].append(row)
+        print(f"{path:<20} batch {batch:>4} {name:>6} {row['ms']:9.3f} ms "
+              f"{row['gflops']:7.1f} GFLOP/s", flush=True)
+  options = {"xla": {}, "xla, embedded": {"embed_weights": True},
+             "auto": {"conv_lowering": "auto"},
+             "auto, embedded": {"conv_lowering": "auto", "embed_weights": True}}
+  served = [CompiledModel(model, input_shape, batch_sizes=batches, **o)
+            for o in options.values()]
+  for batch in batches:
+    for name, s, r in zip(options, served,
+                          interleaved_latency(served, batch, _ITERS.value)):
+      row = {"model": name, "batch": batch, "p50_ms": r["p50_ms"],
+             "lowering": lowering.describe(s.conv_lowering[batch])}
+      results["models"].append(row)
+      print(f"model {name:<16} batch {batch:>4} p50 {r['p50_ms']:9.3f} ms "
+            f"({row['lowering']})", flush=True)
+  if _OUTPUT.value:
+    epath.Path(_OUTPUT.value).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)

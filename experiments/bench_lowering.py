@@ -9,7 +9,6 @@ a banded matrix multiplies by zero, so rows compare as work done per second.
 """
 
 import json
-import time
 
 import jax
 import numpy as np
@@ -17,7 +16,7 @@ from absl import app, flags
 from etils import epath
 
 from experiments import logs
-from rtjax.bench.latency import interleaved_latency
+from rtjax.bench.latency import interleaved_latency, time_in_turns
 from rtjax.infer import CompiledModel, fold_batchnorm, lowering
 from rtjax.models.stats import layer_shapes
 from rtjax.train import load_checkpoint
@@ -30,15 +29,11 @@ _OUTPUT = flags.DEFINE_string("output", "", "JSON results file.")
 
 
 def time_interleaved(calls: dict, x, iters: int) -> dict[str, float]:
-  """Median seconds per call of each jitted function, called in turns."""
+  """Median seconds per call of each function, compiled, called in turns."""
   compiled = {name: jax.jit(f).lower(x).compile() for name, f in calls.items()}
-  times = {name: [] for name in calls}
-  for i in range(iters + 3):
-    for name, call in compiled.items():
-      start = time.perf_counter()
-      call(x).block_until_ready()
-      if i >= 3:
-        times[name].append(time.perf_counter() - start)
+  times = time_in_turns(
+      {name: (lambda c: lambda: c(x).block_until_ready())(c)
+       for name, c in compiled.items()}, iters, warmup=3)
   return {name: float(np.median(t)) for name, t in times.items()}
 
 

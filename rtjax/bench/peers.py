@@ -84,8 +84,8 @@ def compare_peers(served: CompiledModel, model: nnx.Module, spec: dict,
   # Contenders take turns by blocks of calls, each block's first `settle`
   # calls untimed: a runtime's worker threads keep spinning a while after
   # its call (ONNX Runtime's do by default) and would slow the next call of
-  # whoever runs right after (measured here: rtjax's batch 256 from 10 to
-  # 15 ms when calls alternated one by one).
+  # whoever runs right after (one exploration run here: rtjax's batch 256
+  # went from 10 to 15 ms when calls alternated one by one).
   times = {name: [] for name in contenders}
   for run in contenders.values():
     for _ in range(warmup):

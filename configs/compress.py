@@ -15,7 +15,7 @@ Each stage writes <workdir>/<stage>/checkpoints and report.json. Variant
 """
 
 from configs import default
-from rtjax.compress.stages import stage_config
+from rtjax.pipeline import stage_config
 
 STUDENT = {"name": "resnet",
            "args": {"stem_width": 16, "stage_widths": (16, 28),

@@ -14,20 +14,19 @@ between the checkpoints, and speedups are against the first one.
 import dataclasses
 import json
 
-import ml_collections
-from absl import app, flags
+from absl import flags
 from etils import epath
 
-from experiments import serving_flags
+from experiments import cli
 from rtjax.bench import breakdown, loadgen, peers
 from rtjax.bench.latency import host_overhead, interleaved_latency
-from rtjax.data import load_dataset
+from rtjax.checkpoint import checkpoint_dataset, load_checkpoint
+from rtjax.errors import FlagError
 from rtjax.infer import CompiledModel, lowering
-from rtjax.train import load_checkpoint
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", None, "Checkpoint paths; the "
                                  "first is the reference.", required=True)
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "256"], "Batch sizes.")
+_BATCH_SIZES = cli.define_batch_sizes(["1", "256"])
 _ITERS = flags.DEFINE_integer("iters", 300, "Timed calls per model and batch.")
 _WARMUP = flags.DEFINE_integer("warmup", 30, "Untimed calls first.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results file.")
@@ -51,11 +50,21 @@ _PEERS = flags.DEFINE_bool("peers", False, "Time ONNX Runtime (rtjax[onnx]) "
 _PUBLISHED = flags.DEFINE_list("published_peaks", [], "Also predict with these "
                                f"chips' published peaks: {', '.join(breakdown.PUBLISHED_PEAKS)}.")
 
+_SERVING = cli.ServingFlags()
 
 def main(argv):
   del argv
-  serving = serving_flags.setup()
-  batches = [int(b) for b in _BATCH_SIZES.value]
+  serving = _SERVING.setup()
+  batches = cli.batch_sizes(_BATCH_SIZES)
+  unknown = sorted(set(_LOADGEN.value) - set(loadgen.SCENARIOS))
+  if unknown:
+    raise FlagError(f"--loadgen: unknown scenario(s) {', '.join(unknown)}; "
+                    f"known: {', '.join(loadgen.SCENARIOS)}")
+  bad_peaks = sorted(set(_PUBLISHED.value) - set(breakdown.PUBLISHED_PEAKS))
+  if bad_peaks:
+    raise FlagError(f"--published_peaks: unknown chip(s) "
+                    f"{', '.join(bad_peaks)}; known: "
+                    f"{', '.join(breakdown.PUBLISHED_PEAKS)}")
   served = [CompiledModel.from_checkpoint(path, batch_sizes=batches,
                                           round_widths_to=_ROUND.value,
                                           **serving)
@@ -142,8 +151,7 @@ def run_loadgen(path: str, serving: dict) -> dict:
   model = CompiledModel.from_checkpoint(path, batch_sizes=buckets,
                                         round_widths_to=_ROUND.value,
                                         **serving)
-  config = ml_collections.ConfigDict(model.metadata["config"])
-  samples = load_dataset(config.data, config.seed).test.images
+  samples = checkpoint_dataset(model.metadata).test.images
   settings = loadgen.LoadGenConfig(
       min_duration_ms=int(_LOADGEN_SECONDS.value * 1000),
       min_query_count=1000 if _LOADGEN_SECONDS.value else 0,
@@ -164,4 +172,4 @@ def run_loadgen(path: str, serving: dict) -> dict:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

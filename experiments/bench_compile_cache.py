@@ -9,10 +9,11 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import flags
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint to serve.",
-                                  required=True)
+from experiments import cli
+
+_CHECKPOINT = cli.define_checkpoint()
 _BATCH_SIZES = flags.DEFINE_string("batch_sizes", "1,8,64,256", "Buckets.")
 
 
@@ -37,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

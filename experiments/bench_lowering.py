@@ -12,18 +12,17 @@ import json
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from etils import epath
 
-from experiments import logs
+from experiments import cli
 from rtjax.bench.latency import interleaved_latency, time_in_turns
+from rtjax.checkpoint import load_checkpoint
 from rtjax.infer import CompiledModel, fold_batchnorm, lowering
 from rtjax.models.stats import layer_shapes
-from rtjax.train import load_checkpoint
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint path.",
-                                  required=True)
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "256"], "Batch sizes.")
+_CHECKPOINT = cli.define_checkpoint()
+_BATCH_SIZES = cli.define_batch_sizes(["1", "256"])
 _ITERS = flags.DEFINE_integer("iters", 50, "Timed calls per variant.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results file.")
 
@@ -39,9 +38,9 @@ def time_interleaved(calls: dict, x, iters: int) -> dict[str, float]:
 
 def main(argv):
   del argv
-  logs.quiet_orbax()
+  cli.quiet_orbax()
   jax.config.update("jax_cpu_enable_async_dispatch", False)  # as served
-  batches = [int(b) for b in _BATCH_SIZES.value]
+  batches = cli.batch_sizes(_BATCH_SIZES)
   model, metadata = load_checkpoint(_CHECKPOINT.value)
   input_shape = tuple(metadata["model"]["args"]["input_shape"])
   folded = fold_batchnorm(model)
@@ -83,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -14,11 +14,12 @@ import json
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
 from etils import epath
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint path.",
-                                  required=True)
+from experiments import cli
+
+_CHECKPOINT = cli.define_checkpoint()
 _ITERS = flags.DEFINE_integer("iters", 300, "Timed calls per contender.")
 _WARMUP = flags.DEFINE_integer("warmup", 30, "Untimed calls first.")
 _LARGE_BATCH = flags.DEFINE_integer("large_batch", 256, "The throughput batch.")
@@ -53,7 +54,7 @@ def main(argv):
          f"--output={result_file}",
          *options], capture_output=True, text=True)
     if run.returncode:
-      raise RuntimeError(f"{name}: experiments.bench failed:\n{run.stderr[-3000:]}")
+      cli.fail(f"{name}: experiments.bench failed:\n{run.stderr[-3000:]}")
     report = json.loads(result_file.read_text())
     ort = {int(b): r["onnxruntime"] for b, r in report["peers"].items()}
     (per_batch,) = report["lowering"].values()
@@ -67,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

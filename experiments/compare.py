@@ -10,23 +10,21 @@ Data: the first checkpoint's own dataset split unless overridden with
 Writes compare.md/.json/.csv/.png to --output_dir (default: --workdir).
 """
 
-import sys
-
 import ml_collections
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from experiments import serving_flags
+from experiments import cli
 from rtjax import compare as compare_lib
+from rtjax.checkpoint import checkpoint_dataset
 from rtjax.config import base_config
-from rtjax.data import load_dataset
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", [], "Checkpoint paths.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "A run: all its stages.")
 _REFERENCE = flags.DEFINE_string("reference", None, "Stage name or path of "
                                  "the reference (default: the first).")
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "256"], "Latency batch "
-                                 "sizes; the first one's p99 is the Pareto axis.")
+_BATCH_SIZES = cli.define_batch_sizes(["1", "256"], "Latency batch sizes; "
+                                      "the first one's p99 is the Pareto axis.")
 _ITERS = flags.DEFINE_integer("iters", 200, "Timed calls per model and batch.")
 _BUDGET = flags.DEFINE_float("latency_budget_ms", None, "Pick the most "
                              "accurate checkpoint whose p99 fits.")
@@ -35,29 +33,24 @@ _OUTPUT = flags.DEFINE_string("output_dir", "", "Where the reports go.")
 _CONFIG = config_flags.DEFINE_config_dict(
     "config", ml_collections.ConfigDict({"data": base_config().data}),
     "Data overrides: --config.data.<key>=value.")
+_SERVING = cli.ServingFlags()
 
 
 def main(argv):
   del argv
-  serving = serving_flags.setup()
+  serving = _SERVING.setup()
+  batches = cli.batch_sizes(_BATCH_SIZES)
   paths = list(_CHECKPOINTS.value)
-  try:
-    if _WORKDIR.value:
-      paths += [str(p) for p in compare_lib.stage_checkpoints(_WORKDIR.value)]
-    if not paths:
-      raise compare_lib.CompareError("give --checkpoints=A,B or --workdir=RUN")
-    loaded = compare_lib.load_all(paths)
-    config = ml_collections.ConfigDict(loaded[0].metadata["config"])
-    overrides = config_flags.get_override_values(flags.FLAGS["config"])
-    with config.unlocked():
-      config.data.update(overrides.get("data", {}))
-    split = getattr(load_dataset(config.data, config.seed), _SPLIT.value)
-    batches = [int(b) for b in _BATCH_SIZES.value]
-    rows = compare_lib.compare(loaded, split, _REFERENCE.value, batches,
-                               _ITERS.value, **serving)
-  except compare_lib.CompareError as e:
-    logging.error("%s", e)
-    sys.exit(2)
+  if _WORKDIR.value:
+    paths += [str(p) for p in compare_lib.stage_checkpoints(_WORKDIR.value)]
+  if not paths:
+    raise compare_lib.CompareError("give --checkpoints=A,B or --workdir=RUN")
+  loaded = compare_lib.load_all(paths)
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  split = getattr(checkpoint_dataset(loaded[0].metadata,
+                                     overrides.get("data")), _SPLIT.value)
+  rows = compare_lib.compare(loaded, split, _REFERENCE.value, batches,
+                             _ITERS.value, **serving)
   out = _OUTPUT.value or _WORKDIR.value or "."
   summary = compare_lib.write_outputs(rows, batches, out, _BUDGET.value)
   print(summary["markdown"])
@@ -65,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

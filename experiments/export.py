@@ -11,13 +11,13 @@ symbolic) runs in any process with jax:
   jax.export.deserialize(bytearray(open(path, 'rb').read())).call(images)
 """
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
+from rtjax.checkpoint import load_checkpoint
 from rtjax.infer.export import export_onnx, export_serving
-from rtjax.train import load_checkpoint
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints/ "
-                                  "or step directory.", required=True)
+_CHECKPOINT = cli.define_checkpoint()
 _FORMAT = flags.DEFINE_enum("format", "jax_export", ["jax_export", "onnx"],
                             "jax_export: StableHLO with weights, any model; "
                             "onnx: float models, needs rtjax[onnx].")
@@ -26,6 +26,7 @@ _OUT = flags.DEFINE_string("out", None, "Artifact path.", required=True)
 
 def main(argv):
   del argv
+  cli.quiet_orbax()
   model, metadata = load_checkpoint(_CHECKPOINT.value)
   shape = metadata["model"]["args"]["input_shape"]
   if _FORMAT.value == "onnx":
@@ -36,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,18 +9,17 @@ Multi-process: --multihost on Cloud TPU (see experiments.launch), or
 --coordinator_address=host:port --num_processes=N --process_id=i elsewhere.
 """
 
-import sys
-
 import jax
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from experiments import logs
-from rtjax import compare, distributed
-from rtjax.config import ConfigError
+from experiments import cli
+from rtjax import compare
 from rtjax.data import load_dataset
+from rtjax.errors import FlagError
 from rtjax.infer.cache import enable_compilation_cache
-from rtjax.train import CheckpointError, NonFiniteLossError, train_and_evaluate
+from rtjax.pipeline import run_pipeline
+from rtjax.train import NonFiniteLossError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/default.py or configs/x.py:arg.",
@@ -31,40 +30,28 @@ _WORKDIR = flags.DEFINE_string(
 _CACHE = flags.DEFINE_string(
     "compilation_cache_dir", None, "Persistent XLA compilation cache; default "
     "<workdir>/compilation_cache, '' disables it.")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Cloud TPU VM / pod slice: jax.distributed.initialize() "
-    "detects the hosts (experiments.launch sets this).")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for multi-process "
-    "runs outside Cloud TPU (with --num_processes and --process_id).")
 _REPORT = flags.DEFINE_bool(
     "report", True, "End by comparing the run's checkpoints (compare.md/.json/"
     ".csv/.png in the workdir; single-process runs).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "")
+_MULTIHOST = cli.MultihostFlags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logs.quiet_orbax()
-  if _MULTIHOST.value or _COORDINATOR.value:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                           _PROCESS_ID.value)
+    raise FlagError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.quiet_orbax()
+  config = cli.config(_CONFIG)
+  _MULTIHOST.initialize()
   cache = (_CACHE.value if _CACHE.value is not None
            else f"{_WORKDIR.value.rstrip('/')}/compilation_cache")
   if cache:
     enable_compilation_cache(cache)
   try:
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, CheckpointError, FileNotFoundError) as e:
-    logging.error("%s", e)
-    sys.exit(2)
+    results = (run_pipeline(config, _WORKDIR.value) if config.stages
+               else {"train": train_and_evaluate(config, _WORKDIR.value)})
   except NonFiniteLossError as e:
-    logging.error("%s", e)
-    sys.exit(1)
-  results = result if isinstance(result, dict) else {"train": result}
+    cli.fail(str(e), code=1)
   for stage, outcome in results.items():
     if outcome.preempted:
       print(f"{stage}: preempted at step {outcome.step}; rerun to resume",
@@ -78,9 +65,9 @@ def main(argv):
   if _REPORT.value and jax.process_count() == 1:
     rows = compare.compare(compare.load_all(
         compare.stage_checkpoints(_WORKDIR.value)), load_dataset(
-            _CONFIG.value.data, _CONFIG.value.seed).test, iters=100)
+            config.data, config.seed).test, iters=100)
     print(compare.write_outputs(rows, (1, 256), _WORKDIR.value)["markdown"])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

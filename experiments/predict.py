@@ -13,20 +13,17 @@ import json
 import math
 
 import jax
-import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from etils import epath
 
-from experiments import serving_flags
-from rtjax import distributed
-from rtjax.data import load_dataset
+from experiments import cli
+from rtjax.checkpoint import checkpoint_dataset
 from rtjax.infer import CompiledModel, make_mesh, parse_mesh
 from rtjax.infer.cache import cache_counts, enable_compilation_cache
 from rtjax.infer.lowering import describe
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints/ "
-                                  "or step directory.", required=True)
+_CHECKPOINT = cli.define_checkpoint()
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for logits.npy and "
                               "results.json (written by process 0).",
                               required=True)
@@ -34,31 +31,25 @@ _SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test"],
                            "Split of the checkpoint's own dataset.")
 _MESH = flags.DEFINE_string("mesh", "", "Axes, e.g. data:4,model:2; default: "
                             "all devices on data.")
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["8", "64", "256"],
-                                 "Compiled batch buckets (global rows).")
+_BATCH_SIZES = cli.define_batch_sizes(["8", "64", "256"], "Compiled batch "
+                                      "buckets (global rows).")
 _CACHE = flags.DEFINE_string("compilation_cache_dir", "", "Persistent XLA "
                              "compilation cache (local or gs://).")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Cloud TPU: call "
-                               "jax.distributed.initialize() with no args.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "")
+_MULTIHOST = cli.MultihostFlags()
+_SERVING = cli.ServingFlags()
 
 
 def main(argv):
   del argv
-  serving = serving_flags.setup()
-  if _MULTIHOST.value or _COORDINATOR.value:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                           _PROCESS_ID.value)
+  serving = _SERVING.setup()
+  batch_sizes = cli.batch_sizes(_BATCH_SIZES)
+  _MULTIHOST.initialize()
   if _CACHE.value:
     enable_compilation_cache(_CACHE.value)
   mesh = make_mesh(parse_mesh(_MESH.value) if _MESH.value else None)
   model = CompiledModel.from_checkpoint(
-      _CHECKPOINT.value, batch_sizes=[int(b) for b in _BATCH_SIZES.value],
-      mesh=mesh, **serving)
-  config = ml_collections.ConfigDict(model.metadata["config"])
-  split = getattr(load_dataset(config.data, config.seed), _SPLIT.value)
+      _CHECKPOINT.value, batch_sizes=batch_sizes, mesh=mesh, **serving)
+  split = getattr(checkpoint_dataset(model.metadata), _SPLIT.value)
 
   # Process i feeds rows [i*per, (i+1)*per), zero-padded to the same count.
   processes, index = jax.process_count(), jax.process_index()
@@ -88,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

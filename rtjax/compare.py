@@ -21,12 +21,12 @@ from flax import nnx
 from rtjax.bench.latency import interleaved_latency
 from rtjax.data import Split
 from rtjax.infer import CompiledModel
-from rtjax.train.checkpointing import (CheckpointError, load_checkpoint,
-                                       model_bytes)
+from rtjax.checkpoint import CheckpointError, load_checkpoint, model_bytes
+from rtjax.errors import UserError
 from rtjax.train.evaluate import predict_logits
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
   """Checkpoints cannot be compared; the message names the culprit."""
 
 

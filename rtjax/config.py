@@ -1,5 +1,5 @@
 """The experiment config contract: every key and its default, and validation
-that runs before anything is compiled.
+that runs before anything is compiled (stage sections: rtjax.pipeline).
 
 Config files start from `base_config()` and change values; a key that is not
 here (a typo, a stale option) is an error that names it.
@@ -10,23 +10,19 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from rtjax.compress.stages import COMMON, PRUNE_METHODS, SCOPES, STAGE_TYPES
 from rtjax.data import DATASET_NAMES
+from rtjax.errors import ConfigError
 from rtjax.models import DATASET_ARGS, model_arg_names, model_names
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 
 
-class ConfigError(ValueError):
-  """A config value is unknown or out of range; the message names the key."""
-
-
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   # Compression pipeline: stage names in order, each described in
-  # c.stage.<name> (see rtjax/compress/pipeline.py). Empty: train only.
+  # c.stage.<name> (rtjax.pipeline validates and runs them). Empty: train only.
   c.stages = ()
   c.stage = ml_collections.ConfigDict()
 
@@ -149,56 +145,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("log_every", "eval_every"):
     _require(train[key] > 0, f"train.{key}", f"must be > 0, got {train[key]}")
 
-  _validate_stages(config)
-
   _require(config.checkpoint.every_steps > 0, "checkpoint.every_steps",
            f"must be > 0, got {config.checkpoint.every_steps}")
   _require(config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep",
            f"must be >= 1, got {config.checkpoint.max_to_keep}")
-
-
-def _validate_stages(config) -> None:
-  names = list(config.stages)
-  _require(len(set(names)) == len(names), "stages",
-           f"stage names must be unique, got {names}")
-  for name in names:
-    _require(name in config.stage, "stages",
-             f"stage {name!r} has no section config.stage.{name}")
-  for name, section in config.stage.items():
-    key = f"stage.{name}"
-    _require(name in names, key, f"is not listed in config.stages {names}")
-    _require(section.get("type") in STAGE_TYPES, f"{key}.type",
-             f"unknown stage type {section.get('type')!r}; known: "
-             f"{', '.join(STAGE_TYPES)}")
-    allowed = set(COMMON) | set(STAGE_TYPES[section.type])
-    unknown = sorted(set(section) - allowed)
-    _require(not unknown, key, f"unknown key(s) {unknown} for a "
-             f"{section.type!r} stage; its keys: {sorted(allowed)}")
-    train_keys = set(base_config().train)
-    bad = sorted(set(section.get("train", {})) - train_keys)
-    _require(not bad, f"{key}.train", f"unknown train key(s) {bad}")
-    parent = section.get("parent") or ""
-    index = names.index(name)
-    _require(not parent or parent in names[:index], f"{key}.parent",
-             f"{parent!r} is not a stage before {name!r} in {names}")
-    _require(index > 0 or section.type == "train", key,
-             f"the first stage must be a 'train' stage, not {section.type!r}")
-    if section.type == "prune":
-      _require(section.method in PRUNE_METHODS, f"{key}.method",
-               f"unknown method {section.method!r}; known: {PRUNE_METHODS}")
-      _require(0.0 <= section.target_sparsity < 1.0, f"{key}.target_sparsity",
-               f"must be in [0, 1), got {section.target_sparsity}")
-      _require(section.scope in SCOPES, f"{key}.scope",
-               f"unknown scope {section.scope!r}; known: {SCOPES}")
-      _require(0 < section.n < section.m, f"{key}.n",
-               f"N:M needs 0 < n < m, got {section.n}:{section.m}")
-    if section.type == "structured_prune":
-      _require(0.0 < section.keep_fraction <= 1.0, f"{key}.keep_fraction",
-               f"must be in (0, 1], got {section.keep_fraction}")
-      _require(section.round_to >= 1, f"{key}.round_to",
-               f"must be >= 1, got {section.round_to}")
-    if section.type == "distill":
-      _require(section.model.get("name") in model_names(), f"{key}.model.name",
-               f"the student needs a known model; known: {', '.join(model_names())}")
-      _require(0.0 <= section.alpha <= 1.0 and section.temperature > 0,
-               f"{key}.alpha", "alpha must be in [0, 1] and temperature > 0")

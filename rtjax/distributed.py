@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 from absl import logging
 
+from rtjax.errors import FlagError
+
 
 def initialize(coordinator_address: str | None = None,
                num_processes: int | None = None,
@@ -17,7 +19,7 @@ def initialize(coordinator_address: str | None = None,
   """
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit) and None in explicit:
-    raise ValueError("multi-process runs need coordinator_address, "
+    raise FlagError("multi-process runs need coordinator_address, "
                      "num_processes and process_id together (or none of them "
                      f"on Cloud TPU); got {explicit}")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -15,8 +15,9 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np  # noqa: E402
 
 from rtjax.compress import quantize  # noqa: E402
+from rtjax.models import quantized  # noqa: E402
 from rtjax.infer import CompiledModel, lowering, make_mesh  # noqa: E402
-from rtjax.train import load_checkpoint  # noqa: E402
+from rtjax.checkpoint import load_checkpoint  # noqa: E402
 
 MESHES = {"data_parallel": {"data": 8}, "tensor_parallel": {"model": 8},
           "data_and_tensor": {"data": 2, "model": 4}}
@@ -28,7 +29,7 @@ def main(paths):
     float_model, metadata = load_checkpoint(path)
     shape = metadata["model"]["args"]["input_shape"]
     int8 = quantize.int8_model(
-        float_model, quantize.quantization_spec("w8a8", mode="ptq"), shape)
+        float_model, quantized.quantization_spec("w8a8", mode="ptq"), shape)
     for kind, model in (("float", float_model), ("int8", int8)):
       report[f"{path}:{kind}"] = measure(model, shape)
   print(json.dumps(report))

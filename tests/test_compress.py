@@ -11,8 +11,10 @@ import pytest
 from flax import nnx
 
 from rtjax import models
+from rtjax.checkpoint import load_checkpoint
 from rtjax.compress import pruning, quantize, structured
-from rtjax.train import load_checkpoint
+from rtjax.errors import ConfigError
+from rtjax.models import quantized
 
 
 def lenet():
@@ -149,7 +151,7 @@ def test_rounding_of_kept_widths():
 def test_int8_conversion_round_trip(trained, tmp_path):
   model, metadata = load_checkpoint(trained[1])
   shape = metadata["model"]["args"]["input_shape"]
-  spec = quantize.quantization_spec("w8a8", mode="ptq")
+  spec = quantized.quantization_spec("w8a8", mode="ptq")
   int8 = quantize.int8_model(model, spec, shape)
   leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(int8)))
   qvalues = [leaf for path, leaf in leaves if "qvalue" in jax.tree_util.keystr(path)]
@@ -160,17 +162,17 @@ def test_int8_conversion_round_trip(trained, tmp_path):
   int8_out = np.asarray(models.inference_view(int8)(x))
   assert np.mean(np.argmax(float_out, -1) == np.argmax(int8_out, -1)) >= 0.9
   assert np.abs(float_out - int8_out).max() > 0  # really quantized
-  with pytest.raises(ValueError, match="unknown quantization scheme 'int3'"):
-    quantize.quantization_spec("int3")
+  with pytest.raises(ConfigError, match="unknown quantization scheme 'int3'"):
+    quantized.quantization_spec("int3")
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
   from configs import compress
-  from rtjax.train import train_and_evaluate
+  from rtjax.pipeline import run_pipeline
   config = compress.get_config("tiny")
   workdir = tmp_path_factory.mktemp("compress")
-  return config, workdir, train_and_evaluate(config, workdir)
+  return config, workdir, run_pipeline(config, workdir)
 
 
 def test_pipeline_lineage_and_reports(pipeline_run):
@@ -226,14 +228,14 @@ def test_int8_stage_holds_int8_and_matches_qat(pipeline_run):
 
 def test_rerun_skips_finished_and_resumes_unfinished(pipeline_run, tmp_path):
   import shutil
-  from rtjax.train import train_and_evaluate
+  from rtjax.pipeline import run_pipeline
   config, workdir, results = pipeline_run
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
   shutil.rmtree(copy / "qat" / "checkpoints" / "30")  # stopped after step 20
   assert (copy / "qat" / "checkpoints" / "20").exists()
   shutil.rmtree(copy / "int8")
-  again = train_and_evaluate(config, copy)
+  again = run_pipeline(config, copy)
   assert again["teacher"].metrics == results["teacher"].metrics  # skipped
   assert again["qat"].step == 30
   assert again["qat"].metrics["test"] == pytest.approx(

@@ -9,6 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from rtjax import config as config_lib
+from rtjax import pipeline
 from tests.conftest import REPO, run_module
 
 CONFIG_FILES = sorted(os.path.relpath(p, REPO)
@@ -31,7 +32,7 @@ def test_shipped_configs_validate_and_document_their_command(path):
   module = importlib.import_module(path[:-3].replace(os.sep, "."))
   assert module.__doc__.strip().startswith(
       "python -m experiments.main --config=" + path), module.__doc__
-  config_lib.validate(parse(f"--config={path}"))
+  pipeline.validate(parse(f"--config={path}"))
 
 
 def test_overrides_and_variants():

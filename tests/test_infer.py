@@ -12,7 +12,7 @@ import pytest
 from rtjax import models
 from rtjax.data import load_dataset
 from rtjax.infer import CompiledModel, fold_batchnorm, make_mesh, parse_mesh
-from rtjax.train import CheckpointError, load_checkpoint
+from rtjax.checkpoint import CheckpointError, load_checkpoint
 from tests.conftest import REPO, free_port, run_module
 
 

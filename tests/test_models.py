@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from rtjax import models
+from rtjax.errors import ConfigError
 
 
 def test_lenet5_is_the_classic_cifar_lenet5():
@@ -91,7 +92,7 @@ def test_flops_positive_for_every_family(name):
 
 
 def test_unknown_model_lists_known_ones():
-  with pytest.raises(ValueError, match="known models: lenet5, resnet, vit"):
+  with pytest.raises(ConfigError, match="known models: lenet5, resnet, vit"):
     models.create_model("alexnet", {})
 
 

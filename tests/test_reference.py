@@ -25,7 +25,7 @@ def flat_params(model):
 
 
 def test_old_checkpoint_loads_and_serves_the_recorded_logits():
-  from rtjax.train import load_checkpoint
+  from rtjax.checkpoint import load_checkpoint
   from rtjax.infer import CompiledModel
   images, logits, params = recorded()
   model, metadata = load_checkpoint(REFERENCE)
@@ -41,7 +41,7 @@ def test_old_checkpoint_loads_and_serves_the_recorded_logits():
 def test_tiny_run_reaches_the_recorded_parameters(tmp_path):
   from configs import default
   from rtjax.train import train_and_evaluate
-  from rtjax.train import load_checkpoint
+  from rtjax.checkpoint import load_checkpoint
   config = default.get_config("tiny")
   config.train.num_steps, config.train.warmup_steps = 20, 2
   config.checkpoint.every_steps = 10

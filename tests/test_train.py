@@ -16,8 +16,8 @@ from flax import nnx
 
 from rtjax import config as config_lib
 from rtjax.data import load_dataset
-from rtjax.train import (CheckpointError, load_checkpoint, read_metrics,
-                         train_and_evaluate)
+from rtjax.checkpoint import CheckpointError, load_checkpoint
+from rtjax.train import read_metrics, train_and_evaluate
 from tests.conftest import REPO, run_module
 
 
@@ -117,7 +117,7 @@ def test_workdir_of_another_architecture_is_refused(trained, tmp_path):
   shutil.copytree(workdir / "checkpoints", other / "checkpoints")
   changed = config.copy_and_resolve_references()
   changed.model.args.stage_widths = (16, 64)
-  with pytest.raises(config_lib.ConfigError, match="holds checkpoints of model"):
+  with pytest.raises(CheckpointError, match="holds checkpoints of model"):
     train_and_evaluate(changed, other)
 
 

@@ -1,2 +1,3 @@
-"""Compression stages: pruning (unstructured, N:M, structured), distillation,
-quantization (qwix QAT and int8 serving), chained by a config's `stages`."""
+"""Compression transforms: pruning masks (unstructured, N:M) as optax
+wrappers, structured shrinking, the distillation loss, int8 conversion with
+qwix. The pipeline (rtjax.pipeline) chains them as stages."""

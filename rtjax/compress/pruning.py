@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rtjax.models.groups import path_name
+
 
 def polynomial_sparsity(step, initial: float, final: float, begin_step: int,
                         end_step: int):
@@ -26,11 +28,6 @@ def polynomial_sparsity(step, initial: float, final: float, begin_step: int,
   span = max(end_step - begin_step, 1)
   progress = jnp.clip((step - begin_step) / span, 0.0, 1.0)
   return final + (initial - final) * (1.0 - progress) ** 3
-
-
-def path_name(path) -> str:
-  name = jax.tree_util.keystr(path, simple=True, separator="/")
-  return name.removesuffix("/value")  # an nnx.Variable's own leaf
 
 
 def prunable_tree(params, include: str = r"kernel$", exclude: str = "") -> object:

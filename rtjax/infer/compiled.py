@@ -23,7 +23,9 @@ from jax.experimental import multihost_utils
 from rtjax.infer import lowering as lowering_lib
 from rtjax.infer import mesh as mesh_lib
 from rtjax.infer.fold import fold_batchnorm
-from rtjax.train.checkpointing import load_checkpoint
+from rtjax.checkpoint import load_checkpoint
+from rtjax.errors import FlagError, InputError
+from rtjax.models.registry import tensor_parallel_rules
 
 DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
 
@@ -54,31 +56,35 @@ class CompiledModel:
     candidate, once per batch size."""
     if round_widths_to:
       if not spec or spec.get("quantization"):
-        raise ValueError("round_widths_to needs the float model's spec "
+        raise FlagError("round_widths_to needs the float model's spec "
                          "(metadata['model']) and no quantization")
       from rtjax.compress.structured import widen  # serving-only option
       model, _ = widen(model, spec["name"], spec["args"], round_widths_to)
     if isinstance(conv_lowering, str) and conv_lowering not in ("xla", "auto"):
-      raise ValueError(f"conv_lowering {conv_lowering!r}: use 'xla', 'auto' "
+      raise FlagError(f"conv_lowering {conv_lowering!r}: use 'xla', 'auto' "
                        f"or a {{layer path: (rows, cols)}} mapping")
     self.input_shape = tuple(int(d) for d in input_shape)
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
     self.batch_sizes = sorted(set(int(b) for b in batch_sizes))
+    if not self.batch_sizes or self.batch_sizes[0] < 1:
+      raise FlagError(f"batch sizes {list(batch_sizes)}: give one or more "
+                      "positive batch sizes, e.g. 1,8,64,256")
     data_size = self.mesh.shape[mesh_lib.DATA]
     bad = [b for b in self.batch_sizes if b % data_size]
     if bad:
-      raise ValueError(f"batch sizes {bad} do not divide over the mesh's "
+      raise FlagError(f"batch sizes {bad} do not divide over the mesh's "
                        f"data axis ({data_size}); use multiples of {data_size}")
     self.num_processes = jax.process_count()
     self.metadata: dict | None = None
     self.input_sharding = mesh_lib.batch_sharding(self.mesh)
     if embed_weights and self.mesh.shape[mesh_lib.MODEL] > 1:
-      raise ValueError("embed_weights copies every weight into the program, "
+      raise FlagError("embed_weights copies every weight into the program, "
                        "so a model axis could not split them: use a mesh "
                        "without one, or embed_weights=False")
     self.embed_weights = embed_weights
 
     served = fold_batchnorm(model)
+    self._rules = tensor_parallel_rules(model)
     self.conv_lowering: dict[int, lowering_lib.Lowering] = {}
     self.lowering_trials: dict[int, list[dict]] = {}
     self.states, self.executables = {}, {}
@@ -111,7 +117,7 @@ class CompiledModel:
       forward = lambda _, images: nnx.merge(graphdef, constants)(images)
     else:
       forward = lambda state, images: nnx.merge(graphdef, state)(images)
-    shardings = mesh_lib.weight_shardings(state, self.mesh)
+    shardings = mesh_lib.weight_shardings(state, self.mesh, self._rules)
     jitted = jax.jit(forward, in_shardings=(shardings, self.input_sharding),
                      out_shardings=self.input_sharding)
     return jitted, jax.device_put(state, shardings)
@@ -155,7 +161,7 @@ class CompiledModel:
   def __call__(self, images: np.ndarray) -> np.ndarray:
     images = np.asarray(images, np.float32)
     if images.shape[1:] != self.input_shape:
-      raise ValueError(f"inputs of shape {images.shape[1:]} given to a model "
+      raise InputError(f"inputs of shape {images.shape[1:]} given to a model "
                        f"compiled for {self.input_shape}")
     rows = len(images)
     if self.num_processes == 1 and rows in self.executables:

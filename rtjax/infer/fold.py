@@ -1,8 +1,9 @@
 """BatchNorm folding: a serving model computes conv(x) * s + t as one conv.
 
-Every BatchNorm attribute named `<layer>_bn` that follows a Conv or Linear
-`<layer>` in the same module is folded into that layer's kernel and bias and
-replaced by an identity, so serving graphs carry no normalization ops.
+Each model class declares its (layer, BatchNorm) pairs beside itself as
+`batchnorm_pairs`; every such BatchNorm is folded into its Conv or Linear
+layer's kernel and bias and replaced by an identity, so serving graphs carry
+no normalization ops.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ def fold_batchnorm(model: nnx.Module) -> nnx.Module:
   for _, module in list(nnx.iter_graph(model)):
     if not isinstance(module, nnx.Module):
       continue
-    for name, bn in list(vars(module).items()):
-      layer = getattr(module, name[:-3], None) if name.endswith("_bn") else None
+    for layer_name, bn_name in getattr(type(module), "batchnorm_pairs", ()):
+      layer, bn = getattr(module, layer_name), getattr(module, bn_name)
       if (isinstance(bn, nnx.BatchNorm) and isinstance(layer, (nnx.Conv,
                                                                 nnx.Linear))
           and isinstance(layer.kernel[...], jax.Array)):  # not int8 (qwix)
         _fold_into(layer, bn)
-        setattr(module, name, Identity())
+        setattr(module, bn_name, Identity())
   return model

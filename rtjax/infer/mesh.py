@@ -1,11 +1,11 @@
 """Device meshes and the shardings of serving weights.
 
 Axes: `data` splits the batch (data parallel); `model` splits weights (tensor
-parallel). Weight shardings come from logical rules on the parameter's path:
-attention q/k/v and the MLP's first layer are split by output units (so heads
-and hidden units land on different devices), the attention output and the
-MLP's second layer by input units; other kernels by output channels. A weight
-whose split dimension does not divide over `model` stays replicated.
+parallel). Weight shardings come from rules on the parameter's path that each
+model family declares beside its class (rtjax.models.registry: by default
+kernels split by output channels; the ViT splits attention heads and MLP
+units). A weight whose split dimension does not divide over `model` stays
+replicated.
 """
 
 from __future__ import annotations
@@ -17,21 +17,11 @@ from typing import Mapping, Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from rtjax.errors import FlagError
+from rtjax.models.groups import path_name
+from rtjax.models.registry import DEFAULT_TENSOR_PARALLEL_RULES
+
 DATA, MODEL = "data", "model"
-
-# (path regex, index of the dimension split over `model`, counted from the end).
-# int8 kernels (qwix) are kernel/array/{qvalue,scale}: split like the kernel.
-_KERNEL = r"kernel(/array/(qvalue|scale))?$"
-TENSOR_PARALLEL_RULES: tuple[tuple[str, int | None], ...] = (
-    (r"(^|/)(query|key|value|mlp_in)/" + _KERNEL, -1),
-    (r"(^|/)(query|key|value|mlp_in)/bias$", -1),
-    (r"(^|/)(out|mlp_out)/" + _KERNEL, -2),
-    (r"(^|/)(out|mlp_out)/bias$", None),
-    (r"(^|/)norm[^/]*/(scale|bias)$", None),
-    (r"(^|/)" + _KERNEL, -1),
-    (r"(^|/)bias$", -1),
-)
-
 
 def parse_mesh(text: str) -> dict[str, int]:
   """'data:4,model:2' -> {'data': 4, 'model': 2}."""
@@ -39,7 +29,7 @@ def parse_mesh(text: str) -> dict[str, int]:
   for part in filter(None, text.split(",")):
     name, _, size = part.partition(":")
     if name not in (DATA, MODEL) or not size.isdigit() or int(size) < 1:
-      raise ValueError(f"bad mesh axis {part!r} in {text!r}: write axes as "
+      raise FlagError(f"bad mesh axis {part!r} in {text!r}: write axes as "
                        f"{DATA}:N,{MODEL}:M with N, M >= 1")
     shape[name] = int(size)
   return shape
@@ -54,7 +44,7 @@ def make_mesh(shape: Mapping[str, int] | None = None,
   sizes = {DATA: shape.get(DATA, 1), MODEL: shape.get(MODEL, 1)}
   needed = math.prod(sizes.values())
   if needed != len(devices):
-    raise ValueError(
+    raise FlagError(
         f"mesh {sizes} needs {needed} devices but {len(devices)} are "
         f"available; choose axis sizes whose product is {len(devices)}")
   # Auto axes: XLA's sharding propagation places the activations (and the
@@ -64,8 +54,9 @@ def make_mesh(shape: Mapping[str, int] | None = None,
                        devices=devices)
 
 
-def _spec_for(path: str, shape: tuple[int, ...], model_size: int) -> P:
-  for pattern, split_dim in TENSOR_PARALLEL_RULES:
+def _spec_for(path: str, shape: tuple[int, ...], model_size: int,
+              rules) -> P:
+  for pattern, split_dim in rules:
     if re.search(pattern, path):
       if split_dim is None or model_size == 1:
         return P()
@@ -77,14 +68,14 @@ def _spec_for(path: str, shape: tuple[int, ...], model_size: int) -> P:
   return P()
 
 
-def weight_shardings(state, mesh: Mesh):
-  """NamedSharding for each weight of a serving state, by the rules above."""
+def weight_shardings(state, mesh: Mesh,
+                     rules=DEFAULT_TENSOR_PARALLEL_RULES):
+  """NamedSharding for each weight of a serving state, by a family's rules."""
   model_size = mesh.shape[MODEL]
 
   def sharding(path, leaf):
-    name = jax.tree_util.keystr(path, simple=True, separator="/")
-    name = name.removesuffix("/value")  # an nnx.Variable's own leaf
-    return NamedSharding(mesh, _spec_for(name, leaf.shape, model_size))
+    name = path_name(path)
+    return NamedSharding(mesh, _spec_for(name, leaf.shape, model_size, rules))
 
   return jax.tree_util.tree_map_with_path(sharding, state)
 

@@ -7,6 +7,7 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from rtjax.models.groups import Axis, Group
 from rtjax.models.registry import register
 
 
@@ -51,3 +52,26 @@ class LeNet5(nnx.Module):
     x = nnx.relu(self.fc1(x))
     x = nnx.relu(self.fc2(x))
     return self.head(x)
+
+  @staticmethod
+  def prunable_groups(args: dict) -> list[Group]:
+    h, w, _ = args["input_shape"]
+    positions = (((h - 4) // 2 - 4) // 2) * (((w - 4) // 2 - 4) // 2)
+    c1, c2 = args["conv_channels"]
+    f1, f2 = args["hidden"]
+    return [
+        Group("conv1", c1, [Axis("conv1/kernel", 3), Axis("conv1/bias", 0),
+                            Axis("conv2/kernel", 2)], [Axis("conv1/kernel", 3)]),
+        Group("conv2", c2, [Axis("conv2/kernel", 3), Axis("conv2/bias", 0),
+                            Axis("fc1/kernel", 0, tiles=positions)],
+              [Axis("conv2/kernel", 3)]),
+        Group("fc1", f1, [Axis("fc1/kernel", 1), Axis("fc1/bias", 0),
+                          Axis("fc2/kernel", 0)], [Axis("fc1/kernel", 1)]),
+        Group("fc2", f2, [Axis("fc2/kernel", 1), Axis("fc2/bias", 0),
+                          Axis("head/kernel", 0)], [Axis("fc2/kernel", 1)]),
+    ]
+
+  @staticmethod
+  def with_widths(args: dict, widths: dict) -> dict:
+    return {**args, "conv_channels": [widths["conv1"], widths["conv2"]],
+            "hidden": [widths["fc1"], widths["fc2"]]}

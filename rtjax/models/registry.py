@@ -7,10 +7,22 @@ from typing import Any, Callable
 
 from flax import nnx
 
+from rtjax.errors import ConfigError
+
 # Arguments every family takes from the dataset, never from the user's config.
 DATASET_ARGS = ("num_classes", "input_shape")
 
 _REGISTRY: dict[str, type[nnx.Module]] = {}
+
+# Tensor parallelism by parameter path: (path regex, dimension split over the
+# mesh's `model` axis counted from the end, or None: replicated). A family
+# class may declare its own `tensor_parallel_rules`; by default kernels split
+# by output channels. int8 kernels (qwix) are kernel/array/{qvalue,scale}.
+KERNEL = r"kernel(/array/(qvalue|scale))?$"
+DEFAULT_TENSOR_PARALLEL_RULES: tuple[tuple[str, int | None], ...] = (
+    (r"(^|/)" + KERNEL, -1),
+    (r"(^|/)bias$", -1),
+)
 
 
 def register(name: str) -> Callable[[type[nnx.Module]], type[nnx.Module]]:
@@ -31,7 +43,7 @@ def model_names() -> list[str]:
 
 def model_class(name: str) -> type[nnx.Module]:
   if name not in _REGISTRY:
-    raise ValueError(
+    raise ConfigError(
         f"unknown model {name!r}; known models: {', '.join(model_names())}")
   return _REGISTRY[name]
 
@@ -41,6 +53,12 @@ def model_arg_names(name: str) -> list[str]:
   params = inspect.signature(model_class(name).__init__).parameters
   return [p for p in params
           if p not in ("self", "rngs", *DATASET_ARGS)]
+
+
+def tensor_parallel_rules(model: nnx.Module) -> tuple:
+  """The sharding rules `model`'s family declares (or the default)."""
+  return getattr(type(model), "tensor_parallel_rules",
+                 DEFAULT_TENSOR_PARALLEL_RULES)
 
 
 def create_model(name: str, args: dict[str, Any], seed: int = 0) -> nnx.Module:

@@ -11,6 +11,7 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from rtjax.models.groups import Axis, Group, batchnorm_axes
 from rtjax.models.registry import register
 
 
@@ -24,6 +25,9 @@ def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int,
 
 class BasicBlock(nnx.Module):
   """conv3x3-BN-ReLU-conv3x3-BN plus a shortcut (1x1 conv-BN when shapes change)."""
+
+  batchnorm_pairs = (("conv1", "conv1_bn"), ("conv2", "conv2_bn"),
+                     ("proj", "proj_bn"))  # folded away for serving
 
   def __init__(self, in_ch: int, inner_ch: int, out_ch: int, stride: int,
                projection: bool, *, rngs: nnx.Rngs):
@@ -41,9 +45,78 @@ class BasicBlock(nnx.Module):
     return nnx.relu(y + shortcut)
 
 
+# ---- structured pruning: what a narrower ResNet keeps consistent ----------
+
+def _layout(args: dict):
+  """Per block: (stage, stride, projection); and the stream of each block."""
+  blocks, in_ch, index = [], args["stem_width"], 0
+  projections = args.get("projections")
+  for stage, (width, count, stride) in enumerate(zip(
+      args["stage_widths"], args["blocks_per_stage"], args["stage_strides"])):
+    for i in range(count):
+      s = stride if i == 0 else 1
+      proj = (projections[index] if projections is not None
+              else s != 1 or in_ch != width)
+      blocks.append((stage, proj))
+      in_ch, index = width, index + 1
+  return blocks
+
+
+def _prunable_groups(args: dict) -> list[Group]:
+  """Streams: the stem and the blocks joined by identity shortcuts share one
+  width (a residual stream); a projection starts a new stream."""
+  layout = _layout(args)
+  groups, streams = [], 0
+  stream = Group("stream0", args["stem_width"],
+                 [Axis("stem/kernel", 3), *batchnorm_axes("stem_bn")],
+                 [Axis("stem/kernel", 3), Axis("stem_bn/scale", 0)])
+  inner_widths = args.get("inner_widths") or [
+      args["stage_widths"][stage] for stage, _ in layout]
+  for i, (stage, proj) in enumerate(layout):
+    b = f"blocks/{i}"
+    stream.axes.append(Axis(f"{b}/conv1/kernel", 2))  # block input
+    if proj:
+      stream.axes.append(Axis(f"{b}/proj/kernel", 2))
+      groups.append(stream)
+      streams += 1
+      stream = Group(f"stream{streams}", args["stage_widths"][stage],
+                     [Axis(f"{b}/proj/kernel", 3), *batchnorm_axes(f"{b}/proj_bn")],
+                     [Axis(f"{b}/proj/kernel", 3), Axis(f"{b}/proj_bn/scale", 0)])
+    stream.axes += [Axis(f"{b}/conv2/kernel", 3), *batchnorm_axes(f"{b}/conv2_bn")]
+    stream.producers += [Axis(f"{b}/conv2/kernel", 3),
+                         Axis(f"{b}/conv2_bn/scale", 0)]
+    groups.append(Group(
+        f"{b}/inner", inner_widths[i],
+        [Axis(f"{b}/conv1/kernel", 3), *batchnorm_axes(f"{b}/conv1_bn"),
+         Axis(f"{b}/conv2/kernel", 2)],
+        [Axis(f"{b}/conv1/kernel", 3), Axis(f"{b}/conv1_bn/scale", 0)]))
+  stream.axes.append(Axis("head/kernel", 0))
+  groups.append(stream)
+  return groups
+
+
+def _with_widths(args: dict, widths: dict) -> dict:
+  layout = _layout(args)
+  # Stream k is the stem's for k=0; each projection opens the next one.
+  stream_of_block, k = [], 0
+  for _, proj in layout:
+    k += proj
+    stream_of_block.append(k)
+  stage_widths = list(args["stage_widths"])
+  for (stage, _), k in zip(layout, stream_of_block):
+    stage_widths[stage] = widths[f"stream{k}"]
+  return {**args, "stem_width": widths["stream0"], "stage_widths": stage_widths,
+          "inner_widths": [widths[f"blocks/{i}/inner"] for i in range(len(layout))],
+          "projections": [bool(p) for _, p in layout]}
+
+
 @register("resnet")
 class ResNet(nnx.Module):
   """Stem conv, stages of basic blocks, global average pool, dense head."""
+
+  batchnorm_pairs = (("stem", "stem_bn"),)  # folded away for serving
+  prunable_groups = staticmethod(_prunable_groups)
+  with_widths = staticmethod(_with_widths)
 
   def __init__(self,
                num_classes: int,

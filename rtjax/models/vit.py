@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rtjax.models.registry import register
+from rtjax.models.groups import Axis, Group, per_block
+from rtjax.models.registry import (DEFAULT_TENSOR_PARALLEL_RULES, KERNEL,
+                                   register)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -62,9 +64,57 @@ def _per_block(value: int | Sequence[int], depth: int, name: str) -> list[int]:
   return [int(v) for v in value]
 
 
+# ---- structured pruning: heads and MLP units per block ---------------------
+
+def _prunable_groups(args: dict) -> list[Group]:
+  depth, hd = args["depth"], args["head_dim"]
+  heads = per_block(args["num_heads"], depth)
+  mlps = per_block(args["mlp_dim"], depth)
+  groups = []
+  for i in range(depth):
+    a = f"blocks/{i}/attention"
+    qkv = [Axis(f"{a}/{n}/kernel", 1, block=hd) for n in ("query", "key", "value")]
+    groups.append(Group(
+        f"blocks/{i}/heads", heads[i],
+        [*qkv, *[Axis(f"{a}/{n}/bias", 0, block=hd)
+                 for n in ("query", "key", "value")],
+         Axis(f"{a}/out/kernel", 0, block=hd)],
+        [*qkv, Axis(f"{a}/out/kernel", 0, block=hd)], unit=hd))
+    b = f"blocks/{i}"
+    groups.append(Group(
+        f"{b}/mlp", mlps[i],
+        [Axis(f"{b}/mlp_in/kernel", 1), Axis(f"{b}/mlp_in/bias", 0),
+         Axis(f"{b}/mlp_out/kernel", 0)],
+        [Axis(f"{b}/mlp_in/kernel", 1), Axis(f"{b}/mlp_out/kernel", 0)]))
+  return groups
+
+
+def _with_widths(args: dict, widths: dict) -> dict:
+  depth = args["depth"]
+  return {**args,
+          "num_heads": [widths[f"blocks/{i}/heads"] for i in range(depth)],
+          "mlp_dim": [widths[f"blocks/{i}/mlp"] for i in range(depth)]}
+
+
 @register("vit")
 class ViT(nnx.Module):
   """Patches -> linear embedding + learned positions -> encoder -> mean pool -> head."""
+
+  # Tensor parallelism over the mesh's `model` axis, by parameter path:
+  # (path regex, dimension split, counted from the end; None: replicated).
+  # q/k/v and the MLP's first layer split by output units, so heads and
+  # hidden units land on different devices; the attention output and the
+  # MLP's second layer by input units (XLA adds the all-reduce).
+  tensor_parallel_rules = (
+      (r"(^|/)(query|key|value|mlp_in)/" + KERNEL, -1),
+      (r"(^|/)(query|key|value|mlp_in)/bias$", -1),
+      (r"(^|/)(out|mlp_out)/" + KERNEL, -2),
+      (r"(^|/)(out|mlp_out)/bias$", None),
+      (r"(^|/)norm[^/]*/(scale|bias)$", None),
+      *DEFAULT_TENSOR_PARALLEL_RULES,
+  )
+  prunable_groups = staticmethod(_prunable_groups)
+  with_widths = staticmethod(_with_widths)
 
   def __init__(self,
                num_classes: int,

@@ -1,11 +1,10 @@
-"""Training: optax loop, orbax checkpoints, resume, preemption, NaN guard."""
+"""Training one model: the step, the loop, metrics, preemption, NaN guard."""
 
-from rtjax.train.checkpointing import (CheckpointError, RunCheckpoints,
-                                       load_checkpoint)
 from rtjax.train.metrics import MetricWriter, read_metrics
-from rtjax.train.trainer import (NonFiniteLossError, TrainResult,
-                                 train_and_evaluate)
+from rtjax.train.step import CrossEntropy, train_step
+from rtjax.train.trainer import (NonFiniteLossError, Stage, TrainResult,
+                                 train_and_evaluate, train_model)
 
-__all__ = ["CheckpointError", "MetricWriter", "NonFiniteLossError",
-           "RunCheckpoints", "TrainResult", "load_checkpoint", "read_metrics",
-           "train_and_evaluate"]
+__all__ = ["CrossEntropy", "MetricWriter", "NonFiniteLossError", "Stage",
+           "TrainResult", "read_metrics", "train_and_evaluate", "train_model",
+           "train_step"]

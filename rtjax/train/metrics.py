@@ -1,4 +1,5 @@
-"""Metrics to JSON lines (for scripts) and TensorBoard event files (for people)."""
+"""Training metrics: a window of steps averaged on device (nnx.MultiMetric),
+written to JSON lines (for scripts) and TensorBoard event files (for people)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,32 @@ import json
 import time
 
 from etils import epath
+from flax import nnx
 from tensorboardX import SummaryWriter
+
+
+class TrainMetrics:
+  """Loss, gradient norm and accuracy averaged over the steps since the last
+  reset; the state lives on device (train_step updates it), so reading it
+  is the window's one host sync."""
+
+  NAMES = ("loss", "grad_norm", "accuracy")
+
+  def __init__(self):
+    self.graphdef, self._empty = nnx.split(nnx.MultiMetric(
+        **{name: nnx.metrics.Average(name) for name in self.NAMES}))
+    self.reset()
+
+  def reset(self) -> None:
+    self.state, self.steps, self.start = self._empty, 0, time.perf_counter()
+
+  def compute(self) -> dict[str, float]:
+    """Window means and steps_per_sec, as host floats."""
+    means = nnx.merge(self.graphdef, self.state).compute()
+    out = {name: float(value) for name, value in means.items()}
+    out["steps_per_sec"] = self.steps / max(time.perf_counter() - self.start,
+                                            1e-9)
+    return out
 
 
 class MetricWriter:

@@ -1,0 +1,161 @@
+"""What every entry point shares: the run wrapper that turns user errors into
+one line and exit code 2, the flags several commands take, and log filtering.
+
+  cli.run(main)                 instead of app.run(main)
+  cli.config(flag)              a --config flag's value; load errors are user errors
+  cli.batch_sizes(flag)         positive ints from a --batch_sizes list
+  cli.ServingFlags()            the serving options bench, predict, compare share
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import sys
+from typing import Callable
+
+import jax
+from absl import app, flags, logging
+
+from rtjax import distributed
+from rtjax.errors import ConfigError, FlagError, UserError
+
+
+def fail(message: str, code: int = 2) -> None:
+  """`error: <message>` on one line of stderr, then exit (2: user error)."""
+  sys.stderr.write("error: " + " ".join(str(message).split()) + "\n")
+  sys.stderr.flush()
+  sys.exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{e}; run with --helpfull to list the flags")
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """app.run(main) where a UserError ends as one line and exit code 2;
+  anything else keeps its traceback."""
+  def guarded(argv):
+    try:
+      return main(argv)
+    except UserError as e:
+      fail(str(e))
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+def config(flag):
+  """The value of a config_flags flag. ml_collections loads the file and
+  applies --config.* overrides lazily, raising plain Python errors; here they
+  become ConfigErrors that name the file or key."""
+  try:
+    return flag.value
+  except KeyError as e:  # a misspelled key in an override
+    raise ConfigError(f"--{flag.name}: unknown key {e.args[0]}. The keys are "
+                      "those of rtjax.config.base_config()") from None
+  except (OSError, ImportError, SyntaxError) as e:
+    raise ConfigError(f"--{flag.name}: the config file cannot be loaded "
+                      f"({e}); give an existing file such as "
+                      "configs/default.py, optionally with :variant") from None
+  except (ValueError, TypeError, AttributeError) as e:
+    raise ConfigError(f"--{flag.name}: {e}") from None
+
+
+def positive_ints(name: str, values: list[str]) -> list[int]:
+  """A --name=a,b,c list of positive integers, or a FlagError naming it."""
+  try:
+    numbers = [int(v) for v in values]
+  except ValueError:
+    numbers = []
+  if not numbers or any(n < 1 for n in numbers):
+    raise FlagError(f"--{name}={','.join(values)}: give positive integers "
+                    f"separated by commas, e.g. --{name}=1,256")
+  return numbers
+
+
+# ---- flags several commands take ------------------------------------------
+
+def define_checkpoint(help: str = "Workdir, its checkpoints/ or one step "
+                      "directory.", required: bool = True):
+  return flags.DEFINE_string("checkpoint", None, help, required=required)
+
+
+def define_batch_sizes(default: list[str], help: str = "Batch sizes."):
+  return flags.DEFINE_list("batch_sizes", default, help)
+
+
+def batch_sizes(flag) -> list[int]:
+  """A batch-size list flag's values, validated."""
+  return positive_ints(flag.name, flag.value)
+
+
+class MultihostFlags:
+  """How a command joins a multi-process run: --multihost on Cloud TPU (jax
+  finds the hosts), or --coordinator_address/--num_processes/--process_id."""
+
+  def __init__(self):
+    self.multihost = flags.DEFINE_bool(
+        "multihost", False, "Cloud TPU VM / pod slice: "
+        "jax.distributed.initialize() detects the hosts (experiments.launch "
+        "sets this).")
+    self.coordinator = flags.DEFINE_string(
+        "coordinator_address", None, "host:port of process 0, for "
+        "multi-process runs outside Cloud TPU (with --num_processes and "
+        "--process_id).")
+    self.num_processes = flags.DEFINE_integer("num_processes", None,
+                                              "Processes in the run.")
+    self.process_id = flags.DEFINE_integer("process_id", None,
+                                           "This process's index.")
+
+  def initialize(self) -> None:
+    """Before anything touches a device."""
+    if self.multihost.value or self.coordinator.value:
+      distributed.initialize(self.coordinator.value, self.num_processes.value,
+                             self.process_id.value)
+
+
+class ServingFlags:
+  """The serving options bench, predict and compare share; define once per
+  entry point at module level, call setup() first in main()."""
+
+  def __init__(self):
+    self.conv_lowering = flags.DEFINE_string(
+        "conv_lowering", "xla", "xla: XLA's convolutions; auto: time XLA's "
+        "conv and banded matmuls per conv layer and batch size, keep the "
+        "fastest; or pin a choice of output block rows x cols, e.g. "
+        "conv1:4x4,conv2:1x5.")
+    self.embed_weights = flags.DEFINE_bool(
+        "embed_weights", False, "Compile the weights into the executables as "
+        "constants (small models; no model mesh axis).")
+    self.async_dispatch = flags.DEFINE_bool(
+        "cpu_async_dispatch", False, "Keep jax's asynchronous CPU dispatch. "
+        "Off by default here: handing each call to a worker thread costs "
+        "more than a small batch-1 call takes.")
+
+  def setup(self) -> dict:
+    """Before any JAX computation creates the CPU client (the dispatch mode
+    is fixed then); also quiets orbax's INFO logs. Returns CompiledModel's
+    serving options."""
+    from rtjax.infer.lowering import parse_lowering  # jax/flax: serving only
+    quiet_orbax()
+    jax.config.update("jax_cpu_enable_async_dispatch",
+                      self.async_dispatch.value)
+    try:
+      lowering = parse_lowering(self.conv_lowering.value)
+    except ValueError as e:
+      raise FlagError(f"--conv_lowering: {e}") from None
+    return {"conv_lowering": lowering, "embed_weights": self.embed_weights.value}
+
+
+# ---- logs -----------------------------------------------------------------
+
+def _not_orbax_info(record) -> bool:
+  # record.levelno is a Python level: absl's logging.WARNING is 1, not 30.
+  return "orbax" not in record.pathname or record.levelno >= std_logging.WARNING
+
+
+def quiet_orbax() -> None:
+  """Orbax logs every file operation at INFO; keep its warnings and errors.
+  Call in main(), once absl has installed its handler."""
+  logging.get_absl_handler().addFilter(_not_orbax_info)

@@ -1,0 +1,126 @@
+"""Everything a checkpoint path alone must rebuild: the model (from its
+metadata's spec, weights restored), its bytes on disk and its dataset."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rtjax.checkpoint import stamp
+from rtjax.checkpoint.store import ITEMS, READ_ERRORS, absolute
+from rtjax.data import Dataset, load_dataset
+from rtjax.errors import CheckpointError
+from rtjax.models import abstract_model, create_model
+from rtjax.models.quantized import rebuild
+
+
+def model_from_spec(spec: dict) -> nnx.Module:
+  """The model a checkpoint's metadata['model'] describes, weights not loaded.
+
+  Float models are built abstract (shapes only); quantized ones are wrapped by
+  qwix exactly as when they were saved.
+  """
+  if not spec.get("quantization"):
+    return abstract_model(spec["name"], spec["args"])
+  return rebuild(create_model(spec["name"], spec["args"]),
+                 spec["quantization"], spec["args"]["input_shape"])
+
+
+def _manager(directory: epath.Path) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True,
+                                                      create=False),
+      item_names=ITEMS)
+
+
+def _finished_steps(directory: epath.Path) -> list[int]:
+  manager = _manager(directory)
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
+def resolve(path: epath.PathLike) -> tuple[epath.Path, int]:
+  """(checkpoints directory, step) for a workdir, its checkpoints/ directory
+  (the newest finished step) or one step directory."""
+  path = absolute(path)
+  if not path.exists():
+    raise CheckpointError(f"no checkpoint at {path}: the path does not exist")
+  if path.name.isdigit() and int(path.name) in _finished_steps(path.parent):
+    return path.parent, int(path.name)
+  if ".orbax-checkpoint-tmp" in path.name:
+    raise CheckpointError(
+        f"{path} is a half-written (temporary) orbax checkpoint: its save "
+        "never finished. Use a finished step directory or the run's workdir.")
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  steps = _finished_steps(path) if path.is_dir() else []
+  if not steps:
+    raise CheckpointError(
+        f"{path} holds no finished rtjax checkpoint (expected a run's "
+        "workdir, its checkpoints/ directory or one of its step directories)")
+  return path, steps[-1]
+
+
+def model_bytes(path: epath.PathLike) -> int:
+  """Bytes on disk of a checkpoint's model item (what serving loads); `path`
+  as for load_checkpoint (workdir, checkpoints/ or a step directory)."""
+  directory, step = resolve(path)
+  return sum((root / name).stat().length
+             for root, _, files in (directory / str(step) / "model").walk()
+             for name in files)
+
+
+def load_checkpoint(path: epath.PathLike) -> tuple[nnx.Module, dict]:
+  """Rebuilds a model from a checkpoint alone: (model in its saved state, metadata).
+
+  `path` may be a run's workdir, its checkpoints/ directory (latest step is
+  used) or one step directory. A damaged, corrupted or newer-schema
+  checkpoint is a CheckpointError naming the step; nothing is changed.
+  """
+  directory, step = resolve(path)
+  where = directory / str(step)
+  manager = _manager(directory)
+  try:
+    metadata = dict(manager.restore(step, args=ocp.args.Composite(
+        metadata=ocp.args.JsonRestore())).metadata)
+    stamp.check_schema(metadata, where)
+    model = model_from_spec(metadata["model"])
+    state = nnx.state(model)
+    # Replicated on every current device (of every process), whatever mesh
+    # wrote the checkpoint; serving re-shards from there.
+    replicated = NamedSharding(Mesh(jax.devices(), ("all",)), PartitionSpec())
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        nnx.to_pure_dict(state))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(target)))
+    stamp.check_digest(metadata, restored.model, where)
+  except CheckpointError:
+    raise
+  except READ_ERRORS as e:
+    raise CheckpointError(
+        f"checkpoint {where} cannot be restored ({type(e).__name__}: "
+        f"{' '.join(str(e).split())[:300]}); it may be truncated or written "
+        "by another architecture") from e
+  finally:
+    manager.close()
+  nnx.replace_by_pure_dict(state, restored.model)
+  nnx.update(model, state)
+  return model, metadata
+
+
+def checkpoint_dataset(metadata: dict, data_overrides: dict | None = None
+                       ) -> Dataset:
+  """The dataset (and split seed) a checkpoint was trained on, optionally
+  with config.data keys replaced (e.g. a new data.dir on another machine)."""
+  config = ml_collections.ConfigDict(metadata["config"])
+  if data_overrides:
+    with config.unlocked():
+      config.data.update(data_overrides)
+  return load_dataset(config.data, config.seed)

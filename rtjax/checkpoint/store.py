@@ -1,0 +1,191 @@
+"""The orbax CheckpointManager of one run directory, with rtjax's metadata.
+
+A run's checkpoints live in `<dir>/<step>/` with three items:
+  model     the model's full state (params and BatchNorm stats) as a plain
+            nested dict, readable by plain orbax without rtjax;
+  opt_state the optax state, only needed to resume training;
+  metadata  JSON: model name and constructor args, dataset, config, stage,
+            parent, step, metrics (enough to rebuild the model alone) and the
+            stamp of rtjax.checkpoint.stamp (schema, versions, content hash).
+Orbax decides which steps are finished (a temporary directory locally, a
+commit marker on gs://), when a step is due (save_interval_steps) and when
+all hosts have reached a preemption point. A newest step that cannot be
+restored is moved aside and the run resumes from the newest intact one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from rtjax.checkpoint import stamp
+from rtjax.errors import CheckpointError
+
+ITEMS = ("model", "opt_state", "metadata")
+# Errors orbax, tensorstore and json raise for missing, truncated or
+# garbled files of a step (json.JSONDecodeError is a ValueError).
+READ_ERRORS = (ValueError, OSError, KeyError, TypeError, CheckpointError)
+
+
+def absolute(path: epath.PathLike) -> epath.Path:
+  """Orbax wants absolute paths: resolve local ones, keep gs:// as given."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
+def _abstract(tree):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class RunCheckpoints:
+  """Save, find and restore the steps of one checkpoint directory."""
+
+  def __init__(self, directory: epath.PathLike, max_to_keep: int = 2,
+               save_every: int | None = None, read_only: bool = False):
+    self.directory = absolute(directory)
+    self._options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        # The interval alone: the trainer asks about preemption itself (the
+        # sync point is a collective, called once per step), and a step
+        # is due whether or not the previous save is still being written.
+        save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(
+            save_every or 1),
+        enable_should_save_is_saving_in_progress_check=False)
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(self.directory, options=self._options,
+                                 item_names=ITEMS)
+
+  def steps(self) -> list[int]:
+    """Finished steps, oldest first (orbax's view: no temporary ones)."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    """Due by the save interval (and not saved yet)."""
+    return self._manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process at the same step once any one was told to stop
+    (jax.distributed's preemption sync; False when not initialised)."""
+    return self._manager.reached_preemption(step)
+
+  def save(self, step: int, model_state: nnx.State, opt_state: Any,
+           metadata: dict, host_arrays: bool = False) -> None:
+    """Asynchronous: returns once arrays are copied off the device.
+
+    `host_arrays` saves the model as plain numpy arrays (no per-array
+    sharding records): the lean form of serving-only checkpoints.
+    """
+    model = nnx.to_pure_dict(model_state)
+    if host_arrays:
+      model = jax.device_get(model)
+    items = {"model": ocp.args.StandardSave(model),
+             "metadata": ocp.args.JsonSave({**metadata, **stamp.stamp(model)})}
+    if opt_state is not None:  # serving-only checkpoints (int8) have none
+      items["opt_state"] = ocp.args.StandardSave(opt_state)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def metadata(self, step: int) -> dict:
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    metadata = dict(restored.metadata)
+    stamp.check_schema(metadata, self.directory / str(step))
+    return metadata
+
+  def restore(self, step: int, model_state: nnx.State,
+              opt_state: Any) -> tuple[nnx.State, Any]:
+    """Restores into the structure (and shardings) of the given templates,
+    checking the content hash the step recorded."""
+    metadata = self.metadata(step)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(
+            _abstract(nnx.to_pure_dict(model_state))),
+        opt_state=ocp.args.StandardRestore(_abstract(opt_state))))
+    stamp.check_digest(metadata, restored.model, self.directory / str(step))
+    nnx.replace_by_pure_dict(model_state, restored.model)
+    return model_state, restored.opt_state
+
+  def restore_latest(self, model_state: nnx.State, opt_state: Any,
+                     check: Callable[[dict], None] = lambda metadata: None
+                     ) -> tuple[int, nnx.State, Any]:
+    """(step, model state, opt state) of the newest intact step, or step 0
+    and the templates when there is none yet.
+
+    `check(metadata)` may refuse a step for the user's reasons (another
+    architecture): its error propagates. A step that cannot be read is
+    damaged: all processes agree on it, process 0 moves it aside under a name
+    orbax does not read as a step, and the next older one is tried.
+    """
+    damaged = []
+    for step in reversed(self.steps()):
+      try:
+        metadata = self.metadata(step)
+      except READ_ERRORS as e:
+        metadata, error = None, e
+      if metadata is not None:
+        check(metadata)
+        try:
+          state, opt = self.restore(step, model_state, opt_state)
+          error = None
+        except READ_ERRORS as e:
+          error = e
+      if _everywhere(error is None):
+        return step, state, opt
+      reason = _reason(error) if error else "unreadable on another process"
+      damaged.append(f"step {step} ({reason})")
+      logging.warning("checkpoint step %d in %s is damaged: %s", step,
+                      self.directory, reason)
+      self._move_aside(step, reason)
+    if damaged:
+      raise CheckpointError(
+          f"no intact checkpoint in {self.directory}: {'; '.join(damaged)} "
+          "(moved aside as damaged-step-*). Restore them from a copy, or "
+          "use a new --workdir to start over")
+    return 0, model_state, opt_state
+
+  def _move_aside(self, step: int, reason: str) -> None:
+    self._manager.close()
+    if jax.process_index() == 0:
+      target = self.directory / f"damaged-step-{step}-{int(time.time())}"
+      (self.directory / str(step)).rename(target)
+      logging.warning("moved damaged step %d to %s; resuming from the newest "
+                      "intact step", step, target)
+    _barrier(f"rtjax_moved_aside_{step}")
+    self._manager = self._open()
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _reason(error: BaseException) -> str:
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text[:300]}"
+
+
+def _everywhere(ok: bool) -> bool:
+  """True when `ok` holds on every process (one small collective)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

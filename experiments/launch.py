@@ -4,15 +4,16 @@
       --accelerator_type=v5litepod-8 --create --delete_after -- \
       --config=configs/default.py:tpu --workdir=gs://my-bucket/runs/default
 
-Everything after `--` goes to `python -m experiments.main` on each worker.
+Everything after `--` goes to `python -m experiments.main` on each worker, run
+in a virtual environment that the setup step builds there with uv.
 --dry_run prints the exact commands and runs nothing.
 """
 
 import shlex
-import sys
 
-from absl import app, flags, logging
+from absl import flags
 
+from experiments import cli
 from rtjax import tpu
 
 _TPU = flags.DEFINE_string("tpu", None, "TPU name.", required=True)
@@ -20,8 +21,10 @@ _ZONE = flags.DEFINE_string("zone", None, "GCP zone.", required=True)
 _PROJECT = flags.DEFINE_string("project", None, "GCP project.", required=True)
 _ACCELERATOR = flags.DEFINE_string("accelerator_type", "v5litepod-8",
                                    "e.g. v4-8, v5litepod-8, v5p-16, v6e-8.")
-_RUNTIME = flags.DEFINE_string("runtime_version", "", "TPU software version; "
-                               "default: the generation's published one.")
+_RUNTIME = flags.DEFINE_string(
+    "runtime_version", "", "TPU software version (gcloud --version); default: "
+    "the one Google lists for the generation, " + ", ".join(
+        f"{g}: {v}" for g, v in tpu.RUNTIME_VERSIONS.items()) + ".")
 _CREATE = flags.DEFINE_bool("create", False, "Create the TPU first.")
 _QUEUED = flags.DEFINE_bool("queued", False, "Create through queued resources.")
 _SPOT = flags.DEFINE_bool("spot", False, "Spot (preemptible) capacity.")
@@ -55,11 +58,10 @@ def main(argv):
     return
   try:
     tpu.launch(plan)
-  except tpu.LaunchError as e:
-    logging.error("%s", e)
-    sys.exit(1)
+  except tpu.RemoteCommandError as e:
+    cli.fail(str(e), code=1)
   print(f"done: {plan.workers} worker(s); logs in {_LOG_DIR.value}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

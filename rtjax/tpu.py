@@ -2,6 +2,11 @@
 pod slice), ship the code to every worker, run an experiment on all of them
 and delete the TPU, and a runner that executes them with one log per worker.
 
+The workers' own python3 is too old for rtjax (the runtime images are Ubuntu
+22.04 with Python 3.10; jax >= 0.7 needs 3.11), so setup builds a virtual
+environment with uv, which fetches a supported Python, and every remote
+command runs rtjax with that environment's interpreter.
+
 Every value reaches the remote shell through shlex.quote, and local commands
 run without a shell, so no flag value can inject a command.
 """
@@ -19,7 +24,10 @@ from typing import Sequence
 
 from etils import epath
 
-# Published TPU VM software versions per generation (gcloud --version flag).
+from rtjax import errors
+
+# The TPU software version (gcloud --version) Google lists for JAX per
+# generation: https://cloud.google.com/tpu/docs/runtimes
 RUNTIME_VERSIONS = {
     "v4": "tpu-ubuntu2204-base",
     "v5litepod": "v2-alpha-tpuv5-lite",
@@ -29,10 +37,10 @@ RUNTIME_VERSIONS = {
 
 
 def parse_accelerator(accelerator_type: str) -> tuple[str, int]:
-  """'v5litepod-8' -> ('v5litepod', 8); unknown generations are an error."""
+  """'v5litepod-8' -> ('v5litepod', 8); an unknown type is the user's to fix."""
   match = re.fullmatch(r"(v4|v5litepod|v5p|v6e)-(\d+)", accelerator_type)
   if not match:
-    raise ValueError(
+    raise errors.LaunchError(
         f"unknown accelerator type {accelerator_type!r}; expected one of "
         f"{', '.join(g + '-N' for g in RUNTIME_VERSIONS)} (e.g. v5litepod-8)")
   return match.group(1), int(match.group(2))
@@ -56,6 +64,9 @@ class TpuSpec:
   runtime_version: str = ""
   spot: bool = False
   queued: bool = False
+
+  def __post_init__(self):
+    parse_accelerator(self.accelerator_type)  # fail before any gcloud call
 
   @property
   def runtime(self) -> str:
@@ -122,9 +133,27 @@ def copy_command(tpu: TpuSpec, archive: str) -> list[str]:
           f"{tpu.name}:{ARCHIVE}", *tpu._where(), "--worker=all"]
 
 
+# The environment rtjax runs in on every worker, inside the code directory
+# (git ignores .venv, so a copied archive never carries a local one), and the
+# Python uv builds it with: one that jax and rtjax support.
+VENV = ".venv"
+PYTHON = f"{VENV}/bin/python"
+PYTHON_VERSION = "3.12"
+
+# Ends whatever holds the TPU (a crashed or stopped run: the processes with
+# /dev/accel* (v4) or /dev/vfio/* (v5e and later) open), not a process name,
+# so other programs on the VM live on. TERM first for a clean exit, KILL what
+# still holds it after 10 s.
+_HOLDERS = "sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null"
+STOP_SCRIPT = (
+    f"{_HOLDERS} | xargs -r sudo kill -TERM; "
+    f"for i in 1 2 3 4 5 6 7 8 9 10; do test -z \"$({_HOLDERS})\" && break; "
+    f"sleep 1; done; {_HOLDERS} | xargs -r sudo kill -KILL; true")
+
+
 def setup_script(remote_dir: str, git_url: str = "", git_ref: str = "") -> str:
   """Fetch the code (unpack the copied archive, or git), free a TPU held by an
-  earlier run, install rtjax[tpu]."""
+  earlier run, build the venv and install rtjax[tpu] into it."""
   d = shlex.quote(remote_dir)
   steps = []
   if not git_url:
@@ -133,25 +162,29 @@ def setup_script(remote_dir: str, git_url: str = "", git_ref: str = "") -> str:
     steps.append(f"(test -d {d}/.git || git clone {shlex.quote(git_url)} {d})")
     steps.append(f"git -C {d} fetch --all --quiet")
     steps.append(f"git -C {d} checkout --quiet {shlex.quote(git_ref or 'main')}")
+  python = shlex.quote(PYTHON)
   steps += [
-      # A crashed run can keep /dev/accel* open or leave libtpu's lockfile.
-      "(sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | xargs -r sudo kill -9 || true)",
-      "sudo rm -f /tmp/libtpu_lockfile",
+      f"({STOP_SCRIPT})",
+      "sudo rm -f /tmp/libtpu_lockfile",  # a killed run leaves libtpu's lock
+      # uv into the user's site by the image's python3 (the variable only
+      # matters on images whose pip refuses user installs, PEP 668).
+      "PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --user --quiet "
+      "--upgrade uv",
       f"cd {d}",
-      "python3 -m pip install --quiet --upgrade pip",
-      "python3 -m pip install --quiet -e '.[tpu]'",
+      f"python3 -m uv venv --quiet --clear --python "
+      f"{shlex.quote(PYTHON_VERSION)} {shlex.quote(VENV)}",
+      f"python3 -m uv pip install --quiet --python {python} -e "
+      f"{shlex.quote('.[tpu]')}",
   ]
   return " && ".join(steps)
 
 
 def run_script(remote_dir: str, main_args: Sequence[str]) -> str:
-  """experiments.main on one worker; JAX finds the other hosts itself."""
+  """experiments.main on one worker, in the venv; JAX finds the other hosts
+  itself."""
   args = " ".join(shlex.quote(a) for a in main_args)
-  return (f"cd {shlex.quote(remote_dir)} && python3 -m experiments.main "
-          f"--multihost {args}")
-
-
-STOP_SCRIPT = "pkill -f 'experiments.main' || true"
+  return (f"cd {shlex.quote(remote_dir)} && {shlex.quote(PYTHON)} -m "
+          f"experiments.main --multihost {args}")
 
 
 @dataclasses.dataclass
@@ -194,16 +227,17 @@ class LaunchPlan:
     return out
 
 
-class LaunchError(RuntimeError):
-  pass
+class RemoteCommandError(RuntimeError):
+  """A gcloud command or a worker's run failed: not a bad argument, so not a
+  UserError; the launcher names it and exits with code 1."""
 
 
 def _run(command: list[str], log: epath.Path | None = None) -> None:
   with (log.open("w") if log else open("/dev/null", "w")) as out:
     result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
   if result.returncode:
-    raise LaunchError(f"command failed with exit code {result.returncode}: "
-                      f"{shlex.join(command)}")
+    raise RemoteCommandError(f"command failed with exit code "
+                             f"{result.returncode}: {shlex.join(command)}")
 
 
 def _wait_until_active(command: list[str], timeout_s: float,
@@ -214,7 +248,8 @@ def _wait_until_active(command: list[str], timeout_s: float,
     if state == "ACTIVE":
       return
     if state in ("FAILED", "SUSPENDED") or time.monotonic() > deadline:
-      raise LaunchError(f"queued resource did not become ACTIVE (state {state!r})")
+      raise RemoteCommandError(
+          f"queued resource did not become ACTIVE (state {state!r})")
     time.sleep(poll_s)
 
 
@@ -246,7 +281,7 @@ def run_on_workers(plan: LaunchPlan, log_dir: epath.Path,
       # The remote processes outlive a killed ssh: stop them on every worker.
       subprocess.run(ssh_command(plan.tpu, "all", STOP_SCRIPT),
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-      raise LaunchError(
+      raise RemoteCommandError(
           f"worker {failed} failed with exit code "
           f"{procs[failed][0].returncode}; stopped the other workers. Its log: "
           f"{log_dir / f'worker-{failed}.log'}")

@@ -1,8 +1,10 @@
-"""Cloud TPU launcher: dry-run commands, quoting, the whole flow against a fake
-gcloud (one worker failing stops the rest), and multi-process training."""
+"""Cloud TPU launcher: dry-run commands, quoting, user errors, the whole flow
+against a fake gcloud (every remote python is the venv's; one worker failing
+stops the rest by their TPU devices), and multi-process training."""
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -10,8 +12,9 @@ import tarfile
 
 import pytest
 
-from rtjax import tpu
-from rtjax.train import load_checkpoint, read_metrics
+from rtjax import errors, tpu
+from rtjax.checkpoint import load_checkpoint
+from rtjax.train.metrics import read_metrics
 from tests.conftest import REPO, free_port, run_module
 
 NASTY = ["--config=configs/default.py:tiny",
@@ -31,10 +34,13 @@ def dry_run(*flags):
     ("v4-8", 1, "tpu-ubuntu2204-base"), ("v4-32", 4, "tpu-ubuntu2204-base"),
     ("v5litepod-8", 1, "v2-alpha-tpuv5-lite"), ("v5litepod-16", 4, "v2-alpha-tpuv5-lite"),
     ("v5p-16", 2, "v2-alpha-tpuv5"), ("v6e-8", 1, "v2-alpha-tpuv6e")])
-def test_dry_run_commands(accelerator, workers, runtime):
-  lines = dry_run(f"--accelerator_type={accelerator}", "--create",
-                  "--delete_after", "--", "--config=configs/default.py:tpu")
-  commands = [shlex.split(line) for line in lines]
+def test_commands_per_accelerator(accelerator, workers, runtime):
+  # In process: the launcher takes seconds to start; the flag plumbing is
+  # covered by the dry runs and the fake-gcloud flow below.
+  commands = tpu.LaunchPlan(
+      tpu.TpuSpec("rt", "us-west4-a", "proj", accelerator),
+      main_args=["--config=configs/default.py:tpu"], create=True,
+      delete_after=True).commands()
   assert commands[0][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
   assert f"--accelerator-type={accelerator}" in commands[0]
   assert f"--version={runtime}" in commands[0]
@@ -70,8 +76,19 @@ def test_no_argument_can_inject_a_command():
 
 
 def test_unknown_accelerator_is_named():
-  with pytest.raises(ValueError, match="unknown accelerator type 'v9-8'"):
+  with pytest.raises(errors.LaunchError, match="unknown accelerator type 'v9-8'"):
     tpu.num_workers("v9-8")
+  with pytest.raises(errors.LaunchError):  # before any command is built
+    tpu.TpuSpec("rt", "z", "p", "v9-8", runtime_version="tpu-ubuntu2204-base")
+
+
+def test_unknown_accelerator_is_one_line_and_exit_code_2():
+  result = run_module("experiments.launch", "--tpu=rt", "--zone=z",
+                      "--project=p", "--accelerator_type=v9-8", "--dry_run")
+  assert result.returncode == 2
+  lines = result.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+  assert "v9-8" in lines[0] and "Traceback" not in result.stderr
 
 
 def test_source_archive_holds_tracked_files_only(tmp_path):
@@ -117,6 +134,31 @@ def fake_gcloud(tmp_path):
   return env, calls, done
 
 
+def shell_steps(remote: str) -> list[list[str]]:
+  """The `&&`-joined steps of a remote command as the worker's shell splits
+  them, without leading VAR=value assignments."""
+  steps = [[]]
+  for word in shlex.split(remote):
+    if word == "&&":
+      steps.append([])
+    elif steps[-1] or not re.fullmatch(r"[A-Z_]+=\S*", word):
+      steps[-1].append(word)
+  return steps
+
+
+def assert_python_is_the_venvs(remote: str) -> None:
+  """The image's python3 (3.10 on the TPU runtime images) only installs and
+  runs uv; every other python the command names is the venv's."""
+  for step in shell_steps(remote):
+    for i, word in enumerate(step):
+      if not re.fullmatch(r"(\S*/)?python[0-9.]*", word):
+        continue
+      installs_uv = (step[:5] == ["python3", "-m", "pip", "install", "--user"]
+                     and step[-1] == "uv")
+      assert word == tpu.PYTHON or i == 0 and (
+          installs_uv or step[:3] == ["python3", "-m", "uv"]), step
+
+
 def launch(env, tmp_path, *extra):
   return run_module("experiments.launch", "--tpu=rt", "--zone=z",
                     "--project=p", "--accelerator_type=v4-32", "--create",
@@ -133,6 +175,21 @@ def test_whole_flow_create_copy_run_delete(fake_gcloud, tmp_path):
   assert steps[0] == ("tpu-vm", "create") and steps[-1] == ("tpu-vm", "delete")
   assert steps[1] == ("tpu-vm", "scp") and steps[2] == ("tpu-vm", "ssh")
   assert sorted(os.listdir(done)) == ["0", "1", "2", "3"]  # all 4 workers ran
+  remotes = [c[-1].removeprefix("--command=") for c in calls() if c[3] == "ssh"]
+  for remote in remotes:
+    assert_python_is_the_venvs(remote)
+  setup, runs = shell_steps(remotes[0]), remotes[1:]
+  assert tpu.PYTHON == f"{tpu.VENV}/bin/python"
+  venv = next(s for s in setup if s[:4] == ["python3", "-m", "uv", "venv"])
+  version = venv[venv.index("--python") + 1]
+  assert tuple(map(int, version.split("."))) >= (3, 11)  # what rtjax needs
+  assert venv[-1] == tpu.VENV
+  install = next(s for s in setup if s[3:5] == ["pip", "install"])
+  assert install[:3] == ["python3", "-m", "uv"] and ".[tpu]" in install
+  assert install[install.index("--python") + 1] == tpu.PYTHON
+  assert len(runs) == 4 and all(
+      shell_steps(r)[1][:3] == [tpu.PYTHON, "-m", "experiments.main"]
+      for r in runs)
   logs = sorted(os.listdir(tmp_path / "logs"))
   assert [f"worker-{i}.log" for i in range(4)] == [l for l in logs if l.startswith("worker")]
   with tarfile.open(tmp_path / "logs" / tpu.ARCHIVE) as tar:
@@ -145,10 +202,15 @@ def test_failing_worker_stops_the_rest_and_is_named(fake_gcloud, tmp_path):
   env.update(FAKE_GCLOUD_FAIL_WORKER="1", FAKE_GCLOUD_RUN_SECONDS="60")
   result = launch(env, tmp_path)
   assert result.returncode == 1
-  assert "worker 1 failed with exit code 3" in result.stderr
+  assert result.stderr.startswith("error: worker 1 failed with exit code 3")
+  assert "Traceback" not in result.stderr
   assert os.listdir(done) == []  # the others were stopped, not waited for
   stop = [c for c in calls() if "--command=" + tpu.STOP_SCRIPT in c]
   assert stop and "--worker=all" in stop[0]
+  # It ends what holds the TPU's device files, not whatever matches a name.
+  assert "/dev/accel*" in tpu.STOP_SCRIPT and "/dev/vfio/*" in tpu.STOP_SCRIPT
+  assert not any("pkill" in word for call in calls() for word in call)
+  assert tpu.STOP_SCRIPT in calls()[2][-1]  # setup frees the TPU the same way
   assert calls()[-1][2:4] == ["tpu-vm", "delete"]  # deleted even on failure
 
 

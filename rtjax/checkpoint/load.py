@@ -32,8 +32,7 @@ def model_from_spec(spec: dict) -> nnx.Module:
 
 def _manager(directory: epath.Path) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True,
-                                                      create=False),
+      directory, options=ocp.CheckpointManagerOptions(create=False),
       item_names=ITEMS)
 
 

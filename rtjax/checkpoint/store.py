@@ -30,9 +30,9 @@ from rtjax.checkpoint import stamp
 from rtjax.errors import CheckpointError
 
 ITEMS = ("model", "opt_state", "metadata")
-# Errors orbax, tensorstore and json raise for missing, truncated or
-# garbled files of a step (json.JSONDecodeError is a ValueError).
-READ_ERRORS = (ValueError, OSError, KeyError, TypeError, CheckpointError)
+# What reading a step's files may raise when they are missing, truncated or
+# garbled: orbax and tensorstore raise plain Exceptions, json ValueErrors.
+READ_ERRORS = (Exception,)
 
 
 def absolute(path: epath.PathLike) -> epath.Path:
@@ -52,7 +52,7 @@ class RunCheckpoints:
                save_every: int | None = None, read_only: bool = False):
     self.directory = absolute(directory)
     self._options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        max_to_keep=max_to_keep, create=not read_only,
         # The interval alone: the trainer asks about preemption itself (the
         # sync point is a collective, called once per step), and a step
         # is due whether or not the previous save is still being written.
@@ -130,16 +130,18 @@ class RunCheckpoints:
     """
     damaged = []
     for step in reversed(self.steps()):
+      error = state = opt = None
       try:
         metadata = self.metadata(step)
+      except CheckpointError:
+        raise  # readable, but from a newer rtjax: not damage
       except READ_ERRORS as e:
         metadata, error = None, e
       if metadata is not None:
-        check(metadata)
+        check(metadata)  # a user error (another architecture) propagates
         try:
           state, opt = self.restore(step, model_state, opt_state)
-          error = None
-        except READ_ERRORS as e:
+        except READ_ERRORS as e:  # includes a content-hash mismatch
           error = e
       if _everywhere(error is None):
         return step, state, opt
@@ -147,7 +149,7 @@ class RunCheckpoints:
       damaged.append(f"step {step} ({reason})")
       logging.warning("checkpoint step %d in %s is damaged: %s", step,
                       self.directory, reason)
-      self._move_aside(step, reason)
+      self._move_aside(step)
     if damaged:
       raise CheckpointError(
           f"no intact checkpoint in {self.directory}: {'; '.join(damaged)} "
@@ -155,7 +157,7 @@ class RunCheckpoints:
           "use a new --workdir to start over")
     return 0, model_state, opt_state
 
-  def _move_aside(self, step: int, reason: str) -> None:
+  def _move_aside(self, step: int) -> None:
     self._manager.close()
     if jax.process_index() == 0:
       target = self.directory / f"damaged-step-{step}-{int(time.time())}"

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 
 from rtjax import distributed
-from rtjax.errors import ConfigError, FlagError, UserError
+from rtjax.errors import ConfigError, FlagError, UserError  # noqa: F401 (re-exported)
 
 
 def fail(message: str, code: int = 2) -> None:

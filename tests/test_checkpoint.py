@@ -109,3 +109,14 @@ def test_checkpoint_of_a_newer_rtjax_is_refused_and_left_alone(trained,
     train_and_evaluate(config, run)
   assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
       "100", "150"]
+
+
+def test_inspect_prints_lineage_metrics_and_versions(trained):
+  _, workdir, _ = trained
+  result = run_module("experiments.inspect", str(workdir), "--json")
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = json.loads(result.stdout)
+  assert summary["lineage"] == "none (trained from scratch)"
+  assert summary["metrics"]["test"]["accuracy"] >= 0.95
+  assert summary["versions"]["jax"] == jax.__version__
+  assert summary["checkpoint"].endswith("checkpoints/150")

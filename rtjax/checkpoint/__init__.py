@@ -1,12 +1,13 @@
 """Checkpoints that carry their own metadata: save, find, restore, and
 rebuild a model (and its dataset) from a path alone."""
 
-from rtjax.checkpoint.load import (checkpoint_dataset, load_checkpoint,
-                                   model_bytes, model_from_spec, resolve)
+from rtjax.checkpoint.load import (checkpoint_dataset, describe,
+                                   load_checkpoint, model_bytes,
+                                   model_from_spec, resolve)
 from rtjax.checkpoint.stamp import SCHEMA_VERSION
 from rtjax.checkpoint.store import RunCheckpoints, absolute
 from rtjax.errors import CheckpointError
 
 __all__ = ["CheckpointError", "RunCheckpoints", "SCHEMA_VERSION", "absolute",
-           "checkpoint_dataset", "load_checkpoint", "model_bytes",
+           "checkpoint_dataset", "describe", "load_checkpoint", "model_bytes",
            "model_from_spec", "resolve"]

@@ -123,3 +123,38 @@ def checkpoint_dataset(metadata: dict, data_overrides: dict | None = None
     with config.unlocked():
       config.data.update(data_overrides)
   return load_dataset(config.data, config.seed)
+
+
+def describe(path: epath.PathLike) -> dict:
+  """A checkpoint's lineage, metrics, versions and serving options, each
+  parent read from its own checkpoint (for experiments.inspect)."""
+  model, metadata = load_checkpoint(path)
+  lineage, parent = [], metadata.get("parent")
+  while parent:
+    try:
+      parent_meta = load_checkpoint(parent)[1]
+    except CheckpointError as e:
+      lineage.append(f"{parent} (unreadable: {e})")
+      break
+    lineage.append(f"{parent_meta.get('stage')} ({parent_meta.get('stage_type')}"
+                   f", {parent})")
+    parent = parent_meta.get("parent")
+  directory, step = resolve(path)
+  return {
+      "checkpoint": str(directory / str(step)),
+      "stage": f"{metadata.get('stage')} ({metadata.get('stage_type')})",
+      "lineage": " <- ".join(lineage) or "none (trained from scratch)",
+      "done": metadata.get("done"),
+      "model": metadata["model"],
+      "params": metadata.get("param_count"),
+      "flops_per_example": metadata.get("flops_per_example"),
+      "bytes": model_bytes(path),
+      "dataset": metadata.get("dataset"),
+      "step": f"{metadata.get('step')} (complete: {metadata.get('complete')})",
+      "metrics": metadata.get("metrics"),
+      "schema_version": metadata.get("schema_version", 1),
+      "versions": metadata.get("versions", "not recorded (schema 1)"),
+      "device_kind": metadata.get("device_kind", "not recorded"),
+      "params_sha256": metadata.get("params_sha256", "not recorded"),
+      "serving": metadata.get("serving", "none recorded: rtjax defaults"),
+  }

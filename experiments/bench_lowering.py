@@ -16,10 +16,11 @@ from absl import flags
 from etils import epath
 
 from experiments import cli
-from rtjax.bench.latency import interleaved_latency, time_in_turns
+from rtjax.bench.latency import interleaved_latency
 from rtjax.checkpoint import load_checkpoint
 from rtjax.infer import CompiledModel, fold_batchnorm, lowering
 from rtjax.models.stats import layer_shapes
+from rtjax.timing import time_calls
 
 _CHECKPOINT = cli.define_checkpoint()
 _BATCH_SIZES = cli.define_batch_sizes(["1", "256"])
@@ -30,7 +31,7 @@ _OUTPUT = flags.DEFINE_string("output", "", "JSON results file.")
 def time_interleaved(calls: dict, x, iters: int) -> dict[str, float]:
   """Median seconds per call of each function, compiled, called in turns."""
   compiled = {name: jax.jit(f).lower(x).compile() for name, f in calls.items()}
-  times = time_in_turns(
+  times = time_calls(
       {name: (lambda c: lambda: c(x).block_until_ready())(c)
        for name, c in compiled.items()}, iters, warmup=3)
   return {name: float(np.median(t)) for name, t in times.items()}

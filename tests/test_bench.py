@@ -1,9 +1,11 @@
 """Latency harness: percentiles from real timed calls, models timed in turns."""
 
 import json
+import types
 
 import pytest
 
+from rtjax import timing
 from rtjax.bench import breakdown
 from rtjax.bench.latency import interleaved_latency, percentiles
 from rtjax.infer import CompiledModel
@@ -16,6 +18,40 @@ def test_percentiles_of_known_times():
   assert stats["p99_ms"] == pytest.approx(99.01)
   assert stats["max_ms"] == pytest.approx(100.0)
   assert stats["throughput_per_s"] == pytest.approx(10 / 0.0505)
+
+
+def fake_calls(monkeypatch, names, seconds=None):
+  """Calls that record their order; the n-th call overall lasts n seconds
+  (or `seconds`) on a fake clock, so a time shows which call it measured."""
+  clock, order = [0.0], []
+  monkeypatch.setattr(timing, "time",
+                      types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+  def call(name):
+    def run():
+      order.append(name)
+      clock[0] += seconds or len(order)
+    return run
+  return {name: call(name) for name in names}, order
+
+
+def test_time_calls_in_turns_untimed_warmup_and_settle(monkeypatch):
+  calls, order = fake_calls(monkeypatch, "ab")
+  assert timing.time_calls(calls, iters=2, warmup=1) == {"a": [3, 5],
+                                                         "b": [4, 6]}
+  assert "".join(order) == "ab" + "ab" * 2
+  calls, order = fake_calls(monkeypatch, "ab")
+  times = timing.time_calls(calls, iters=3, warmup=1, block=2, settle=1)
+  assert "".join(order) == "ab" + "aaabbb" * 2  # whole blocks: 4 timed each
+  assert times == {"a": [4, 5, 10, 11], "b": [7, 8, 13, 14]}
+
+
+def test_time_calls_budget(monkeypatch):
+  calls, _ = fake_calls(monkeypatch, "a", seconds=1.0)
+  assert len(timing.time_calls(calls, iters=2)["a"]) == 2
+  assert len(timing.time_calls(calls, iters=2, budget_s=5)["a"]) == 5
+  assert len(timing.time_calls(calls, iters=2, budget_s=5, max_iters=3)["a"]) == 3
+  assert len(timing.time_calls(calls, iters=4, budget_s=0.0)["a"]) == 4
 
 
 def test_interleaved_latency_on_real_models(trained):
@@ -86,7 +122,7 @@ def test_peers_agree_and_are_timed(family_checkpoints):
   pytest.importorskip("onnxruntime", reason="peers need the rtjax[onnx] extra")
   pytest.importorskip("jax2onnx", reason="peers need the rtjax[onnx] extra")
   from rtjax.bench import peers
-  from rtjax.train import load_checkpoint
+  from rtjax.checkpoint import load_checkpoint
   model, metadata = load_checkpoint(family_checkpoints["lenet5"])
   served = CompiledModel(model, metadata["model"]["args"]["input_shape"],
                          batch_sizes=(4,))
@@ -119,7 +155,7 @@ def test_serving_options_table(family_checkpoints, tmp_path):
 
 def test_lowering_bench_times_every_candidate(family_checkpoints, tmp_path):
   from rtjax.infer import lowering
-  from rtjax.train import load_checkpoint
+  from rtjax.checkpoint import load_checkpoint
   path = family_checkpoints["lenet5"]
   out = tmp_path / "lowering.json"
   result = run_module("experiments.bench_lowering", f"--checkpoint={path}",

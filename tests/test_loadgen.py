@@ -1,6 +1,8 @@
 """MLPerf LoadGen: the dynamic batcher's contract, and real short LoadGen runs."""
 
+import json
 import threading
+import time
 import types
 
 import numpy as np
@@ -39,15 +41,44 @@ def test_batcher_answers_every_query_once_with_its_row():
   assert max(batches) <= 8 and max(batches) > 1  # really batched
 
 
-def test_summary_parser():
-  text = ("Scenario : Server\nMode     : PerformanceOnly\n"
-          "Completed samples per second    : 298.45\nResult is : VALID\n"
-          "99.00 percentile latency (ns)   : 11104119\n"
-          "target_latency (ns): 20000000\n")
-  assert loadgen.parse_summary(text) == {
-      "scenario": "Server", "result": "VALID",
-      "completed_samples_per_second": 298.45,
+def mllog(key, value):
+  """One line of mlperf_log_detail.txt as LoadGen writes it."""
+  return ":::MLLOG " + json.dumps({
+      "key": key, "value": value, "time_ms": 1.5,
+      "namespace": "mlperf::logging", "event_type": "POINT_IN_TIME",
+      "metadata": {"is_error": False, "is_warning": False}})
+
+
+def test_detail_parser_reads_the_mllog_keys():
+  text = "\n".join([
+      mllog("effective_scenario", "Server"), mllog("effective_target_qps", 500),
+      mllog("effective_target_latency_ns", 20000000),
+      mllog("result_validity", "VALID"),
+      mllog("result_completed_samples_per_sec", 298.451),
+      mllog("result_99.00_percentile_latency_ns", 11104119),
+      mllog("result_max_latency_ns", 31104119)])
+  assert loadgen.parse_detail(text) == {
+      "scenario": "Server", "result": "VALID", "target_qps": 500.0,
+      "completed_samples_per_second": 298.451,
       "p99_latency_ns": 11104119.0, "target_latency_ns": 20000000.0}
+
+
+def test_offline_run_is_read_from_the_detail_log(tmp_path):
+  def model(rows):
+    time.sleep(1e-3)  # a steady call, so LoadGen expects a rate it can meet
+    return rows
+  samples = np.zeros((64, 4), np.float32)
+  config = loadgen.LoadGenConfig(scenario="Offline", min_duration_ms=300,
+                                 max_batch=32)
+  result = loadgen.run(model, samples, config, tmp_path)
+  assert result["result"] in ("VALID", "INVALID")
+  assert result["scenario"] == "Offline"
+  assert result["samples_per_second"] > 0 and result["target_qps"] > 0
+  assert 0 < result["p50_latency_ns"] <= result["p90_latency_ns"] <= (
+      result["p99_latency_ns"])
+  assert set(result) == set(loadgen.DETAIL_KEYS) - {
+      "scheduled_samples_per_second", "completed_samples_per_second"} | {
+      "log_dir"}
 
 
 @pytest.mark.parametrize("scenario", ["SingleStream", "Server"])
@@ -64,6 +95,9 @@ def test_short_loadgen_runs_are_valid(trained, tmp_path, scenario):
   assert (tmp_path / "mlperf_log_detail.txt").exists()
   key = "p90_latency_ns" if scenario == "SingleStream" else "p99_latency_ns"
   assert 0 < result[key] < 50e6
+  if scenario == "Server":
+    assert result["target_qps"] == 500 and result["target_latency_ns"] == 50e6
+    assert result["completed_samples_per_second"] > 0
 
 
 def test_peak_server_qps_bisects_below_the_throughput_bound(trained, tmp_path):

@@ -4,7 +4,6 @@ still loads and serves the recorded logits, and today's tiny run reaches
 the recorded parameters."""
 
 import numpy as np
-import pytest
 from flax import nnx, traverse_util
 
 from tests.conftest import REPO

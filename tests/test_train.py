@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rtjax import config as config_lib
 from rtjax.data import load_dataset
 from rtjax.checkpoint import CheckpointError, load_checkpoint
 from rtjax.train import read_metrics, train_and_evaluate

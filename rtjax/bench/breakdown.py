@@ -9,13 +9,13 @@ published figures (labelled as published, with their source).
 from __future__ import annotations
 
 import re
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rtjax.models.stats import cost_analysis
+from rtjax.timing import time_calls
 
 # Vendor-published per-chip peaks: dense bf16 FLOP/s, HBM bytes/s and
 # interconnect bytes/s (None where no figure was published). TPU: Google's
@@ -64,13 +64,13 @@ def measure_peaks(matmul_size: int = 2048, copy_mb: int = 256,
   """This machine's f32 matmul FLOP/s and copy bandwidth (best of repeats)."""
   a = jnp.ones((matmul_size, matmul_size), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  best = min(_timed(lambda: matmul(a).block_until_ready()) for _ in range(repeats))
+  best = min(time_calls({"matmul": lambda: matmul(a).block_until_ready()},
+                        repeats, warmup=1)["matmul"])
   flops = 2 * matmul_size ** 3 / best
   x = jnp.ones((copy_mb * 2 ** 20 // 4,), jnp.float32)
   copy = jax.jit(lambda v: v + 1)
-  copy(x).block_until_ready()
-  best = min(_timed(lambda: copy(x).block_until_ready()) for _ in range(repeats))
+  best = min(time_calls({"copy": lambda: copy(x).block_until_ready()},
+                        repeats, warmup=1)["copy"])
   bandwidth = 2 * x.nbytes / best
   cpu = jax.devices()[0].platform == "cpu"
   # Simulated CPU devices share one memory: a collective is a copy there.
@@ -79,12 +79,6 @@ def measure_peaks(matmul_size: int = 2048, copy_mb: int = 256,
           "source": f"measured on this machine ({jax.devices()[0].platform}: "
                     f"{matmul_size}^2 f32 matmul, {copy_mb} MB read+write"
                     + ("; collectives at copy bandwidth" if cpu else "") + ")"}
-
-
-def _timed(fn) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
 
 
 def breakdown(compiled: jax.stages.Compiled, peaks: dict) -> dict:

@@ -8,13 +8,13 @@ machine noise hits them alike and their ratio is meaningful.
 
 from __future__ import annotations
 
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 
 from rtjax.infer import CompiledModel
+from rtjax.timing import time_calls
 
 
 def percentiles(seconds: Sequence[float], batch: int) -> dict[str, float]:
@@ -27,20 +27,6 @@ def percentiles(seconds: Sequence[float], batch: int) -> dict[str, float]:
           "calls": len(ms)}
 
 
-def time_in_turns(calls: dict[str, Callable[[], object]], iters: int,
-                  warmup: int) -> dict[str, list[float]]:
-  """Seconds of each call, the calls taking turns (A, B, A, B, ...), so
-  machine noise hits them alike; each call must block until done."""
-  times = {name: [] for name in calls}
-  for i in range(warmup + iters):
-    for name, call in calls.items():
-      start = time.perf_counter()
-      call()
-      if i >= warmup:
-        times[name].append(time.perf_counter() - start)
-  return times
-
-
 def interleaved_latency(served: Sequence[CompiledModel], batch: int,
                         iters: int = 200, warmup: int = 20,
                         seed: int = 0) -> list[dict[str, float]]:
@@ -51,7 +37,7 @@ def interleaved_latency(served: Sequence[CompiledModel], batch: int,
         size=(batch, *model.input_shape)).astype(np.float32)
     x = jax.device_put(images, model.input_sharding)
     calls[k] = (lambda m, x: lambda: m.run_bucket(x).block_until_ready())(model, x)
-  times = time_in_turns(calls, iters, warmup)
+  times = time_calls(calls, iters, warmup)
   return [percentiles(times[k], batch) for k in calls]
 
 
@@ -68,7 +54,7 @@ def host_overhead(model: CompiledModel, iters: int = 500,
   paths = {"trivial_jit": lambda: trivial(on_device).block_until_ready(),
            "device_call": lambda: model.run_bucket(on_device).block_until_ready(),
            "request": lambda: model(images)}
-  times = time_in_turns(paths, iters, warmup)
+  times = time_calls(paths, iters, warmup)
   p50 = {name: float(np.median(t) * 1e6) for name, t in times.items()}
   return {f"{name}_p50_us": value for name, value in p50.items()} | {
       "request_overhead_us": p50["request"] - p50["device_call"]}

@@ -6,7 +6,6 @@ rtjax's before it is timed."""
 from __future__ import annotations
 
 import tempfile
-import time
 from typing import Callable
 
 import numpy as np
@@ -15,6 +14,7 @@ from flax import nnx
 from rtjax.bench.latency import percentiles
 from rtjax.infer import CompiledModel
 from rtjax.infer.export import export_onnx
+from rtjax.timing import time_calls
 
 
 def onnxruntime_peer(model: nnx.Module, input_shape) -> Callable | None:
@@ -86,17 +86,9 @@ def compare_peers(served: CompiledModel, model: nnx.Module, spec: dict,
   # its call (ONNX Runtime's do by default) and would slow the next call of
   # whoever runs right after (one exploration run here: rtjax's batch 256
   # went from 10 to 15 ms when calls alternated one by one).
-  times = {name: [] for name in contenders}
-  for run in contenders.values():
-    for _ in range(warmup):
-      run(x)
-  while len(times["rtjax"]) < iters:
-    for name, run in contenders.items():
-      for call in range(settle + block):
-        start = time.perf_counter()
-        run(x)
-        if call >= settle:
-          times[name].append(time.perf_counter() - start)
+  times = time_calls({name: (lambda run: lambda: run(x))(run)
+                      for name, run in contenders.items()},
+                     iters, warmup, block=block, settle=settle)
   results = {name: percentiles(t, batch) for name, t in times.items()}
   for name, result in results.items():
     result["rtjax_p50_ratio"] = results["rtjax"]["p50_ms"] / result["p50_ms"]

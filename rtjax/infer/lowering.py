@@ -14,7 +14,6 @@ hardware at hand.
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from rtjax.models.stats import layer_shapes
+from rtjax.timing import time_calls
 
 # At most this many times the conv's FLOPs: larger blocks are never faster.
 MAX_FLOP_INFLATION = 4.0
@@ -192,16 +192,11 @@ def apply_lowering(model: nnx.Module, input_shape: Sequence[int],
 
 def median_seconds(call: Callable[[], jax.Array], min_calls: int = 5,
                    budget_s: float = 0.25) -> float:
-  """Median of timed calls: at least `min_calls`, more while within budget."""
-  for _ in range(2):
-    call().block_until_ready()
-  times, spent = [], 0.0
-  while len(times) < min_calls or (spent < budget_s and len(times) < 200):
-    start = time.perf_counter()
-    call().block_until_ready()
-    times.append(time.perf_counter() - start)
-    spent += times[-1]
-  return float(np.median(times))
+  """Median of timed calls after 2 warmups: at least `min_calls`, more while
+  within budget (at most 200)."""
+  times = time_calls({"call": lambda: call().block_until_ready()}, min_calls,
+                     warmup=2, budget_s=budget_s)
+  return float(np.median(times["call"]))
 
 
 def choose_lowering(model: nnx.Module, input_shape: Sequence[int],

@@ -1,0 +1,44 @@
+"""The one timing primitive of every harness, so that latency tables, conv
+lowering choices, peer ratios, machine peaks and LoadGen's expectations all
+count a call's seconds the same way.
+
+A leaf module (no jax, no rtjax): each call given must block until its
+result is ready (jax callers end it with block_until_ready).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Hashable, Mapping
+
+
+def time_calls(calls: Mapping[Hashable, Callable[[], object]], iters: int,
+               warmup: int = 0, block: int = 1, settle: int = 0,
+               budget_s: float | None = None,
+               max_iters: int = 200) -> dict[Hashable, list[float]]:
+  """Seconds of each call, timed with time.perf_counter.
+
+  After `warmup` untimed calls of each (in turns: A, B, A, B, ...), the
+  calls take turns by blocks of `settle` untimed then `block` timed calls, so
+  machine noise hits them alike and a call's leftover work (a runtime's
+  spinning threads) lands in the next one's untimed calls. Turns go on
+  until each call has at least `iters` timed calls (whole blocks), then, with
+  a `budget_s`, while all timed seconds total under it and each call has
+  fewer than `max_iters`."""
+  times = {name: [] for name in calls}
+  for _ in range(warmup):
+    for call in calls.values():
+      call()
+  timed, spent = 0, 0.0
+  while timed < iters or (budget_s is not None and spent < budget_s
+                          and timed < max_iters):
+    for name, call in calls.items():
+      for k in range(settle + block):
+        start = time.perf_counter()
+        call()
+        seconds = time.perf_counter() - start
+        if k >= settle:
+          times[name].append(seconds)
+          spent += seconds
+    timed += block
+  return times

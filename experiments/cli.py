@@ -30,8 +30,20 @@ def fail(message: str, code: int = 2) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
+  except KeyError as e:  # ml_collections: a --config.* override of no key
+    fail(f"unknown config key {e.args[0]} in a --config.* override; the "
+         "keys are those of rtjax.config.base_config()")
+  except OSError as e:  # ml_collections: overrides of a file that did not load
+    fail(f"the config file cannot be loaded ({e.__cause__ or e}); give an "
+         "existing file such as configs/default.py, optionally with :variant")
   except flags.Error as e:
-    fail(f"{e}; run with --helpfull to list the flags")
+    message = str(e)
+    if "Error whilst parsing config file" in message:
+      # ml_collections re-raises get_config()'s ValueError/TypeError with its
+      # whole traceback in the message: keep the flag and the last line.
+      flag = message.split(": Error whilst parsing config file", 1)[0]
+      message = f"{flag}: {message.strip().splitlines()[-1]}"
+    fail(f"{message}; run with --helpfull to list the flags")
 
 
 def run(main: Callable[[list[str]], None]) -> None:
@@ -50,11 +62,14 @@ def config(flag):
   applies --config.* overrides lazily, raising plain Python errors; here they
   become ConfigErrors that name the file or key."""
   try:
-    return flag.value
+    value = flag.value
+    value.keys()  # a file that failed to load is an _ErrorConfig: OSError here
+    return value
   except KeyError as e:  # a misspelled key in an override
     raise ConfigError(f"--{flag.name}: unknown key {e.args[0]}. The keys are "
                       "those of rtjax.config.base_config()") from None
   except (OSError, ImportError, SyntaxError) as e:
+    e = e.__cause__ or e  # _ErrorConfig's OSError wraps the loading error
     raise ConfigError(f"--{flag.name}: the config file cannot be loaded "
                       f"({e}); give an existing file such as "
                       "configs/default.py, optionally with :variant") from None

@@ -8,6 +8,7 @@ import pytest
 
 from rtjax.data import TrainBatches, cifar10, eval_batches, load_dataset
 from rtjax.data.dataset import Split
+from rtjax.errors import ConfigError, DataError
 
 
 def data_config(**overrides):
@@ -124,10 +125,67 @@ def test_cifar10_loader_reads_python_batches(tmp_path):
 def test_cifar10_missing_files_named(tmp_path):
   write_cifar_batches(tmp_path)
   (tmp_path / "data_batch_3").unlink()
-  with pytest.raises(FileNotFoundError, match=r"missing data_batch_3.*test_batch"):
+  with pytest.raises(DataError, match=r"missing data_batch_3.*test_batch"):
     load_dataset(data_config(name="cifar10", dir=str(tmp_path)), seed=0)
-  with pytest.raises(FileNotFoundError, match="does-not-exist is missing"):
+  with pytest.raises(DataError, match="does-not-exist does not exist"):
     load_dataset(data_config(name="cifar10", dir=str(tmp_path / "does-not-exist")),
                  seed=0)
-  with pytest.raises(FileNotFoundError, match="needs data.dir"):
+  with pytest.raises(DataError, match="is a file, not a directory"):
+    load_dataset(data_config(name="cifar10", dir=str(tmp_path / "data_batch_1")),
+                 seed=0)
+  with pytest.raises(DataError, match="needs data.dir"):
     load_dataset(data_config(name="cifar10"), seed=0)
+
+
+def _truncated(path):
+  path.write_bytes(path.read_bytes()[:100])
+
+
+def _garbage(path):
+  path.write_bytes(b"this is not a pickle\n" * 10)
+
+
+def _wrong_structure(path):
+  with open(path, "wb") as f:
+    pickle.dump([1, 2, 3], f)
+
+
+def _missing_labels(path):
+  with open(path, "wb") as f:
+    pickle.dump({b"data": np.zeros((2, 3072), np.uint8)}, f)
+
+
+def _wrong_pixel_count(path):
+  with open(path, "wb") as f:
+    pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
+
+
+def _label_count_mismatch(path):
+  with open(path, "wb") as f:
+    pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, f)
+
+
+@pytest.mark.parametrize("name", ["data_batch_2", "test_batch"])
+@pytest.mark.parametrize("corrupt,detail", [
+    (_truncated, "not a readable python batch"),
+    (_garbage, "not a readable python batch"),
+    (_wrong_structure, "holds a list"),
+    (_missing_labels, "no b'labels' key"),
+    (_wrong_pixel_count, "expected \\(examples, 3072\\)"),
+    (_label_count_mismatch, "to match b'data'"),
+])
+def test_cifar10_corrupt_batch_is_a_data_error_naming_the_file(
+    tmp_path, name, corrupt, detail):
+  write_cifar_batches(tmp_path)
+  corrupt(tmp_path / name)
+  with pytest.raises(DataError, match=detail) as raised:
+    load_dataset(data_config(name="cifar10", dir=str(tmp_path)), seed=0)
+  message = str(raised.value)
+  assert str(tmp_path / name) in message
+  assert "cifar-10-python.tar.gz" in message  # says what to do
+  assert "\n" not in message
+
+
+def test_unknown_dataset_is_a_config_error():
+  with pytest.raises(ConfigError, match=r"data.name: unknown dataset 'mnist'"):
+    load_dataset(data_config(name="mnist"), seed=0)

@@ -6,16 +6,13 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tarfile
 
 import pytest
 
 from rtjax import errors, tpu
-from rtjax.checkpoint import load_checkpoint
-from rtjax.train.metrics import read_metrics
-from tests.conftest import REPO, free_port, run_module
+from tests.conftest import REPO, run_module
 
 NASTY = ["--config=configs/default.py:tiny",
          "--workdir=gs://bucket/run with space",
@@ -212,24 +209,3 @@ def test_failing_worker_stops_the_rest_and_is_named(fake_gcloud, tmp_path):
   assert not any("pkill" in word for call in calls() for word in call)
   assert tpu.STOP_SCRIPT in calls()[2][-1]  # setup frees the TPU the same way
   assert calls()[-1][2:4] == ["tpu-vm", "delete"]  # deleted even on failure
-
-
-def test_main_as_two_processes(tmp_path):
-  port, workdir = free_port(), tmp_path / "run"
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "experiments.main",
-       "--config=configs/default.py:tiny", f"--workdir={workdir}",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2",
-       f"--process_id={i}"], cwd=REPO, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True,
-      env={**os.environ, "JAX_NUM_CPU_DEVICES": "2"}) for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  records = read_metrics(workdir)
-  keys = [(r["step"], r["split"]) for r in records]
-  assert len(keys) == len(set(keys))  # written once: by process 0 only
-  assert len(list((workdir / "tensorboard").iterdir())) == 1
-  model, metadata = load_checkpoint(workdir)
-  assert metadata["step"] == 150
-  assert metadata["metrics"]["test"]["accuracy"] >= 0.9

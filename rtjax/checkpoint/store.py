@@ -8,9 +8,9 @@ A run's checkpoints live in `<dir>/<step>/` with three items:
             parent, step, metrics (enough to rebuild the model alone) and the
             stamp of rtjax.checkpoint.stamp (schema, versions, content hash).
 Orbax decides which steps are finished (a temporary directory locally, a
-commit marker on gs://), when a step is due (save_interval_steps) and when
-all hosts have reached a preemption point. A newest step that cannot be
-restored is moved aside and the run resumes from the newest intact one.
+commit marker on gs://), when a step is due (save_interval_steps) and which
+to keep. A newest step that cannot be restored is moved aside and the run
+resumes from the newest intact one.
 """
 
 from __future__ import annotations
@@ -41,8 +41,24 @@ def absolute(path: epath.PathLike) -> epath.Path:
   return path if "://" in str(path) else epath.Path(os.path.abspath(path))
 
 
-def _abstract(tree):
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager without its own preemption check: jax's sync point
+  must be asked once per iteration with one counter by the training loop
+  alone (rtjax.train.preemption); orbax would also ask from save() and from
+  its save-finishing thread with older steps, which can move one process's
+  counter back and make the hosts disagree on the step."""
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
+def _abstract(tree, sharding=None):
+  """Shapes and dtypes of `tree`, placed like it or with `sharding`."""
+  if sharding is None:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      np.shape(x), x.dtype, sharding=sharding), tree)
 
 
 class RunCheckpoints:
@@ -53,17 +69,16 @@ class RunCheckpoints:
     self.directory = absolute(directory)
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=not read_only,
-        # The interval alone: the trainer asks about preemption itself (the
-        # sync point is a collective, called once per step), and a step
-        # is due whether or not the previous save is still being written.
+        # The interval alone: the trainer decides about preemption itself
+        # (see _Manager), and a step is due whether or not the previous save
+        # is still being written.
         save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(
             save_every or 1),
         enable_should_save_is_saving_in_progress_check=False)
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(self.directory, options=self._options,
-                                 item_names=ITEMS)
+    return _Manager(self.directory, options=self._options, item_names=ITEMS)
 
   def steps(self) -> list[int]:
     """Finished steps, oldest first (orbax's view: no temporary ones)."""
@@ -75,11 +90,6 @@ class RunCheckpoints:
   def should_save(self, step: int) -> bool:
     """Due by the save interval (and not saved yet)."""
     return self._manager.should_save(step)
-
-  def reached_preemption(self, step: int) -> bool:
-    """True on every process at the same step once any one was told to stop
-    (jax.distributed's preemption sync; False when not initialised)."""
-    return self._manager.reached_preemption(step)
 
   def save(self, step: int, model_state: nnx.State, opt_state: Any,
            metadata: dict, host_arrays: bool = False) -> None:
@@ -104,21 +114,24 @@ class RunCheckpoints:
     stamp.check_schema(metadata, self.directory / str(step))
     return metadata
 
-  def restore(self, step: int, model_state: nnx.State,
-              opt_state: Any) -> tuple[nnx.State, Any]:
-    """Restores into the structure (and shardings) of the given templates,
+  def restore(self, step: int, model_state: nnx.State, opt_state: Any,
+              sharding: jax.sharding.Sharding | None = None
+              ) -> tuple[nnx.State, Any]:
+    """Restores into the structure of the given templates, placed like them
+    or with `sharding` (a multi-process run's global, replicated arrays),
     checking the content hash the step recorded."""
     metadata = self.metadata(step)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore(
-            _abstract(nnx.to_pure_dict(model_state))),
-        opt_state=ocp.args.StandardRestore(_abstract(opt_state))))
+            _abstract(nnx.to_pure_dict(model_state), sharding)),
+        opt_state=ocp.args.StandardRestore(_abstract(opt_state, sharding))))
     stamp.check_digest(metadata, restored.model, self.directory / str(step))
     nnx.replace_by_pure_dict(model_state, restored.model)
     return model_state, restored.opt_state
 
   def restore_latest(self, model_state: nnx.State, opt_state: Any,
-                     check: Callable[[dict], None] = lambda metadata: None
+                     check: Callable[[dict], None] = lambda metadata: None,
+                     sharding: jax.sharding.Sharding | None = None
                      ) -> tuple[int, nnx.State, Any]:
     """(step, model state, opt state) of the newest intact step, or step 0
     and the templates when there is none yet.
@@ -140,7 +153,7 @@ class RunCheckpoints:
       if metadata is not None:
         check(metadata)  # a user error (another architecture) propagates
         try:
-          state, opt = self.restore(step, model_state, opt_state)
+          state, opt = self.restore(step, model_state, opt_state, sharding)
         except READ_ERRORS as e:  # includes a content-hash mismatch
           error = e
       if _everywhere(error is None):

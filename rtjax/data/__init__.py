@@ -5,6 +5,7 @@ from __future__ import annotations
 from rtjax.data import cifar10, digits
 from rtjax.data.batches import TrainBatches, eval_batches
 from rtjax.data.dataset import Dataset, Split
+from rtjax.errors import ConfigError
 
 DATASET_NAMES = ("digits", "digits32", "cifar10")
 
@@ -17,8 +18,8 @@ def load_dataset(data_config, seed: int) -> Dataset:
                        data_config.test_fraction, seed)
   if name == "cifar10":
     return cifar10.load(data_config.dir, data_config.val_fraction, seed)
-  raise ValueError(f"unknown dataset {name!r}; known datasets: "
-                   f"{', '.join(DATASET_NAMES)}")
+  raise ConfigError(f"data.name: unknown dataset {name!r}; set "
+                    f"--config.data.name to one of {', '.join(DATASET_NAMES)}")
 
 
 __all__ = ["DATASET_NAMES", "Dataset", "Split", "TrainBatches",

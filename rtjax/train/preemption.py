@@ -1,31 +1,35 @@
 """Stopping at a step boundary when the machine is being taken away.
 
 Cloud TPU preemption sends SIGTERM. With several processes, each host hears
-it on its own, so the decision to stop must be collective: orbax's
-`reached_preemption(step)` (jax.distributed's preemption sync manager)
-answers True on every process at the same step, and all of them save that
-step and exit. A single process has no such service (it answers False when
-jax.distributed is not initialised): there a SIGTERM handler sets a flag.
+it on its own, so the decision to stop must be collective: jax.distributed's
+preemption sync manager (its own SIGTERM handler, shared through the
+coordinator) answers True on every process at the same sync point, and all
+of them save that step and exit. Its contract, measured on CPU with gloo:
+every process must ask at every iteration with the same increasing counter,
+counted from 1 in each launch (a resumed run that asked about its global
+step could miss a notice that arrived before its first step), and nothing
+else may ask (orbax's manager would, hence rtjax.checkpoint's override).
+Installing a Python SIGTERM handler after jax.distributed.initialize would
+replace jax's and leave the other hosts unaware, so a single process alone
+(where jax's answer is always False) gets one: it sets a flag.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from typing import Callable
-
 import jax
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 class Preemption:
-  """Context manager; `reached(step)` says whether to save and stop now."""
+  """Context manager; `reached()` says whether to save and stop now."""
 
-  def __init__(self, reached_sync_point: Callable[[int], bool]):
-    """`reached_sync_point(step)`: the collective check (multi-process)."""
-    self._sync_point = reached_sync_point
+  def __init__(self):
     self._signalled = False
     self._previous = None
+    self._iteration = 0
 
   def _handle(self, signum, frame):
     del frame
@@ -33,9 +37,11 @@ class Preemption:
                     signum)
     self._signalled = True
 
-  def reached(self, step: int) -> bool:
+  def reached(self) -> bool:
+    """Call once per training step on every process."""
+    self._iteration += 1
     if jax.process_count() > 1:
-      return self._sync_point(step)  # every process must call it every step
+      return multihost_utils.reached_preemption_sync_point(self._iteration)
     return self._signalled
 
   def __enter__(self) -> "Preemption":

@@ -167,7 +167,7 @@ def train_model(config, train_cfg, workdir: epath.PathLike, dataset: Dataset,
                                save_every=config.checkpoint.every_steps)
   start_step, state, opt_state = checkpoints.restore_latest(
       nnx.state(model), tx.init(params),
-      _check_same_model(stage.spec, checkpoints.directory))
+      _check_same_model(stage.spec, checkpoints.directory), place.replicated)
   if start_step:
     nnx.update(model, state)
     _, params, rest = nnx.split(model, nnx.Param, ...)
@@ -192,7 +192,7 @@ def train_model(config, train_cfg, workdir: epath.PathLike, dataset: Dataset,
   window = TrainMetrics()
   metrics: dict[str, dict[str, float]] = {}
   step, preempted, last_saved = start_step, False, start_step
-  with Preemption(checkpoints.reached_preemption) as preemption, tqdm(
+  with Preemption() as preemption, tqdm(
       total=train_cfg.num_steps, initial=start_step, desc="train",
       disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
     try:
@@ -203,7 +203,7 @@ def train_model(config, train_cfg, workdir: epath.PathLike, dataset: Dataset,
         window.steps += 1
         bar.update(1)
         last = step == train_cfg.num_steps
-        stopping = preemption.reached(step) and not last
+        stopping = preemption.reached() and not last
         saving = last or stopping or checkpoints.should_save(step)
         if step % train_cfg.log_every == 0 or saving:
           metrics["train"] = _log_window(window, step, last_saved, writer,

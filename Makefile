@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/default
 CONFIG ?= configs/default.py
 
-.PHONY: run test setup clean
+.PHONY: run test test-fast setup clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# Everything but the end-to-end runs marked slow (multi-process, pipelines,
+# LoadGen): for the edit-test loop.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) workdirs

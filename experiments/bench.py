@@ -18,7 +18,7 @@ from absl import flags
 from etils import epath
 
 from experiments import cli
-from rtjax.bench import breakdown, loadgen, peers
+from rtjax.bench import breakdown, loadgen, peers, provenance, report
 from rtjax.bench.latency import host_overhead, interleaved_latency
 from rtjax.checkpoint import checkpoint_dataset, load_checkpoint
 from rtjax.errors import FlagError
@@ -30,6 +30,10 @@ _BATCH_SIZES = cli.define_batch_sizes(["1", "256"])
 _ITERS = flags.DEFINE_integer("iters", 300, "Timed calls per model and batch.")
 _WARMUP = flags.DEFINE_integer("warmup", 30, "Untimed calls first.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results file.")
+_RESULTS = flags.DEFINE_string("results", "", "Also write the latency (and "
+                               "peer) tables, stamped with how they were "
+                               "measured, to this markdown file, e.g. "
+                               "experiments/results/bench_lenet5.md.")
 _LOADGEN = flags.DEFINE_list("loadgen", [], "LoadGen scenarios to run on the "
                              "first checkpoint: SingleStream, Server, Offline.")
 _LOADGEN_SECONDS = flags.DEFINE_float("loadgen_seconds", 0, "Minimum duration "
@@ -126,6 +130,9 @@ def main(argv):
               flush=True)
   scenarios = (run_loadgen(_CHECKPOINTS.value[0], serving) if _LOADGEN.value
                else {})
+  if _RESULTS.value:
+    provenance.write_results(_RESULTS.value, report.latency_markdown(rows)
+                             + "\n" + report.peers_markdown(peer_results))
   if _OUTPUT.value:
     epath.Path(_OUTPUT.value).write_text(json.dumps(
         {"lowering": {p: lowering_report(m)

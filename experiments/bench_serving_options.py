@@ -18,6 +18,7 @@ from absl import flags
 from etils import epath
 
 from experiments import cli
+from rtjax.bench import provenance
 
 _CHECKPOINT = cli.define_checkpoint()
 _ITERS = flags.DEFINE_integer("iters", 300, "Timed calls per contender.")
@@ -63,7 +64,7 @@ def main(argv):
                  f"{ort[large]['rtjax_throughput_ratio']:.2f} |")
     print(lines[-1], flush=True)
   table = "\n".join(lines)
-  (out / "options.md").write_text(table + "\n")
+  provenance.write_results(out / "options.md", table + "\n")
   print(table)
 
 

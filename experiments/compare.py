@@ -30,6 +30,10 @@ _BUDGET = flags.DEFINE_float("latency_budget_ms", None, "Pick the most "
                              "accurate checkpoint whose p99 fits.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["val", "test"], "Split to use.")
 _OUTPUT = flags.DEFINE_string("output_dir", "", "Where the reports go.")
+_RESULTS = flags.DEFINE_string("results", "", "Also write the table, stamped "
+                               "with how it was measured, to this file (and "
+                               "the plot beside it), e.g. "
+                               "experiments/results/compress_compare.md.")
 _CONFIG = config_flags.DEFINE_config_dict(
     "config", ml_collections.ConfigDict({"data": base_config().data}),
     "Data overrides: --config.data.<key>=value.")
@@ -52,7 +56,8 @@ def main(argv):
   rows = compare_lib.compare(loaded, split, _REFERENCE.value, batches,
                              _ITERS.value, **serving)
   out = _OUTPUT.value or _WORKDIR.value or "."
-  summary = compare_lib.write_outputs(rows, batches, out, _BUDGET.value)
+  summary = compare_lib.write_outputs(rows, batches, out, _BUDGET.value,
+                                      _RESULTS.value or None)
   print(summary["markdown"])
   print(f"reports in {out}: compare.md, compare.json, compare.csv, compare.png")
 

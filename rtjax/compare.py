@@ -18,11 +18,12 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from rtjax.bench import provenance
 from rtjax.bench.latency import interleaved_latency
-from rtjax.data import Split
-from rtjax.infer import CompiledModel
 from rtjax.checkpoint import CheckpointError, load_checkpoint, model_bytes
+from rtjax.data import Split
 from rtjax.errors import UserError
+from rtjax.infer import CompiledModel
 from rtjax.train.evaluate import predict_logits
 
 
@@ -198,9 +199,11 @@ def plot(rows: list[dict], key: str, front: list[int], path: epath.Path,
 
 
 def write_outputs(rows: list[dict], batch_sizes: Sequence[int],
-                  out_dir: epath.PathLike, budget_ms: float | None = None
-                  ) -> dict:
-  """compare.md, compare.json, compare.csv and compare.png in out_dir."""
+                  out_dir: epath.PathLike, budget_ms: float | None = None,
+                  results: epath.PathLike | None = None) -> dict:
+  """compare.md, compare.json, compare.csv and compare.png in out_dir; with
+  `results`, also the table under its provenance header there (and the plot
+  beside it, same name .png): what experiments/results/ holds."""
   out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   key = f"p99_ms_b{batch_sizes[0]}"
@@ -221,5 +224,8 @@ def write_outputs(rows: list[dict], batch_sizes: Sequence[int],
   writer.writerows(rows)
   (out_dir / "compare.csv").write_text(buffer.getvalue())
   plot(rows, key, front, out_dir / "compare.png", budget_ms)
+  if results:
+    path = provenance.write_results(results, table)
+    (out_dir / "compare.png").copy(path.with_suffix(".png"), overwrite=True)
   summary["markdown"] = table
   return summary

@@ -13,6 +13,7 @@ from rtjax import models
 from rtjax.data import load_dataset
 from rtjax.infer import CompiledModel, fold_batchnorm, make_mesh, parse_mesh
 from rtjax.checkpoint import CheckpointError, load_checkpoint
+from rtjax.errors import FlagError, InputError
 from tests.conftest import REPO, free_port, run_module
 
 
@@ -137,7 +138,9 @@ assert not any(m.startswith(('rtjax', 'flax')) for m in sys.modules), 'model cod
                          capture_output=True, timeout=120)
   assert fresh.returncode == 0, fresh.stderr[-3000:]
   live = CompiledModel.from_checkpoint(workdir, batch_sizes=(8,))(x)
-  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), live, atol=1e-6)
+  # Weights as constants let XLA fold them differently: float32 rounding.
+  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), live, rtol=1e-6,
+                             atol=1e-5)
 
 
 def test_compilation_cache_is_hit_by_a_second_process(trained, tmp_path):
@@ -160,13 +163,13 @@ def test_bad_input_gets_clear_errors(trained, tmp_path):
   shutil.copytree(trained[1] / "checkpoints" / "150", half)
   with pytest.raises(CheckpointError, match="half-written"):
     CompiledModel.from_checkpoint(half)
-  with pytest.raises(ValueError, match=r"needs 6 devices but 1 are available"):
+  with pytest.raises(FlagError, match=r"needs 6 devices but 1 are available"):
     make_mesh({"data": 3, "model": 2})
-  with pytest.raises(ValueError, match="bad mesh axis 'rows:2'"):
+  with pytest.raises(FlagError, match="bad mesh axis 'rows:2'"):
     parse_mesh("rows:2")
   model, _ = load_checkpoint(trained[1])
   served = CompiledModel(model, (8, 8, 1), batch_sizes=(4,))
-  with pytest.raises(ValueError, match=r"compiled for \(8, 8, 1\)"):
+  with pytest.raises(InputError, match=r"compiled for \(8, 8, 1\)"):
     served(images(2, shape=(8, 8, 3)))
 
 

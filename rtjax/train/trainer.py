@@ -70,12 +70,13 @@ class Stage:
   done: dict = dataclasses.field(default_factory=dict)
 
 
-def model_args_for(model_config, dataset: Dataset) -> dict:
-  """A family's full constructor arguments: the config's plus the dataset's,
-  in their JSON form (lists, not tuples) as the checkpoint metadata holds them."""
+def model_spec(model_config, dataset: Dataset) -> dict:
+  """{'name', 'args'} of a config's model section on this dataset: the
+  family's full constructor arguments, the config's plus the dataset's, in
+  their JSON form (lists, not tuples) as the checkpoint metadata holds them."""
   args = {**model_config.get("args", {}), "num_classes": dataset.num_classes,
           "input_shape": list(dataset.input_shape)}
-  return json.loads(json.dumps(args))
+  return {"name": model_config.name, "args": json.loads(json.dumps(args))}
 
 
 def model_size(model: nnx.Module, input_shape) -> dict:
@@ -110,8 +111,7 @@ def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
     raise ConfigError("config.stages is set: run it with "
                       "rtjax.pipeline.run_pipeline (experiments.main does)")
   dataset = load_dataset(config.data, config.seed)
-  spec = {"name": config.model.name,
-          "args": model_args_for(config.model, dataset)}
+  spec = model_spec(config.model, dataset)
   model = models.create_model(spec["name"], spec["args"], config.seed)
   return train_model(config, config.train, workdir, dataset,
                      Stage(model=model, spec=spec))

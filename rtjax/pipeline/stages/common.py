@@ -1,4 +1,4 @@
-"""What several stage types share: their parent's model and model specs."""
+"""What several stage types share: their parent's model, its float form."""
 
 from __future__ import annotations
 
@@ -7,13 +7,6 @@ from flax import nnx
 from rtjax import models
 from rtjax.checkpoint import load_checkpoint
 from rtjax.pipeline.registry import Context
-from rtjax.train.trainer import model_args_for
-
-
-def spec_for(model_section, dataset) -> dict:
-  """{'name', 'args'} of a config's model section on this dataset."""
-  return {"name": model_section.name,
-          "args": model_args_for(model_section, dataset)}
 
 
 def parent(ctx: Context) -> tuple[nnx.Module, dict]:

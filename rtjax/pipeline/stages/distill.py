@@ -6,8 +6,9 @@ from flax import nnx
 from rtjax import models
 from rtjax.compress.distill import DistillationLoss
 from rtjax.pipeline.registry import Context, register
-from rtjax.pipeline.stages.common import parent, spec_for
+from rtjax.pipeline.stages.common import parent
 from rtjax.train import CrossEntropy, Stage
+from rtjax.train.trainer import model_spec
 
 
 def check(section, require) -> None:
@@ -24,7 +25,7 @@ def check(section, require) -> None:
 def run(ctx: Context):
   s = ctx.section
   teacher, _ = parent(ctx)
-  spec = spec_for(s.model, ctx.dataset)
+  spec = model_spec(s.model, ctx.dataset)
   student = models.create_model(spec["name"], spec["args"], ctx.config.seed)
   graphdef, state = nnx.split(models.inference_view(teacher))
   loss = DistillationLoss(

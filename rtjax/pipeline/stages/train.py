@@ -3,13 +3,13 @@ config.model if set."""
 
 from rtjax import models
 from rtjax.pipeline.registry import Context, register
-from rtjax.pipeline.stages.common import spec_for
 from rtjax.train import Stage
+from rtjax.train.trainer import model_spec
 
 
 @register("train", {"model": {}}, needs_parent=False)
 def run(ctx: Context):
-  spec = spec_for(ctx.section.model if ctx.section.model else ctx.config.model,
+  spec = model_spec(ctx.section.model if ctx.section.model else ctx.config.model,
                   ctx.dataset)
   model = models.create_model(spec["name"], spec["args"], ctx.config.seed)
   return ctx.train(Stage(model, spec, ctx.name, "train"))

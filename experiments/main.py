@@ -9,6 +9,8 @@ Multi-process: --multihost on Cloud TPU (see experiments.launch), or
 --coordinator_address=host:port --num_processes=N --process_id=i elsewhere.
 """
 
+import os
+
 import jax
 from absl import flags
 from ml_collections import config_flags
@@ -29,7 +31,8 @@ _WORKDIR = flags.DEFINE_string(
     "and TensorBoard events; reusing it resumes the run.")
 _CACHE = flags.DEFINE_string(
     "compilation_cache_dir", None, "Persistent XLA compilation cache; default "
-    "<workdir>/compilation_cache, '' disables it.")
+    "$JAX_COMPILATION_CACHE_DIR if set, else <workdir>/compilation_cache; '' "
+    "disables it.")
 _REPORT = flags.DEFINE_bool(
     "report", True, "End by comparing the run's checkpoints (compare.md/.json/"
     ".csv/.png in the workdir; single-process runs).")
@@ -43,8 +46,10 @@ def main(argv):
   cli.quiet_orbax()
   config = cli.config(_CONFIG)
   _MULTIHOST.initialize()
-  cache = (_CACHE.value if _CACHE.value is not None
-           else f"{_WORKDIR.value.rstrip('/')}/compilation_cache")
+  cache = _CACHE.value
+  if cache is None:
+    cache = (os.environ.get("JAX_COMPILATION_CACHE_DIR")
+             or f"{_WORKDIR.value.rstrip('/')}/compilation_cache")
   if cache:
     enable_compilation_cache(cache)
   try:

@@ -150,7 +150,9 @@ def test_serving_options_table(family_checkpoints, tmp_path):
                       "--iters=10", "--warmup=2", "--large_batch=8",
                       "--only=0,3", f"--output={tmp_path}", timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = (tmp_path / "options.md").read_text().splitlines()[2:]
+  text = (tmp_path / "options.md").read_text()
+  assert text.startswith("Command: `") and "bench_serving_options" in text
+  rows = [line for line in text.splitlines() if line.startswith("| ")][2:]
   assert [row.split(" | ")[0] for row in rows] == [
       "| async dispatch, XLA convs (jax defaults)", "| + embed_weights"]
   assert rows[0].split(" | ")[1] == "1: xla; 8: xla"  # XLA's convs

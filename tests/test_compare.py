@@ -63,15 +63,19 @@ def test_compare_cli_reports_a_run(family_checkpoints, tmp_path):
 
 def test_errors_name_the_culprit(family_checkpoints, tmp_path):
   resnet, lenet = family_checkpoints["resnet"], family_checkpoints["lenet5"]
-  cases = [
-      ([f"--checkpoints={resnet},{tmp_path}"], "holds no finished rtjax checkpoint"),
-      ([f"--checkpoints={resnet},{lenet}"], "cannot share a dataset"),
-      ([f"--checkpoints={resnet}", "--reference=nope"], "unknown reference 'nope'"),
-  ]
   half = tmp_path / "c" / "checkpoints" / "150.orbax-checkpoint-tmp-7"
   shutil.copytree(resnet / "checkpoints" / "150", half)
-  cases.append(([f"--checkpoints={half}"], "half-written"))
-  for args, message in cases:
-    result = run_module("experiments.compare", *args, "--iters=2",
-                        f"--output_dir={tmp_path / 'o'}")
-    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+  for paths, message in [([resnet, tmp_path], "holds no finished rtjax checkpoint"),
+                         ([resnet, lenet], "cannot share a dataset"),
+                         ([half], "half-written")]:
+    with pytest.raises(compare.CompareError, match=message):
+      compare.load_all(paths)
+  loaded = compare.load_all([resnet])
+  with pytest.raises(compare.CompareError, match="unknown reference 'nope'"):
+    compare.compare(loaded, None, reference="nope")
+  # The command line turns them into one line and exit code 2.
+  result = run_module("experiments.compare", f"--checkpoints={resnet},{lenet}",
+                      "--iters=2", f"--output_dir={tmp_path / 'o'}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "cannot share a dataset" in result.stderr

@@ -20,9 +20,10 @@ from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
-STEPS = 300
+STEPS = 200
 ARGS = ["--config=configs/default.py:tiny", f"--config.train.num_steps={STEPS}",
-        "--config.checkpoint.every_steps=100", "--config.train.eval_every=100"]
+        "--config.checkpoint.every_steps=100", "--config.train.eval_every=100",
+        "--noreport"]
 
 
 def start(workdir):

@@ -55,6 +55,7 @@ def test_time_calls_budget(monkeypatch):
   assert len(timing.time_calls(calls, iters=4, budget_s=0.0)["a"]) == 4
 
 
+@pytest.mark.slow
 def test_interleaved_latency_on_real_models(trained):
   served = [CompiledModel.from_checkpoint(trained[1], batch_sizes=(1, 32))
             for _ in range(2)]
@@ -64,6 +65,7 @@ def test_interleaved_latency_on_real_models(trained):
     assert r["calls"] == 20
 
 
+@pytest.mark.slow
 def test_bench_cli_writes_rows(trained, tmp_path):
   out = tmp_path / "bench.json"
   result = run_module("experiments.bench", f"--checkpoints={trained[1]}",
@@ -126,6 +128,7 @@ def test_breakdown_is_consistent_with_cost_analysis(trained):
     assert published["flops_per_s"] > 1e14 and published["source"], name
 
 
+@pytest.mark.slow
 def test_peers_agree_and_are_timed(family_checkpoints):
   pytest.importorskip("onnxruntime", reason="peers need the rtjax[onnx] extra")
   pytest.importorskip("jax2onnx", reason="peers need the rtjax[onnx] extra")
@@ -143,6 +146,7 @@ def test_peers_agree_and_are_timed(family_checkpoints):
   assert results["rtjax"]["rtjax_p50_ratio"] == 1.0
 
 
+@pytest.mark.slow
 def test_serving_options_table(family_checkpoints, tmp_path):
   pytest.importorskip("onnxruntime", reason="peers need the rtjax[onnx] extra")
   result = run_module("experiments.bench_serving_options",
@@ -163,6 +167,7 @@ def test_serving_options_table(family_checkpoints, tmp_path):
   assert all(len(r["trials"]) > 1 for r in per_batch.values())
 
 
+@pytest.mark.slow
 def test_lowering_bench_times_every_candidate(family_checkpoints, tmp_path):
   from rtjax.infer import lowering
   from rtjax.checkpoint import load_checkpoint

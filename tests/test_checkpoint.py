@@ -65,6 +65,7 @@ def test_truncated_newest_step_is_moved_aside_and_the_run_finishes(
                params_of(run), params_of(workdir))
 
 
+@pytest.mark.slow
 def test_removed_file_cli_names_the_step_and_resumes(trained, tmp_path):
   _, workdir, _ = trained
   run = copy_run(workdir, tmp_path / "run")
@@ -111,6 +112,7 @@ def test_checkpoint_of_a_newer_rtjax_is_refused_and_left_alone(trained,
       "100", "150"]
 
 
+@pytest.mark.slow
 def test_inspect_prints_lineage_metrics_and_versions(trained):
   _, workdir, _ = trained
   result = run_module("experiments.inspect", str(workdir), "--json")

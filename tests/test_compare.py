@@ -31,6 +31,7 @@ def test_pareto_front_on_a_hand_made_set():
   assert compare.best_under_budget(rows, 0.5, "p99") is None
 
 
+@pytest.mark.slow
 def test_compare_cli_reports_a_run(family_checkpoints, tmp_path):
   from rtjax.checkpoint import load_checkpoint
   resnet = family_checkpoints["resnet"]
@@ -61,6 +62,7 @@ def test_compare_cli_reports_a_run(family_checkpoints, tmp_path):
   assert results.with_suffix(".png").read_bytes() == png
 
 
+@pytest.mark.slow
 def test_errors_name_the_culprit(family_checkpoints, tmp_path):
   resnet, lenet = family_checkpoints["resnet"], family_checkpoints["lenet5"]
   half = tmp_path / "c" / "checkpoints" / "150.orbax-checkpoint-tmp-7"

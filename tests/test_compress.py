@@ -31,6 +31,7 @@ def test_polynomial_schedule_values():
   assert values == sorted(values)  # monotone, fast early, slow late
 
 
+@pytest.mark.slow
 def test_global_magnitude_masks_keep_the_largest_weights():
   params = nnx.state(lenet(), nnx.Param)
   prunable = pruning.prunable_tree(params, exclude="head")
@@ -99,9 +100,9 @@ def test_pruned_weights_stay_exactly_zero(make_tx):
 
 @pytest.mark.parametrize("name,args,shape,flops_ratio", [
     ("lenet5", {"conv_channels": [6, 16], "hidden": [120, 84]}, (32, 32, 3), 0.5),
-    ("resnet", {"stem_width": 8, "stage_widths": [8, 16],
-                "blocks_per_stage": [2, 1], "stage_strides": [1, 2]}, (8, 8, 1),
-     0.5),
+    pytest.param("resnet", {"stem_width": 8, "stage_widths": [8, 16],
+                            "blocks_per_stage": [2, 1], "stage_strides": [1, 2]},
+                 (8, 8, 1), 0.5, marks=pytest.mark.slow),
     # The ViT's embedding width (residual stream) is kept: heads and MLP go.
     ("vit", {"embed_dim": 16, "depth": 2, "num_heads": 4, "head_dim": 4,
              "mlp_dim": 32}, (8, 8, 1), 0.6)])
@@ -148,6 +149,7 @@ def test_rounding_of_kept_widths():
   assert structured.kept_count(32, 0.3, 1) == 10
 
 
+@pytest.mark.slow
 def test_int8_conversion_round_trip(trained, tmp_path):
   model, metadata = load_checkpoint(trained[1])
   shape = metadata["model"]["args"]["input_shape"]
@@ -175,6 +177,7 @@ def pipeline_run(tmp_path_factory):
   return config, workdir, run_pipeline(config, workdir)
 
 
+@pytest.mark.slow
 def test_pipeline_lineage_and_reports(pipeline_run):
   config, workdir, results = pipeline_run
   assert list(results) == list(config.stages)
@@ -198,6 +201,7 @@ def test_pipeline_lineage_and_reports(pipeline_run):
   assert sparse["layers"]["head"]["zeros"] == 0  # excluded
 
 
+@pytest.mark.slow
 def test_student_checkpoint_holds_no_teacher(pipeline_run):
   import orbax.checkpoint as ocp
   _, workdir, _ = pipeline_run
@@ -214,6 +218,7 @@ def test_student_checkpoint_holds_no_teacher(pipeline_run):
   assert flat(saved) == flat(nnx.to_pure_dict(nnx.state(student)))
 
 
+@pytest.mark.slow
 def test_int8_stage_holds_int8_and_matches_qat(pipeline_run):
   _, workdir, results = pipeline_run
   int8, meta = load_checkpoint(workdir / "int8")
@@ -226,6 +231,7 @@ def test_int8_stage_holds_int8_and_matches_qat(pipeline_run):
   assert report["checkpoint_bytes"] < report["parent_checkpoint_bytes"]
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_and_resumes_unfinished(pipeline_run, tmp_path):
   import shutil
   from rtjax.pipeline import run_pipeline
@@ -246,6 +252,7 @@ def test_rerun_skips_finished_and_resumes_unfinished(pipeline_run, tmp_path):
       results["qat"].metrics["test"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_widen_pads_with_zero_units_and_keeps_outputs():
   model = models.create_model("resnet", {
       "num_classes": 10, "input_shape": [8, 8, 1], "stem_width": 6,

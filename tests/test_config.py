@@ -88,6 +88,7 @@ def test_model_args_are_checked_against_the_family():
     config_lib.validate(config)
 
 
+@pytest.mark.slow
 def test_batch_must_divide_over_devices():
   code = ("import jax; jax.config.update('jax_num_cpu_devices', 4)\n"
           "from rtjax import config as c\n"
@@ -98,6 +99,7 @@ def test_batch_must_divide_over_devices():
   assert "train.batch_size: 6 is not divisible by the 4 devices" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_value_and_exits_nonzero(tmp_path):
   result = run_module("experiments.main", "--config=configs/default.py:tiny",
                       f"--workdir={tmp_path}",

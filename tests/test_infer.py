@@ -63,6 +63,7 @@ def test_padding_to_buckets_never_changes_real_rows(trained):
   assert served(x[:0]).shape[0] == 0
 
 
+@pytest.mark.slow
 def test_meshes_on_8_devices_match_single_device_float_and_int8(
     family_checkpoints):
   paths = [str(p) for p in family_checkpoints.values()]
@@ -89,6 +90,7 @@ def test_meshes_on_8_devices_match_single_device_float_and_int8(
     assert ("banded_embedded" in meshes) == (key in cnn_floats)
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(trained, tmp_path):
   workdir = str(trained[1])
   single = run_module("experiments.predict", f"--checkpoint={workdir}",
@@ -118,6 +120,7 @@ def test_two_processes_agree_with_one(trained, tmp_path):
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_exported_artifact_runs_without_rtjax(trained, tmp_path):
   workdir = trained[1]
   result = run_module("experiments.export", f"--checkpoint={workdir}",
@@ -143,6 +146,7 @@ assert not any(m.startswith(('rtjax', 'flax')) for m in sys.modules), 'model cod
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compilation_cache_is_hit_by_a_second_process(trained, tmp_path):
   args = [f"--checkpoint={trained[1]}", f"--output={tmp_path}",
           f"--compilation_cache_dir={tmp_path / 'cache'}", "--batch_sizes=8,64"]
@@ -173,6 +177,7 @@ def test_bad_input_gets_clear_errors(trained, tmp_path):
     served(images(2, shape=(8, 8, 3)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["lenet5", "resnet", "vit"])
 def test_onnx_export_matches_within_1e4(family_checkpoints, tmp_path, family):
   pytest.importorskip("jax2onnx", reason="ONNX export is the rtjax[onnx] extra")

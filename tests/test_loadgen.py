@@ -63,6 +63,7 @@ def test_detail_parser_reads_the_mllog_keys():
       "p99_latency_ns": 11104119.0, "target_latency_ns": 20000000.0}
 
 
+@pytest.mark.slow
 def test_offline_run_is_read_from_the_detail_log(tmp_path):
   def model(rows):
     time.sleep(1e-3)  # a steady call, so LoadGen expects a rate it can meet
@@ -81,6 +82,7 @@ def test_offline_run_is_read_from_the_detail_log(tmp_path):
       "log_dir"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["SingleStream", "Server"])
 def test_short_loadgen_runs_are_valid(trained, tmp_path, scenario):
   model = CompiledModel.from_checkpoint(trained[1], batch_sizes=(1, 8, 32))
@@ -100,6 +102,7 @@ def test_short_loadgen_runs_are_valid(trained, tmp_path, scenario):
     assert result["completed_samples_per_second"] > 0
 
 
+@pytest.mark.slow
 def test_peak_server_qps_bisects_between_its_bounds(trained, tmp_path):
   model = CompiledModel.from_checkpoint(trained[1], batch_sizes=(1, 8, 32))
   samples = np.random.default_rng(0).normal(size=(64, 8, 8, 1)).astype(np.float32)

@@ -90,6 +90,7 @@ def test_pinned_lowering_really_replaces_the_conv(family_checkpoints):
   assert banded.conv_lowering == {8: {"conv1": (4, 4), "conv2": (1, 5)}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,batches", [("lenet5", (1, 16)),
                                             ("resnet", (4,))])
 def test_auto_lowering_keeps_outputs_and_picks_its_fastest_trial(

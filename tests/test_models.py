@@ -35,6 +35,7 @@ def test_resnet_shapes_and_param_count():
   assert model.blocks[0].proj is None and model.blocks[1].proj is not None
 
 
+@pytest.mark.slow
 def test_resnet_inner_widths_are_per_block():
   model = models.create_model("resnet", {
       "num_classes": 3, "input_shape": (8, 8, 1), "stem_width": 4,

@@ -143,6 +143,7 @@ def test_checkpoint_errors_name_the_path(trained, tmp_path):
     load_checkpoint(truncated)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_matches_uninterrupted(tiny_config, tmp_path):
   overrides = ["--config=configs/default.py:tiny",
                "--config.train.num_steps=300",
@@ -176,6 +177,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tiny_config, tmp_path):
   assert_trees_close(params_of(preempted), params_of(straight), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_with_a_relative_workdir(tmp_path):
   """As the README runs it: `--workdir=workdirs/...`, relative to the cwd."""
   relative = os.path.relpath(tmp_path / "run", REPO)
@@ -189,6 +191,7 @@ def test_cli_with_a_relative_workdir(tmp_path):
   assert "trainer.py" in result.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_keeps_last_good_checkpoint_and_exits_nonzero(tmp_path):
   result = run_module(
       "experiments.main", "--config=configs/default.py:tiny",

@@ -24,6 +24,8 @@ import pytest
 
 from tests.conftest import run_module
 
+pytestmark = pytest.mark.slow  # a dozen commands, each a fresh process
+
 
 @dataclasses.dataclass
 class Case:

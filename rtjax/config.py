@@ -36,9 +36,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "digits"
   c.data.dir = ""  # cifar10: local or gs:// directory of the python batches
   c.data.val_fraction = 0.1
-  c.data.test_fraction = 0.2  # digits only; cifar10 has its own test_batch
-  c.data.max_shift = 1  # random translation, pixels
+  # digits only; cifar10 (test_batch) and mnist1d (the generator's test
+  # part) have their own test split.
+  c.data.test_fraction = 0.2
+  # Random translation, pixels (images) or time steps (sequences); the flip
+  # is of the width (images) or time (sequences).
+  c.data.max_shift = 1
   c.data.random_flip = False
+  # mnist1d: the generator's own arguments (mnist1d.data.get_dataset_args);
+  # these defaults give the package's default dataset, 4,000 train-part and
+  # 1,000 test examples (train part 80%; val is carved from it by seed).
+  c.data.mnist1d = ml_collections.ConfigDict()
+  c.data.mnist1d.num_samples = 5000  # num_samples // 10 per class
+  c.data.mnist1d.seed = 42  # the generator's, not the split seed (c.seed)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64
@@ -111,6 +121,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "val_fraction + test_fraction must leave training data")
   _require(data.max_shift >= 0, "data.max_shift",
            f"must be >= 0, got {data.max_shift}")
+  generator = data.mnist1d
+  _require(generator.num_samples >= 100 and generator.num_samples % 10 == 0,
+           "data.mnist1d.num_samples",
+           "must be a multiple of 10 (num_samples // 10 per class) and "
+           f">= 100, got {generator.num_samples}")
+  _require(0 <= generator.seed < 2**32, "data.mnist1d.seed",
+           f"must be in [0, 2**32), got {generator.seed}")
 
   train = config.train
   _require(train.num_steps > 0, "train.num_steps",

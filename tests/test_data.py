@@ -1,4 +1,6 @@
-"""Datasets: shapes, deterministic splits, batches as a pure function of (seed, step)."""
+"""Datasets: shapes, deterministic splits, batches as a pure function of
+(seed, step), augmentation of images and sequences (mnist1d:
+tests/test_mnist1d_data.py)."""
 
 import pickle
 
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from rtjax.data import TrainBatches, cifar10, eval_batches, load_dataset
+from rtjax.data.batches import shift_and_flip
 from rtjax.data.dataset import Split
 from rtjax.errors import ConfigError, DataError
 
@@ -84,6 +87,59 @@ def test_shift_augmentation_moves_content_without_changing_it():
   rows, cols = np.nonzero(images[..., 0])[1:]
   assert set(rows) <= set(range(1, 6)) and set(cols) <= set(range(2, 7))
   assert len(set(zip(rows, cols))) > 10  # many different shifts
+
+
+def reference_shift_and_flip(inputs, rng, max_shift, random_flip):
+  """Example by example: offsets drawn (axis, example) for every axis between
+  batch and channels, a window of the zero-padded example, then a flip of the
+  last such axis. For images this is what shift_and_flip always did."""
+  batch, *spatial, _ = inputs.shape
+  out = inputs.copy()
+  if max_shift > 0:
+    offsets = rng.integers(0, 2 * max_shift + 1, size=(len(spatial), batch))
+    for b in range(batch):
+      padded = np.pad(inputs[b], [(max_shift, max_shift)] * len(spatial)
+                      + [(0, 0)])
+      out[b] = padded[tuple(slice(o, o + n)
+                            for o, n in zip(offsets[:, b], spatial))]
+  if random_flip:
+    for b in np.nonzero(rng.random(batch) < 0.5)[0]:
+      out[b] = np.flip(out[b], axis=-2)
+  return out
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 8, 1), (16, 5, 7, 3), (16, 40, 1),
+                                   (16, 12, 2)])
+@pytest.mark.parametrize("max_shift,random_flip", [(0, True), (2, False),
+                                                   (3, True)])
+def test_shift_and_flip_matches_the_reference_for_images_and_sequences(
+    shape, max_shift, random_flip):
+  inputs = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+  got = shift_and_flip(inputs, np.random.default_rng(2), max_shift, random_flip)
+  expected = reference_shift_and_flip(inputs, np.random.default_rng(2),
+                                      max_shift, random_flip)
+  assert got.shape == shape and got.dtype == np.float32
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_sequence_flip_reverses_time_only():
+  sequences = np.arange(32 * 6 * 2, dtype=np.float32).reshape(32, 6, 2)
+  split = Split(sequences, np.zeros(32, np.int32))
+  flipped, _ = TrainBatches(split, 32, seed=0, random_flip=True).batch(0)
+  plain, _ = TrainBatches(split, 32, seed=0).batch(0)
+  reversed_rows = [np.array_equal(f, p[::-1]) for f, p in zip(flipped, plain)]
+  kept_rows = [np.array_equal(f, p) for f, p in zip(flipped, plain)]
+  assert all(r != k for r, k in zip(reversed_rows, kept_rows))
+  assert 0 < sum(reversed_rows) < 32
+
+
+def test_inputs_without_a_spatial_axis_pass_unchanged():
+  features = np.random.default_rng(0).standard_normal((8, 5)).astype(np.float32)
+  split = Split(features, np.zeros(8, np.int32))
+  inputs, _ = TrainBatches(split, 8, seed=0, max_shift=2, random_flip=True,
+                           ).batch(0)
+  plain, _ = TrainBatches(split, 8, seed=0).batch(0)
+  np.testing.assert_array_equal(inputs, plain)
 
 
 def test_eval_batches_pad_and_mask():

@@ -10,22 +10,32 @@ import numpy as np
 from rtjax.data.dataset import Split
 
 
-def shift_and_flip(images: np.ndarray, rng: np.random.Generator,
+def shift_and_flip(inputs: np.ndarray, rng: np.random.Generator,
                    max_shift: int, random_flip: bool) -> np.ndarray:
-  """Random translation by up to `max_shift` pixels (zero fill), optional h-flip."""
-  batch, height, width, _ = images.shape
+  """Random translation by up to `max_shift` steps along every axis between
+  batch and channels (zero fill), optional flip of the last such axis: the
+  same augmentation for (B, H, W, C) images (width flipped) and (B, T, C)
+  sequences (time flipped). Images draw exactly what they always did, so
+  existing runs see the same batches. (B,) and (B, C) inputs have no such
+  axis and pass unchanged."""
+  if inputs.ndim < 3:
+    return inputs
+  batch, *spatial, _ = inputs.shape
+  ones = (1,) * len(spatial)
   if max_shift > 0:
-    padded = np.pad(images, ((0, 0), (max_shift, max_shift),
-                             (max_shift, max_shift), (0, 0)))
-    dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, batch))
-    rows = dy[:, None] + np.arange(height)
-    cols = dx[:, None] + np.arange(width)
-    images = padded[np.arange(batch)[:, None, None], rows[:, :, None],
-                    cols[:, None, :]]
+    padded = np.pad(inputs, ((0, 0), *[(max_shift, max_shift)] * len(spatial),
+                             (0, 0)))
+    offsets = rng.integers(0, 2 * max_shift + 1, size=(len(spatial), batch))
+    index = [np.arange(batch).reshape(batch, *ones)]
+    for axis, (size, offset) in enumerate(zip(spatial, offsets)):
+      steps = np.arange(size).reshape(ones[:axis] + (size,) + ones[axis + 1:])
+      index.append(offset.reshape(batch, *ones) + steps)
+    inputs = padded[tuple(index)]
   if random_flip:
     flip = rng.random(batch) < 0.5
-    images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-  return images
+    inputs = np.where(flip.reshape(batch, *ones, 1),
+                      np.flip(inputs, axis=-2), inputs)
+  return inputs
 
 
 class TrainBatches:
@@ -51,10 +61,10 @@ class TrainBatches:
     epoch, index = divmod(step, self.steps_per_epoch)
     start = index * self.batch_size
     rows = self._permutation(epoch)[start:start + self.batch_size]
-    images = self.split.images[rows]
+    inputs = self.split.images[rows]
     rng = np.random.default_rng([self.seed, step, 1])
-    images = shift_and_flip(images, rng, self.max_shift, self.random_flip)
-    return images, self.split.labels[rows]
+    inputs = shift_and_flip(inputs, rng, self.max_shift, self.random_flip)
+    return inputs, self.split.labels[rows]
 
 
 def eval_batches(split: Split, batch_size: int

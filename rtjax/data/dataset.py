@@ -1,4 +1,5 @@
-"""In-memory image classification datasets with deterministic splits."""
+"""In-memory classification datasets with deterministic splits; inputs are
+channels-last arrays of any rank: (N, H, W, C) images, (N, T, C) sequences."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from sklearn.model_selection import train_test_split
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  images: np.ndarray  # (N, H, W, C) float32
+  """One split's inputs and labels. `images` keeps its name for its callers
+  but holds inputs of any rank: (N, H, W, C) images or (N, T, C) sequences."""
+  images: np.ndarray  # (N, *input_shape) float32
   labels: np.ndarray  # (N,) int32
 
   def __len__(self) -> int:
@@ -26,7 +29,8 @@ class Dataset:
   num_classes: int
 
   @property
-  def input_shape(self) -> tuple[int, int, int]:
+  def input_shape(self) -> tuple[int, ...]:
+    """One example's shape: (H, W, C) for images, (T, C) for sequences."""
     return tuple(int(d) for d in self.train.images.shape[1:])
 
   def describe(self) -> dict:

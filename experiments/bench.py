@@ -19,10 +19,12 @@ from etils import epath
 
 from experiments import cli
 from rtjax.bench import breakdown, loadgen, peers, provenance, report
-from rtjax.bench.latency import host_overhead, interleaved_latency
+from rtjax.bench.latency import (host_overhead, interleaved_latency,
+                                 streaming_latency)
 from rtjax.checkpoint import checkpoint_dataset, load_checkpoint
 from rtjax.errors import FlagError
 from rtjax.infer import CompiledModel, lowering
+from rtjax.infer.streaming import StreamingModel
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", None, "Checkpoint paths; the "
                                  "first is the reference.", required=True)
@@ -51,6 +53,10 @@ _ROUND = flags.DEFINE_integer("round_widths_to", 0, "Serve every float model "
 _PEERS = flags.DEFINE_bool("peers", False, "Time ONNX Runtime (rtjax[onnx]) "
                            "and PyTorch eager (LeNet-5, if torch is installed) "
                            "on the first checkpoint's weights.")
+_STREAM = flags.DEFINE_list("stream_chunks", [], "Also stream the first "
+                            "checkpoint (a unidirectional gru/lstm with "
+                            "head='last') in chunks of these many steps: "
+                            "per-step p50/p99 and host overhead per step.")
 _PUBLISHED = flags.DEFINE_list("published_peaks", [], "Also predict with these "
                                f"chips' published peaks: {', '.join(breakdown.PUBLISHED_PEAKS)}.")
 
@@ -60,6 +66,8 @@ def main(argv):
   del argv
   serving = _SERVING.setup()
   batches = cli.batch_sizes(_BATCH_SIZES)
+  stream_chunks = (cli.positive_ints("stream_chunks", _STREAM.value)
+                   if _STREAM.value else [])
   unknown = sorted(set(_LOADGEN.value) - set(loadgen.SCENARIOS))
   if unknown:
     raise FlagError(f"--loadgen: unknown scenario(s) {', '.join(unknown)}; "
@@ -128,6 +136,15 @@ def main(argv):
               f"p50 / {name} p50 = {r['rtjax_p50_ratio']:.2f}, rtjax "
               f"throughput / {name} = {r['rtjax_throughput_ratio']:.2f}",
               flush=True)
+  streaming = {}
+  for chunk in stream_chunks:
+    stream = StreamingModel.from_checkpoint(_CHECKPOINTS.value[0], chunk=chunk)
+    streaming[chunk] = streaming_latency(stream, _ITERS.value, _WARMUP.value)
+    r = streaming[chunk]
+    print(f"streaming in chunks of {chunk} step(s): per step p50 "
+          f"{r['step_p50_ms']:.4f} ms, p99 {r['step_p99_ms']:.4f} ms, device "
+          f"{r['device_step_p50_ms']:.4f} ms, host overhead "
+          f"{r['host_overhead_per_step_us']:.1f} us", flush=True)
   scenarios = (run_loadgen(_CHECKPOINTS.value[0], serving) if _LOADGEN.value
                else {})
   if _RESULTS.value:
@@ -138,7 +155,8 @@ def main(argv):
         {"lowering": {p: lowering_report(m)
                       for p, m in zip(_CHECKPOINTS.value, served)},
          "latency": rows, "peaks": peaks, "host_overhead": overhead,
-         "peers": peer_results, "loadgen": scenarios},
+         "peers": peer_results, "streaming": streaming,
+         "loadgen": scenarios},
         indent=1))
 
 

@@ -93,7 +93,7 @@ def test_flops_positive_for_every_family(name):
 
 
 def test_unknown_model_lists_known_ones():
-  with pytest.raises(ConfigError, match="known models: lenet5, resnet, vit"):
+  with pytest.raises(ConfigError, match="known models: cnn1d, gru, lenet5, lstm, mlp, resnet, transformer1d, vit"):
     models.create_model("alexnet", {})
 
 

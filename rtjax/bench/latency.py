@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from rtjax.infer import CompiledModel
+from rtjax.infer.streaming import StreamingModel
 from rtjax.timing import time_calls
 
 
@@ -58,3 +59,25 @@ def host_overhead(model: CompiledModel, iters: int = 500,
   p50 = {name: float(np.median(t) * 1e6) for name, t in times.items()}
   return {f"{name}_p50_us": value for name, value in p50.items()} | {
       "request_overhead_us": p50["request"] - p50["device_call"]}
+
+
+def streaming_latency(stream: StreamingModel, iters: int = 500,
+                      warmup: int = 50) -> dict[str, float]:
+  """Per time step of a stream, timed in turns: the full request (numpy
+  chunk in, logits out, state carried) and the device call alone (a chunk
+  already on the device); their p50 difference is the host's overhead."""
+  chunk = np.zeros((stream.batch, stream.chunk, stream.features), np.float32)
+  on_device = jax.device_put(chunk)
+  times = time_calls(
+      {"request": lambda: stream(chunk),
+       "device_call": lambda: stream.run_device(on_device).block_until_ready()},
+      iters, warmup)
+  stream.reset()
+  per_step = {name: np.asarray(t) / stream.chunk for name, t in times.items()}
+  request = percentiles(per_step["request"], stream.batch)
+  return {"step_p50_ms": request["p50_ms"], "step_p99_ms": request["p99_ms"],
+          "device_step_p50_ms": float(np.median(per_step["device_call"]) * 1e3),
+          "host_overhead_per_step_us": float(
+              (np.median(per_step["request"])
+               - np.median(per_step["device_call"])) * 1e6),
+          "chunk": stream.chunk, "batch": stream.batch}

@@ -2,6 +2,7 @@
 
 # Importing the family modules registers them.
 from rtjax.models import lenet, resnet, vit  # noqa: F401
+from rtjax.models import cnn1d, mlp, recurrent, transformer1d  # noqa: F401
 from rtjax.models.modes import inference_view, training_view
 from rtjax.models.registry import (DATASET_ARGS, abstract_model, create_model,
                                    model_arg_names, model_class, model_names)

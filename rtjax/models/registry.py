@@ -55,6 +55,15 @@ def model_arg_names(name: str) -> list[str]:
           if p not in ("self", "rngs", *DATASET_ARGS)]
 
 
+def full_args(cls: type, args: dict) -> dict[str, Any]:
+  """`args` completed with the constructor's defaults: a checkpoint's
+  metadata holds only the arguments its config set."""
+  params = inspect.signature(cls.__init__).parameters
+  defaults = {k: p.default for k, p in params.items()
+              if p.default is not inspect.Parameter.empty}
+  return {**defaults, **args}
+
+
 def tensor_parallel_rules(model: nnx.Module) -> tuple:
   """The sharding rules `model`'s family declares (or the default)."""
   return getattr(type(model), "tensor_parallel_rules",

@@ -323,3 +323,11 @@ def test_unrolled_lstm_converts_to_int8():
   int8 = [x for x in jax.tree.leaves(nnx.state(served)) if x.dtype == np.int8]
   assert len(int8) == 2 * 2 + 1  # input and state kernels of 2 layers, head
   np.testing.assert_allclose(served(X), model(X), atol=0.05)
+
+
+def test_mnist1d_tiny_config_trains_end_to_end(tmp_path):
+  """configs/mnist1d.py:tiny (the cnn for 60 steps) learns well past chance."""
+  from configs import mnist1d
+  from rtjax.train import train_and_evaluate
+  result = train_and_evaluate(mnist1d.get_config("tiny"), tmp_path)
+  assert result.step == 60 and result.metrics["test"]["accuracy"] > 0.3

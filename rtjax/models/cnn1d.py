@@ -110,7 +110,7 @@ class CNN1D(nnx.Module):
     for i, (out_ch, k, s) in enumerate(zip(channels, kernels, stride_list),
                                        start=1):
       setattr(self, f"conv{i}", nnx.Conv(
-          in_ch, out_ch, (k,), strides=(s,), padding=[(padding, padding)],
+          in_ch, out_ch, (k,), strides=(s,), padding=((padding, padding),),
           use_bias=not batchnorm, rngs=rngs))  # BatchNorm brings the bias
       setattr(self, f"conv{i}_bn", nnx.BatchNorm(out_ch, momentum=0.9,
                                                  rngs=rngs)

@@ -148,8 +148,9 @@ def main(argv):
   scenarios = (run_loadgen(_CHECKPOINTS.value[0], serving) if _LOADGEN.value
                else {})
   if _RESULTS.value:
-    provenance.write_results(_RESULTS.value, report.latency_markdown(rows)
-                             + "\n" + report.peers_markdown(peer_results))
+    provenance.write_results(_RESULTS.value, "\n".join(filter(None, (
+        report.latency_markdown(rows), report.peers_markdown(peer_results),
+        report.streaming_markdown(streaming)))))
   if _OUTPUT.value:
     epath.Path(_OUTPUT.value).write_text(json.dumps(
         {"lowering": {p: lowering_report(m)

@@ -28,3 +28,16 @@ def peers_markdown(peers: dict[int, dict[str, dict]]) -> str:
                    f"{r['rtjax_p50_ratio']:.2f} | "
                    f"{r['rtjax_throughput_ratio']:.2f} |")
   return "\n".join(lines) + "\n"
+
+
+def streaming_markdown(streaming: dict[int, dict]) -> str:
+  """Per chunk size: per-step p50/p99, the device's share, host overhead."""
+  if not streaming:
+    return ""
+  lines = ["| steps per call | step p50 ms | step p99 ms | device step p50 ms "
+           "| host overhead per step us |", "|" + " --- |" * 5]
+  for chunk, r in streaming.items():
+    lines.append(f"| {chunk} | {r['step_p50_ms']:.4f} | {r['step_p99_ms']:.4f}"
+                 f" | {r['device_step_p50_ms']:.4f} | "
+                 f"{r['host_overhead_per_step_us']:.1f} |")
+  return "\n".join(lines) + "\n"

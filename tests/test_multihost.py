@@ -20,9 +20,9 @@ from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
-STEPS = 200
+STEPS = 120
 ARGS = ["--config=configs/default.py:tiny", f"--config.train.num_steps={STEPS}",
-        "--config.checkpoint.every_steps=100", "--config.train.eval_every=100",
+        "--config.checkpoint.every_steps=60", "--config.train.eval_every=60",
         "--noreport"]
 
 

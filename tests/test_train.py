@@ -146,7 +146,7 @@ def test_checkpoint_errors_name_the_path(trained, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_and_resume_matches_uninterrupted(tiny_config, tmp_path):
   overrides = ["--config=configs/default.py:tiny",
-               "--config.train.num_steps=300",
+               "--config.train.num_steps=200",
                "--config.checkpoint.every_steps=100"]
   preempted = tmp_path / "preempted"
   proc = subprocess.Popen(
@@ -163,7 +163,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tiny_config, tmp_path):
   assert proc.returncode == 0, stderr
   assert "preempted at step" in stdout
   stopped_at = int(stdout.split("preempted at step")[1].split(";")[0])
-  assert 10 <= stopped_at < 300
+  assert 10 <= stopped_at < 200
   assert load_checkpoint(preempted)[1]["step"] == stopped_at
 
   resumed = run_module("experiments.main", *overrides, f"--workdir={preempted}")
@@ -171,7 +171,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tiny_config, tmp_path):
   assert f"resuming from step {stopped_at}" in resumed.stderr
 
   config = tiny_config
-  config.train.num_steps, config.checkpoint.every_steps = 300, 100
+  config.train.num_steps, config.checkpoint.every_steps = 200, 100
   straight = tmp_path / "straight"
   train_and_evaluate(config, straight)
   assert_trees_close(params_of(preempted), params_of(straight), atol=1e-6)

@@ -13,6 +13,8 @@ from rtjax.data import TrainBatches, eval_batches, load_dataset
 from rtjax.data.dataset import split_by_seed
 from rtjax.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # generates the dataset
+
 
 def data_config(**overrides):
   config = config_lib.base_config().data

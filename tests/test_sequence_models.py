@@ -16,6 +16,8 @@ from rtjax.compress.quantize import int8_model
 from rtjax.infer.fold import fold_batchnorm
 from rtjax.models.quantized import quantization_spec
 
+pytestmark = pytest.mark.slow  # families compiled for 40 unrolled steps
+
 SHAPE = (40, 1)
 X = np.random.default_rng(0).normal(size=(4, *SHAPE)).astype(np.float32)
 

@@ -48,6 +48,7 @@ def test_stream_refuses_what_it_cannot_serve():
     stream(np.zeros((1, 1, 1), np.float32))
 
 
+@pytest.mark.slow
 def test_streaming_latency_reports_per_step_figures():
   stream = StreamingModel(recurrent("gru"), SHAPE, chunk=4)
   result = streaming_latency(stream, iters=20, warmup=2)

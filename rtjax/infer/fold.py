@@ -1,7 +1,8 @@
 """BatchNorm folding: a serving model computes conv(x) * s + t as one conv.
 
-Each model class declares its (layer, BatchNorm) pairs beside itself as
-`batchnorm_pairs`; every such BatchNorm is folded into its Conv or Linear
+Each model declares its (layer, BatchNorm) pairs as `batchnorm_pairs` (a
+class attribute, or an instance one when the layers depend on arguments);
+every such BatchNorm is folded into its Conv or Linear
 layer's kernel and bias and replaced by an identity, so serving graphs carry
 no normalization ops.
 """
@@ -38,8 +39,9 @@ def fold_batchnorm(model: nnx.Module) -> nnx.Module:
   for _, module in list(nnx.iter_graph(model)):
     if not isinstance(module, nnx.Module):
       continue
-    for layer_name, bn_name in getattr(type(module), "batchnorm_pairs", ()):
-      layer, bn = getattr(module, layer_name), getattr(module, bn_name)
+    for layer_name, bn_name in getattr(module, "batchnorm_pairs", ()):
+      layer = getattr(module, layer_name, None)
+      bn = getattr(module, bn_name, None)
       if (isinstance(bn, nnx.BatchNorm) and isinstance(layer, (nnx.Conv,
                                                                 nnx.Linear))
           and isinstance(layer.kernel[...], jax.Array)):  # not int8 (qwix)

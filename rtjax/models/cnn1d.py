@@ -19,10 +19,6 @@ from flax import nnx
 from rtjax.models.groups import Axis, Group, batchnorm_axes, per_block
 from rtjax.models.registry import full_args, register
 
-# rtjax.infer.fold reads (conv, BatchNorm) pairs from the class, not the
-# instance, so the class names every layer a CNN1D may have; class-level
-# None stands for the layers (or BatchNorms) a given instance lacks.
-MAX_LAYERS = 16
 HEADS = ("flatten", "mean")
 
 
@@ -70,8 +66,6 @@ def _with_widths(args: dict, widths: dict) -> dict:
 class CNN1D(nnx.Module):
   """[conv_i (-> BatchNorm) -> ReLU] -> flatten or time-mean -> head."""
 
-  batchnorm_pairs = tuple((f"conv{i}", f"conv{i}_bn")
-                          for i in range(1, MAX_LAYERS + 1))
   prunable_groups = staticmethod(_prunable_groups)
   with_widths = staticmethod(_with_widths)
 
@@ -90,8 +84,8 @@ class CNN1D(nnx.Module):
     on each side of every conv; `head`: 'flatten' (the paper's linear over
     all steps) or 'mean' (global average pool over time)."""
     depth = len(channels)
-    if not 1 <= depth <= MAX_LAYERS:
-      raise ValueError(f"cnn1d: 1 to {MAX_LAYERS} conv layers, got {depth}")
+    if depth < 1:
+      raise ValueError(f"cnn1d: at least one conv layer, got {depth}")
     if head not in HEADS:
       raise ValueError(f"cnn1d: head must be one of {HEADS}, got {head!r}")
     kernels = per_block(kernel_size, depth)
@@ -106,6 +100,10 @@ class CNN1D(nnx.Module):
       raise ValueError(f"cnn1d: a {input_shape[0]}-step input is shorter "
                        f"than the convs need (lengths {lengths})")
     self.depth, self.head_kind = depth, head
+    # Folded for serving (rtjax.infer.fold); as many as this instance has.
+    self.batchnorm_pairs = (tuple((f"conv{i}", f"conv{i}_bn")
+                                  for i in range(1, depth + 1))
+                            if batchnorm else ())
     in_ch = input_shape[-1]
     for i, (out_ch, k, s) in enumerate(zip(channels, kernels, stride_list),
                                        start=1):
@@ -127,8 +125,3 @@ class CNN1D(nnx.Module):
     x = x.reshape(x.shape[0], -1) if self.head_kind == "flatten" else x.mean(1)
     return self.head(x)
 
-
-for _i in range(1, MAX_LAYERS + 1):  # see MAX_LAYERS
-  setattr(CNN1D, f"conv{_i}", None)
-  setattr(CNN1D, f"conv{_i}_bn", None)
-del _i

@@ -43,8 +43,9 @@ class _Recurrent(nnx.Module):
   the first step backward)."""
 
   # Set by each family: the flax cell, the number of gate blocks packed
-  # (gate-major) in its kernels, and which of its Linears holds the biases.
-  cell_type = gates = biased = None
+  # (gate-major) in its kernels, which of its Linears holds the biases and
+  # how many arrays its state holds.
+  cell_type = gates = biased = carry_arrays = None
 
   def __init__(self,
                num_classes: int,
@@ -128,9 +129,10 @@ class _Recurrent(nnx.Module):
       carry, outs[t] = cell(carry, xs[t])
     return outs
 
-  @staticmethod
-  def _zeros(batch: int, width: int) -> Any:
-    raise NotImplementedError
+  def _zeros(self, batch: int, width: int) -> Any:
+    """The zero state of one cell: one array (GRU) or (c, h) (LSTM)."""
+    zeros = jnp.zeros((batch, width), jnp.float32)
+    return zeros if self.carry_arrays == 1 else (zeros,) * self.carry_arrays
 
   # ---- structured pruning -----------------------------------------------
 
@@ -190,10 +192,7 @@ class GRU(_Recurrent):
   cell_type = nnx.GRUCell
   gates = 3
   biased = "dense_i"
-
-  @staticmethod
-  def _zeros(batch: int, width: int) -> jnp.ndarray:
-    return jnp.zeros((batch, width), jnp.float32)
+  carry_arrays = 1
 
 
 @register("lstm")
@@ -204,9 +203,5 @@ class LSTM(_Recurrent):
   cell_type = nnx.OptimizedLSTMCell
   gates = 4
   biased = "dense_h"
-
-  @staticmethod
-  def _zeros(batch: int, width: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-    zeros = jnp.zeros((batch, width), jnp.float32)
-    return zeros, zeros  # (cell state c, output h)
+  carry_arrays = 2  # (cell state c, output h)
 

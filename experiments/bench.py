@@ -19,7 +19,7 @@ from etils import epath
 
 from experiments import cli
 from rtjax.bench import breakdown, loadgen, peers, provenance, report
-from rtjax.bench.latency import (host_overhead, interleaved_latency,
+from rtjax.bench.latency import (host_overhead, interleaved_latency, profiled,
                                  streaming_latency)
 from rtjax.checkpoint import checkpoint_dataset, load_checkpoint
 from rtjax.errors import FlagError
@@ -47,12 +47,27 @@ _PEAK = flags.DEFINE_bool("find_peak_qps", False, "Bisect the highest Server "
 _LOADGEN_DIR = flags.DEFINE_string("loadgen_dir", "loadgen_logs", "LoadGen logs.")
 _LOADGEN_MAX_BATCH = flags.DEFINE_integer("loadgen_max_batch", 32, "Largest "
                                           "batch the Server/Offline batcher forms.")
-_ROUND = flags.DEFINE_integer("round_widths_to", 0, "Serve every float model "
-                              "with its widths padded by zero units to a "
-                              "multiple of this (same outputs).")
-_PEERS = flags.DEFINE_bool("peers", False, "Time ONNX Runtime (rtjax[onnx]) "
-                           "and PyTorch eager (LeNet-5, if torch is installed) "
-                           "on the first checkpoint's weights.")
+_ROUND = flags.DEFINE_integer("round_widths_to", None, "Serve every float "
+                              "model with its widths padded by zero units to "
+                              "a multiple of this (same outputs). Default: "
+                              "the checkpoint's choice for this kind of "
+                              "device, else 0 (off).")
+_PEERS = flags.DEFINE_bool("peers", False, "Time peers on each checkpoint's "
+                           "weights, in turns with rtjax: ONNX Runtime "
+                           "(rtjax[onnx]) on the model's natural export, "
+                           "PyTorch eager and torch.compile (image families, "
+                           "if torch is installed).")
+_PEERS_RTJAX_GRAPH = flags.DEFINE_bool(
+    "peers_rtjax_graph", False, "With --peers, also ONNX Runtime on the "
+    "export of rtjax's own serving graph (a secondary row).")
+_TORCH_COMPILE = flags.DEFINE_bool("torch_compile", True, "With --peers, "
+                                   "also time torch.compile (compiles once "
+                                   "per model and batch size).")
+_PROFILE = flags.DEFINE_string("profile", "", "Write a jax.profiler trace "
+                               "of the timed serving calls to this directory "
+                               "(Perfetto: the perfetto_trace.json.gz under "
+                               "plugins/profile/; or TensorBoard's profile "
+                               "plugin).")
 _STREAM = flags.DEFINE_list("stream_chunks", [], "Also stream the first "
                             "checkpoint (a unidirectional gru/lstm with "
                             "head='last') in chunks of these many steps: "
@@ -87,8 +102,13 @@ def main(argv):
   rows = []
   print(f"{'checkpoint':<40} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} "
         f"{'p99 ms':>8} {'items/s':>10} {'speedup':>8} {'compile s':>9}")
-  for batch in batches:
-    results = interleaved_latency(served, batch, _ITERS.value, _WARMUP.value)
+  with profiled(_PROFILE.value):
+    latencies = {batch: interleaved_latency(served, batch, _ITERS.value,
+                                            _WARMUP.value)
+                 for batch in batches}
+  if _PROFILE.value:
+    print(f"profile of the timed calls written under {_PROFILE.value}")
+  for batch, results in latencies.items():
     for path, model, result in zip(_CHECKPOINTS.value, served, results):
       row = {"checkpoint": path, "batch": batch,
              "stage": model.metadata.get("stage"),
@@ -124,18 +144,23 @@ def main(argv):
         + f"; request overhead over the device call "
         f"{overhead['request_overhead_us']:.1f}", flush=True)
   peer_results = {}
-  if _PEERS.value:
-    model, metadata = load_checkpoint(_CHECKPOINTS.value[0])
+  for path, compiled in zip(_CHECKPOINTS.value if _PEERS.value else [], served):
+    model, metadata = load_checkpoint(path)
+    peer_results[path] = {"model": metadata["model"]["name"],
+                          "serving": report.serving_summary(compiled)}
     for batch in batches:
-      peer_results[batch] = peers.compare_peers(
-          served[0], model, metadata["model"], batch, _ITERS.value,
-          _WARMUP.value)
-      for name, r in peer_results[batch].items():
-        print(f"peers batch {batch:>4} {name:<12} p50 {r['p50_ms']:.4f} ms, "
-              f"p99 {r['p99_ms']:.4f} ms, {r['throughput_per_s']:.0f}/s; rtjax "
-              f"p50 / {name} p50 = {r['rtjax_p50_ratio']:.2f}, rtjax "
-              f"throughput / {name} = {r['rtjax_throughput_ratio']:.2f}",
-              flush=True)
+      peer_results[path][batch] = result = peers.compare_peers(
+          compiled, model, metadata["model"], batch, _ITERS.value,
+          _WARMUP.value, rtjax_graph=_PEERS_RTJAX_GRAPH.value,
+          torch_compile=_TORCH_COMPILE.value)
+      for name, r in result["contenders"].items():
+        print(f"peers {metadata['model']['name']} batch {batch:>4} {name:<26}"
+              f" p50 {r['p50_ms']:.4f} ms, p99 {r['p99_ms']:.4f} ms, "
+              f"{r['throughput_per_s']:.0f}/s; rtjax p50 / its p50 = "
+              f"{r['rtjax_p50_ratio']:.2f}, rtjax throughput / its = "
+              f"{r['rtjax_throughput_ratio']:.2f}", flush=True)
+      for note in result["notes"]:
+        print(f"peers {metadata['model']['name']} batch {batch:>4}: {note}")
   streaming = {}
   for chunk in stream_chunks:
     stream = StreamingModel.from_checkpoint(_CHECKPOINTS.value[0], chunk=chunk)

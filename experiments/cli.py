@@ -132,17 +132,26 @@ class MultihostFlags:
 
 class ServingFlags:
   """The serving options bench, predict and compare share; define once per
-  entry point at module level, call setup() first in main()."""
+  entry point at module level, call setup() first in main(). An option not
+  given follows rtjax.infer.options: what the checkpoint recorded for this
+  kind of device, else that kind's default."""
 
   def __init__(self):
     self.conv_lowering = flags.DEFINE_string(
-        "conv_lowering", "xla", "xla: XLA's convolutions; auto: time XLA's "
+        "conv_lowering", None, "xla: XLA's convolutions; auto: time XLA's "
         "conv and banded matmuls per conv layer and batch size, keep the "
         "fastest; or pin a choice of output block rows x cols, e.g. "
-        "conv1:4x4,conv2:1x5.")
+        "conv1:4x4,conv2:1x5. Default: the checkpoint's choice for this kind "
+        "of device, else xla.")
     self.embed_weights = flags.DEFINE_bool(
-        "embed_weights", False, "Compile the weights into the executables as "
-        "constants (small models; no model mesh axis).")
+        "embed_weights", None, "Compile the weights into the executables as "
+        "constants (small models; no model mesh axis). Default: the "
+        "checkpoint's choice for this kind of device, else off.")
+    self.dtype = flags.DEFINE_enum(
+        "dtype", None, ["float32", "bfloat16"], "Serving precision: bfloat16 "
+        "holds weights and activations in bf16 and accumulates in f32. "
+        "Default: the checkpoint's choice for this kind of device, else "
+        "float32.")
     self.async_dispatch = flags.DEFINE_bool(
         "cpu_async_dispatch", False, "Keep jax's asynchronous CPU dispatch. "
         "Off by default here: handing each call to a worker thread costs "
@@ -151,16 +160,19 @@ class ServingFlags:
   def setup(self) -> dict:
     """Before any JAX computation creates the CPU client (the dispatch mode
     is fixed then); also quiets orbax's INFO logs. Returns CompiledModel's
-    serving options."""
+    serving options (None: not given)."""
     from rtjax.infer.lowering import parse_lowering  # jax/flax: serving only
     quiet_orbax()
     jax.config.update("jax_cpu_enable_async_dispatch",
                       self.async_dispatch.value)
-    try:
-      lowering = parse_lowering(self.conv_lowering.value)
-    except ValueError as e:
-      raise FlagError(f"--conv_lowering: {e}") from None
-    return {"conv_lowering": lowering, "embed_weights": self.embed_weights.value}
+    lowering = self.conv_lowering.value
+    if lowering is not None:
+      try:
+        lowering = parse_lowering(lowering)
+      except ValueError as e:
+        raise FlagError(f"--conv_lowering: {e}") from None
+    return {"conv_lowering": lowering, "embed_weights": self.embed_weights.value,
+            "dtype": self.dtype.value}
 
 
 # ---- logs -----------------------------------------------------------------

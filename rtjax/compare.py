@@ -111,7 +111,8 @@ def compare(loaded: list[Loaded], split: Split, reference: str | None = None,
             batch_sizes: Sequence[int] = (1, 256), iters: int = 200,
             warmup: int = 20, **serving) -> list[dict]:
   """One row per checkpoint; latency keys `p50_ms_b{N}` / `p99_ms_b{N}`;
-  `serving`: CompiledModel options (conv_lowering, embed_weights)."""
+  `serving`: CompiledModel options (conv_lowering, embed_weights, dtype);
+  each row also has the served program's accuracy and its change."""
   names = [l.name for l in loaded]
   ref_index = 0
   if reference is not None:
@@ -139,9 +140,18 @@ def compare(loaded: list[Loaded], split: Split, reference: str | None = None,
         "kl": mean_kl(logits[ref_index], out),
     })
   served = [CompiledModel(l.model, l.metadata["model"]["args"]["input_shape"],
-                          batch_sizes=batch_sizes, **serving)
+                          batch_sizes=batch_sizes, metadata=l.metadata,
+                          **serving)
             for l in loaded]
   for batch in batch_sizes:
+  for row, model in zip(rows, served):
+    # The served program's own accuracy (bf16, a conv lowering): its change
+    # from the checkpoint's float accuracy is what serving costs.
+    served_logits = model(split.images)
+    row["serving_dtype"] = model.options["dtype"]
+    row["served_accuracy"] = float(np.mean(np.argmax(served_logits, -1)
+                                           == split.labels))
+    row["served_accuracy_delta"] = row["served_accuracy"] - row["accuracy"]
     results = interleaved_latency(served, batch, iters, warmup)
     for row, result in zip(rows, results):
       row[f"p50_ms_b{batch}"] = result["p50_ms"]
@@ -155,7 +165,7 @@ def compare(loaded: list[Loaded], split: Split, reference: str | None = None,
 def to_markdown(rows: list[dict], batch_sizes: Sequence[int],
                 front: list[int]) -> str:
   head = ["stage", "model", "params (non-zero)", "FLOPs", "bytes", "dtypes",
-          "test acc.", "agreement", "KL"]
+          "test acc.", "served as: acc. (change)", "agreement", "KL"]
   for b in batch_sizes:
     head += [f"p50 ms b{b}", f"p99 ms b{b}", f"speedup b{b}"]
   lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -206,6 +216,8 @@ def write_outputs(rows: list[dict], batch_sizes: Sequence[int],
   beside it, same name .png): what experiments/results/ holds."""
   out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
+             f"{r['serving_dtype']}: {100*r['served_accuracy']:.2f}% "
+             f"({100*r['served_accuracy_delta']:+.2f})",
   key = f"p99_ms_b{batch_sizes[0]}"
   front = pareto_front([(r["accuracy"], r[key]) for r in rows])
   best = best_under_budget(rows, budget_ms, key) if budget_ms else None

@@ -40,6 +40,7 @@ def test_compare_cli_reports_a_run(family_checkpoints, tmp_path):
   result = run_module("experiments.compare",
                       f"--checkpoints={resnet},{earlier}", "--batch_sizes=1,8",
                       "--iters=10", "--latency_budget_ms=1000",
+                      "--dtype=bfloat16",
                       f"--output_dir={out}", f"--results={results}")
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((out / "compare.json").read_text())
@@ -51,10 +52,16 @@ def test_compare_cli_reports_a_run(family_checkpoints, tmp_path):
   assert first["accuracy"] == pytest.approx(recorded, abs=1e-6)
   assert first["speedup_b1"] == 1.0 and second["p99_ms_b8"] > 0
   assert first["bytes"] > 0 and first["dtypes"] == ["float32"]
+  # Served in bf16: the served program's own accuracy, and its change.
+  assert first["serving_dtype"] == "bfloat16"
+  assert first["served_accuracy_delta"] == pytest.approx(
+      first["served_accuracy"] - first["accuracy"])
+  assert abs(first["served_accuracy_delta"]) <= 0.05
   assert summary["best_under_budget"] in (first["name"], second["name"])
   png = (out / "compare.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
   assert "| stage |" in (out / "compare.md").read_text()
+  assert "| bfloat16: " in (out / "compare.md").read_text()
   assert (out / "compare.csv").read_text().startswith("name,")
   stamped = results.read_text()
   assert stamped.startswith("Command: `") and "experiments.compare" in stamped

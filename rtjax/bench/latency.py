@@ -8,6 +8,7 @@ machine noise hits them alike and their ratio is meaningful.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import jax
@@ -16,6 +17,15 @@ import numpy as np
 from rtjax.infer import CompiledModel
 from rtjax.infer.streaming import StreamingModel
 from rtjax.timing import time_calls
+
+
+def profiled(directory: str | None):
+  """A jax.profiler trace (XLA's per-op events included, and a Perfetto
+  trace.json.gz) of what runs inside, written under `directory`; nothing
+  when it is empty."""
+  if not directory:
+    return contextlib.nullcontext()
+  return jax.profiler.trace(directory, create_perfetto_trace=True)
 
 
 def percentiles(seconds: Sequence[float], batch: int) -> dict[str, float]:

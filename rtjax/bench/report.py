@@ -15,19 +15,41 @@ def latency_markdown(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def peers_markdown(peers: dict[int, dict[str, dict]]) -> str:
-  """Per batch and contender: p50/p99, throughput, rtjax's ratios to it."""
+def serving_summary(model) -> str:
+  """How a CompiledModel serves: dtype, conv lowering per batch, weights."""
+  from rtjax.infer.lowering import describe  # jax: only when serving
+  lowering = "; ".join(f"{b}: {describe(l)}"
+                       for b, l in model.conv_lowering.items())
+  return (f"{model.options['dtype']}, conv lowering {lowering}, weights "
+          f"{'embedded' if model.options['embed_weights'] else 'passed'}")
+
+
+def peers_markdown(peers: dict[str, dict]) -> str:
+  """Per checkpoint, batch and contender: p50/p99, throughput and rtjax's
+  ratios to it (below 1: rtjax faster in latency; above 1: in throughput);
+  then each peer's setting and the peers that could not run."""
   if not peers:
     return ""
-  lines = ["| batch | contender | p50 ms | p99 ms | items/s | rtjax p50 / "
-           "its p50 | rtjax items/s / its items/s |", "|" + " --- |" * 7]
-  for batch, contenders in peers.items():
-    for name, r in contenders.items():
-      lines.append(f"| {batch} | {name} | {r['p50_ms']:.4f} | "
-                   f"{r['p99_ms']:.4f} | {r['throughput_per_s']:,.0f} | "
-                   f"{r['rtjax_p50_ratio']:.2f} | "
-                   f"{r['rtjax_throughput_ratio']:.2f} |")
-  return "\n".join(lines) + "\n"
+  lines = ["| model | batch | contender | p50 ms | p99 ms | items/s | rtjax "
+           "p50 / its p50 | rtjax p99 / its p99 | rtjax items/s / its "
+           "items/s |", "|" + " --- |" * 9]
+  notes = []
+  for path, per_batch in peers.items():
+    notes.append(f"- {per_batch['model']} (`{path}`): rtjax serves "
+                 f"{per_batch['serving']}")
+    for batch, result in per_batch.items():
+      if not isinstance(batch, int):
+        continue
+      for name, r in result["contenders"].items():
+        lines.append(f"| {per_batch['model']} | {batch} | {name} | "
+                     f"{r['p50_ms']:.4f} | {r['p99_ms']:.4f} | "
+                     f"{r['throughput_per_s']:,.0f} | "
+                     f"{r['rtjax_p50_ratio']:.2f} | {r['rtjax_p99_ratio']:.2f}"
+                     f" | {r['rtjax_throughput_ratio']:.2f} |")
+      notes += [f"  - batch {batch}, {name}: {d['setting']} (fastest tried)"
+                for name, d in result["details"].items() if "setting" in d]
+      notes += [f"  - batch {batch}: {note}" for note in result["notes"]]
+  return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
 def streaming_markdown(streaming: dict[int, dict]) -> str:

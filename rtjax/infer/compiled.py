@@ -22,6 +22,8 @@ from jax.experimental import multihost_utils
 
 from rtjax.infer import lowering as lowering_lib
 from rtjax.infer import mesh as mesh_lib
+from rtjax.infer import options as options_lib
+from rtjax.infer import precision
 from rtjax.infer.fold import fold_batchnorm
 from rtjax.checkpoint import load_checkpoint
 from rtjax.errors import FlagError, InputError
@@ -35,10 +37,15 @@ class CompiledModel:
   def __init__(self, model: nnx.Module, input_shape: Sequence[int],
                batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                mesh: jax.sharding.Mesh | None = None,
-               spec: dict | None = None, round_widths_to: int = 0,
-               conv_lowering: str | Mapping[str, tuple[int, int]] = "xla",
-               embed_weights: bool = False):
-    """`round_widths_to` pads every filter/unit/head group of a float model
+               spec: dict | None = None, round_widths_to: int | None = None,
+               conv_lowering: str | Mapping[str, tuple[int, int]] | None = None,
+               embed_weights: bool | None = None, dtype: str | None = None,
+               metadata: dict | None = None):
+    """Serving options left None follow rtjax.infer.options.resolve: what
+    `metadata` (the checkpoint's) recorded for this kind of device, else that
+    kind's default; the result is kept in `.options`.
+
+    `round_widths_to` pads every filter/unit/head group of a float model
     (described by `spec`, its checkpoint's metadata['model']) with zero units
     to a multiple of it: the same outputs on hardware-friendly widths.
 
@@ -53,7 +60,26 @@ class CompiledModel:
     (host copies): XLA folds their layout work at compile time and a call
     passes one array, not every weight (experiments.bench_lowering measures
     it). For small models; a `model` mesh axis could not split them. "auto" costs a compile and ~0.25 s of timing per
-    candidate, once per batch size."""
+    candidate, once per batch size.
+
+    `dtype` "bfloat16" serves a float model in bf16 (rtjax.infer.precision):
+    inputs and outputs stay float32 host arrays, cast inside the program."""
+    self.options = options_lib.resolve(
+        {"dtype": dtype, "conv_lowering": conv_lowering,
+         "embed_weights": embed_weights, "round_widths_to": round_widths_to},
+        metadata)
+    dtype, conv_lowering, embed_weights, round_widths_to = (
+        self.options[k] for k in ("dtype", "conv_lowering", "embed_weights",
+                                  "round_widths_to"))
+    try:
+      self.dtype = jnp.dtype(precision.parse_dtype(dtype))
+      if isinstance(conv_lowering, str):
+        conv_lowering = lowering_lib.parse_lowering(conv_lowering)
+    except ValueError as e:
+      raise FlagError(str(e)) from None
+    if self.dtype != jnp.float32 and not precision.is_float_model(model):
+      raise FlagError(f"dtype {dtype} serves float models; this one is "
+                      "quantized (int8): serve it with dtype float32")
     if round_widths_to:
       if not spec or spec.get("quantization"):
         raise FlagError("round_widths_to needs the float model's spec "
@@ -75,7 +101,7 @@ class CompiledModel:
       raise FlagError(f"batch sizes {bad} do not divide over the mesh's "
                        f"data axis ({data_size}); use multiples of {data_size}")
     self.num_processes = jax.process_count()
-    self.metadata: dict | None = None
+    self.metadata: dict | None = metadata
     self.input_sharding = mesh_lib.batch_sharding(self.mesh)
     if embed_weights and self.mesh.shape[mesh_lib.MODEL] > 1:
       raise FlagError("embed_weights copies every weight into the program, "
@@ -111,12 +137,16 @@ class CompiledModel:
   def _place(self, model: nnx.Module):
     """(jitted forward, weights placed on the mesh once for every call; no
     weights to pass when they are embedded)."""
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(precision.with_dtype(model, self.dtype))
+    dtype = self.dtype
+    # Host arrays stay float32 at the boundary: a cast in, a cast out.
+    run = (lambda m, images: m(images) if dtype == jnp.float32
+           else m(images.astype(dtype)).astype(jnp.float32))
     if self.embed_weights:  # host copies become constants: no weight inputs
       constants, state = jax.tree.map(np.asarray, state), {}
-      forward = lambda _, images: nnx.merge(graphdef, constants)(images)
+      forward = lambda _, images: run(nnx.merge(graphdef, constants), images)
     else:
-      forward = lambda state, images: nnx.merge(graphdef, state)(images)
+      forward = lambda state, images: run(nnx.merge(graphdef, state), images)
     shardings = mesh_lib.weight_shardings(state, self.mesh, self._rules)
     jitted = jax.jit(forward, in_shardings=(shardings, self.input_sharding),
                      out_shardings=self.input_sharding)
@@ -144,10 +174,8 @@ class CompiledModel:
   def from_checkpoint(cls, path: epath.PathLike, **kwargs) -> "CompiledModel":
     """Rebuilt from the checkpoint alone; its metadata kept as `.metadata`."""
     model, metadata = load_checkpoint(path)
-    compiled = cls(model, metadata["model"]["args"]["input_shape"],
-                   spec=metadata["model"], **kwargs)
-    compiled.metadata = metadata
-    return compiled
+    return cls(model, metadata["model"]["args"]["input_shape"],
+               spec=metadata["model"], metadata=metadata, **kwargs)
 
   def bucket_for(self, rows: int) -> int:
     """Smallest compiled batch holding `rows` global rows (else the largest)."""

@@ -1,9 +1,11 @@
 """Exported serving artifacts: a `jax.export` (StableHLO) module with the
-weights inside, which any process with jax runs without rtjax's model code."""
+weights inside, which any process with jax runs without rtjax's model code;
+and ONNX graphs (rtjax's serving graph, or the model's natural one for peers)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Callable, Sequence
 
 import jax
@@ -45,21 +47,54 @@ def load_exported(path: epath.PathLike) -> Callable[[np.ndarray], jax.Array]:
   return exported.call
 
 
+def onnx_proto(model: nnx.Module, input_shape: Sequence[int],
+               batch: int | str = "B", natural: bool = False,
+               channels_first: bool = False):
+  """The ONNX ModelProto of a float model through jax2onnx (the `onnx`
+  extra); `batch`: a fixed batch size, or a name for a symbolic one.
+
+  natural=False: rtjax's serving graph (BatchNorm folded, the model's own
+  XLA-minded ops). natural=True: the model as another runtime would get it
+  from its training-time definition: BatchNorm kept (the runtime fuses it),
+  strided-slice max pools as MaxPool (rtjax.infer.natural).
+  channels_first: a rank-4 image input taken as NCHW, the layout ONNX
+  convolutions use, so no transpose of the input remains in the graph."""
+  try:
+    from jax2onnx import to_onnx
+  except ImportError as e:
+    raise ImportError("ONNX export needs jax2onnx and onnx: pip install "
+                      "'rtjax[onnx]'") from e
+  from rtjax.infer.natural import natural as natural_fn  # jax2onnx users only
+  from rtjax.models import inference_view
+  if natural:
+    view = inference_view(model)
+    fn = natural_fn(lambda x: view(x))
+  else:
+    fn = fold_batchnorm(model)
+  shape = tuple(input_shape)
+  if channels_first and len(shape) == 3:
+    height, width, channels = shape
+    shape, nhwc = (channels, height, width), fn
+    fn = lambda x: nhwc(jnp.transpose(x, (0, 2, 3, 1)))
+  root = logging.getLogger()  # jax2onnx logs each export at INFO there
+  level = root.level
+  root.setLevel(max(level, logging.WARNING))
+  try:
+    return to_onnx(fn, [(batch, *shape)])
+  finally:
+    root.setLevel(level)
+
+
 def export_onnx(model: nnx.Module, input_shape: Sequence[int],
                 path: epath.PathLike, metadata: dict | None = None
                 ) -> epath.Path:
   """ONNX (float models, BatchNorm folded, batch dimension 'B') through
   jax2onnx, checked with onnx.checker; needs the `onnx` extra."""
-  try:
-    import onnx
-    from jax2onnx import to_onnx
-  except ImportError as e:
-    raise ImportError("ONNX export needs jax2onnx and onnx: pip install "
-                      "'rtjax[onnx]'") from e
   if (metadata or {}).get("model", {}).get("quantization"):
     raise ValueError("ONNX export takes float checkpoints; this one is "
                      "quantized (export its float parent, or use jax_export)")
-  proto = to_onnx(fold_batchnorm(model), [("B", *input_shape)])
+  proto = onnx_proto(model, input_shape)
+  import onnx  # installed with jax2onnx (the `onnx` extra)
   onnx.checker.check_model(proto)
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)

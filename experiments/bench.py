@@ -52,6 +52,30 @@ _ROUND = flags.DEFINE_integer("round_widths_to", None, "Serve every float "
                               "a multiple of this (same outputs). Default: "
                               "the checkpoint's choice for this kind of "
                               "device, else 0 (off).")
+_LOADGEN_PATHS = flags.DEFINE_list(
+    "loadgen_paths", ["in_process"], "Where LoadGen's queries go, side by "
+    "side: in_process (the batcher in this process) and/or network (the "
+    "running server at --loadgen_url; Offline runs in process only).")
+_LOADGEN_URL = flags.DEFINE_string("loadgen_url", "", "A running `python -m "
+                                   "experiments.serve` serving the first "
+                                   "checkpoint, e.g. http://127.0.0.1:8000.")
+_LOADGEN_MODEL = flags.DEFINE_string("loadgen_model", "", "The model's name "
+                                     "on that server; default: the first "
+                                     "checkpoint's run directory name.")
+_LOADGEN_REPEATS = flags.DEFINE_integer("loadgen_repeats", 1, "Repetitions of "
+                                        "every LoadGen run; the table gives "
+                                        "medians.", lower_bound=1)
+_LOW_LOAD = flags.DEFINE_float("server_low_load", 0.1, "With --find_peak_qps,"
+                               " also run Server at this fraction of the "
+                               "peak.", lower_bound=0.0, upper_bound=1.0)
+flags.register_validator(
+    "loadgen_paths", lambda paths: set(paths) <= {"in_process", "network"},
+    "--loadgen_paths: give in_process and/or network")
+flags.register_multi_flags_validator(
+    ["loadgen_paths", "loadgen_url"],
+    lambda v: "network" not in v["loadgen_paths"] or bool(v["loadgen_url"]),
+    "--loadgen_paths=network needs --loadgen_url, the address of a running "
+    "python -m experiments.serve")
 _PEERS = flags.DEFINE_bool("peers", False, "Time peers on each checkpoint's "
                            "weights, in turns with rtjax: ONNX Runtime "
                            "(rtjax[onnx]) on the model's natural export, "
@@ -175,7 +199,7 @@ def main(argv):
   if _RESULTS.value:
     provenance.write_results(_RESULTS.value, "\n".join(filter(None, (
         report.latency_markdown(rows), report.peers_markdown(peer_results),
-        report.streaming_markdown(streaming)))))
+        report.streaming_markdown(streaming), scenarios.get("markdown")))))
   if _OUTPUT.value:
     epath.Path(_OUTPUT.value).write_text(json.dumps(
         {"lowering": {p: lowering_report(m)
@@ -196,7 +220,9 @@ def lowering_report(model: CompiledModel) -> dict:
 
 def run_loadgen(path: str, serving: dict) -> dict:
   """The scenarios on the checkpoint's own test images (the QSL), served
-  with power-of-two buckets so the dynamic batcher pads little."""
+  with power-of-two buckets (so the batcher pads little) in process and/or
+  through the running server, each --loadgen_repeats times; medians side by
+  side in a markdown table."""
   max_batch = _LOADGEN_MAX_BATCH.value
   buckets = [2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch]
   model = CompiledModel.from_checkpoint(path, batch_sizes=buckets,
@@ -208,17 +234,26 @@ def run_loadgen(path: str, serving: dict) -> dict:
       min_query_count=1000 if _LOADGEN_SECONDS.value else 0,
       target_qps=_SERVER_QPS.value, target_latency_ms=_SERVER_LATENCY.value,
       max_batch=max_batch)
-  results = {}
-  for scenario in _LOADGEN.value:
-    results[scenario] = loadgen.run(
-        model, samples, dataclasses.replace(settings, scenario=scenario),
-        epath.Path(_LOADGEN_DIR.value) / scenario)
-    print(f"LoadGen {scenario}: {json.dumps(results[scenario])}", flush=True)
-  if _PEAK.value:
-    results["server_peak"] = loadgen.find_peak_server_qps(
-        model, samples, settings, epath.Path(_LOADGEN_DIR.value) / "peak")
-    print(f"LoadGen Server peak VALID QPS at p99 <= {_SERVER_LATENCY.value} "
-          f"ms: {results['server_peak']['peak_valid_qps']}", flush=True)
+  results, summaries = {}, {}
+  for where in _LOADGEN_PATHS.value:
+    network = where == "network"
+    config = dataclasses.replace(
+        settings, server_url=_LOADGEN_URL.value if network else "",
+        model_name=(_LOADGEN_MODEL.value or
+                    epath.Path(path).resolve().name) if network else "")
+    scenarios = [s for s in _LOADGEN.value if not (network and s == "Offline")]
+    runs = []
+    for k in range(_LOADGEN_REPEATS.value):
+      runs.append(loadgen.profile(
+          model, samples, config, epath.Path(_LOADGEN_DIR.value) / where /
+          f"run{k}", scenarios, _PEAK.value, _LOW_LOAD.value))
+      print(f"LoadGen {where} run {k}: {json.dumps(runs[-1])}", flush=True)
+    results[where] = runs
+    summaries[where] = loadgen.summarize(runs)
+  results["summary"] = summaries
+  results["markdown"] = loadgen.markdown(summaries, _SERVER_LATENCY.value,
+                                         _LOW_LOAD.value)
+  print(results["markdown"], flush=True)
   return results
 
 

@@ -1,44 +1,164 @@
-"""MLPerf LoadGen: the dynamic batcher's contract, and real short LoadGen runs."""
+"""The deadline-aware batcher's contract (rtjax.infer.batcher, the LoadGen
+SUT's and the server's), and real short LoadGen runs."""
 
 import json
 import threading
 import time
-import types
 
 import numpy as np
 import pytest
 
 from rtjax.bench import loadgen
 from rtjax.infer import CompiledModel
+from rtjax.infer import batcher as batcher_lib
 
 
-def test_batcher_answers_every_query_once_with_its_row():
-  samples = np.arange(100, dtype=np.float32).reshape(100, 1)
-  batches, answers, lock = [], [], threading.Lock()
-
-  def model(rows):
-    batches.append(len(rows))
-    return rows * 2  # row i -> 2 * sample i
+def _batcher(model, service_s, **kwargs):
+  """A DeadlineBatcher collecting answers and rejections by request tag."""
+  answers, rejected, lock = {}, {}, threading.Lock()
 
   def respond(pairs):
     with lock:
-      answers.extend((q.id, float(out[0])) for q, out in pairs)
+      for request, rows in pairs:
+        assert request.tag not in answers  # once each
+        answers[request.tag] = (rows.copy(), time.perf_counter())
 
-  batcher = loadgen.DynamicBatcher(model, samples, respond, max_batch=8,
-                                   max_wait_ms=5)
-  queries = [types.SimpleNamespace(id=1000 + i, index=(7 * i) % 100)
-             for i in range(300)]
-  threads = [threading.Thread(target=batcher.submit, args=(queries[k::3],))
-             for k in range(3)]
+  def reject(request, error):
+    with lock:
+      rejected[request.tag] = error
+
+  batcher = batcher_lib.DeadlineBatcher(model, service_s, respond, reject,
+                                        **kwargs)
+  return batcher, answers, rejected
+
+
+def test_batcher_answers_every_query_once_with_its_rows():
+  batches = []
+
+  def model(rows):
+    batches.append(len(rows))
+    time.sleep(2e-3)  # slow enough that arrivals queue behind a batch
+    return rows * 2
+
+  batcher, answers, _ = _batcher(model, {1: 2e-3, 4: 2e-3, 8: 2e-3})
+  requests = [batcher_lib.Request(np.full((1 + i % 3, 1), i, np.float32),
+                                  tag=i) for i in range(300)]
+  threads = [threading.Thread(target=lambda k=k: [
+      batcher.submit(r) for r in requests[k::3]]) for k in range(3)]
   for t in threads:
     t.start()
   for t in threads:
     t.join()
   batcher.stop()
-  assert sorted(a[0] for a in answers) == [q.id for q in queries]  # once each
-  expected = {q.id: 2.0 * q.index for q in queries}
-  assert all(value == expected[qid] for qid, value in answers)
-  assert max(batches) <= 8 and max(batches) > 1  # really batched
+  assert sorted(answers) == list(range(300))
+  for i, (rows, _) in answers.items():
+    np.testing.assert_array_equal(rows, np.full((1 + i % 3, 1), 2 * i))
+  assert set(batches) <= {1, 4, 8} and max(batches) == 8  # batched, bucketed
+
+
+def test_batcher_dispatches_at_once_when_idle():
+  calls = []
+  batcher, answers, _ = _batcher(lambda rows: calls.append(len(rows)) or rows,
+                                 {1: 1e-3, 8: 1e-3})
+  for i in range(5):
+    start = time.perf_counter()
+    batcher.submit(batcher_lib.Request(np.zeros((1, 1), np.float32), tag=i))
+    while i not in answers:
+      time.sleep(1e-4)
+    # The old batcher waited max_wait_ms for company; this one does not.
+    assert answers[i][1] - start < 0.05
+    time.sleep(0.01)
+  batcher.stop()
+  assert calls == [1] * 5  # alone, on the smallest bucket
+
+
+def test_batcher_picks_the_fastest_bucket_that_meets_every_deadline():
+  seconds = {1: 0.01, 4: 0.02, 16: 0.05}  # rows per second: 100, 200, 320
+  ran, gate = [], threading.Event()
+
+  def model(rows):
+    gate.wait()
+    ran.append(len(rows))
+    return rows
+
+  batcher, answers, _ = _batcher(model, seconds, inline_s=0)
+  far = time.perf_counter() + 10
+  batcher.submit(batcher_lib.Request(np.zeros((1, 1)), far, tag="first"))
+  time.sleep(0.05)  # the worker holds "first" at the gate
+  for i in range(12):
+    batcher.submit(batcher_lib.Request(np.zeros((1, 1)), far, tag=i))
+  gate.set()
+  batcher.stop()
+  assert ran == [1, 16]  # 12 queued rows: bucket 16 serves the most per second
+  # A deadline that bucket 16 would miss but bucket 4 meets: bucket 4 first.
+  ran.clear()
+  gate.clear()
+  batcher, answers, _ = _batcher(model, seconds, inline_s=0)
+  batcher.submit(batcher_lib.Request(np.zeros((1, 1)), far, tag="first"))
+  time.sleep(0.05)
+  # Due 40 ms after the gate opens: bucket 4 (20 ms) makes it, 16 (50) not.
+  soon = time.perf_counter() + 0.05 + 0.04
+  batcher.submit(batcher_lib.Request(np.zeros((1, 1)), soon, tag="urgent"))
+  for i in range(11):
+    batcher.submit(batcher_lib.Request(np.zeros((1, 1)), far, tag=i))
+  time.sleep(0.05 - (time.perf_counter() - (soon - 0.09)))
+  gate.set()
+  batcher.stop()
+  assert ran[:2] == [1, 4] and sum(ran) == 13
+
+
+def test_batcher_rejects_at_once_what_its_deadline_cannot_take():
+  batch_s = 0.05
+
+  def model(rows):
+    time.sleep(batch_s)
+    return rows
+
+  batcher, answers, rejected = _batcher(model, {1: batch_s, 2: batch_s},
+                                        max_queue_rows=64)
+  accepted, refused = [], []
+  for i in range(40):
+    now = time.perf_counter()
+    request = batcher_lib.Request(np.zeros((1, 1)), now + 0.3, tag=i,
+                                  arrival=now)
+    try:
+      batcher.submit(request)
+      accepted.append(request)
+    except batcher_lib.Rejected as e:
+      assert e.reason == "deadline" and time.perf_counter() - now < 0.01
+      refused.append(i)
+  batcher.stop()
+  # 0.3 s holds ~6 batches of 2 rows; the other requests are refused at once.
+  assert 6 <= len(accepted) <= 14 and len(refused) == 40 - len(accepted)
+  assert not rejected and sorted(answers) == [r.tag for r in accepted]
+  late = max(answers[r.tag][1] - r.deadline for r in accepted)
+  assert late <= batch_s, f"an admitted request missed by {late * 1e3:.0f} ms"
+  with pytest.raises(batcher_lib.Rejected, match="shutting down"):
+    batcher.submit(batcher_lib.Request(np.zeros((1, 1))))
+
+
+def test_batcher_bounds_its_queue_and_survives_a_failing_batch():
+  def model(rows):
+    time.sleep(0.02)
+    if rows[0, 0] < 0:
+      raise RuntimeError("bad batch")
+    return rows
+
+  batcher, answers, rejected = _batcher(model, {1: 0.02}, max_queue_rows=3,
+                                        inline_s=0)
+  outcomes = []
+  for i in range(6):
+    try:
+      batcher.submit(batcher_lib.Request(np.full((1, 1), -1.0 if i == 0 else i),
+                                         tag=i))
+      outcomes.append("queued")
+    except batcher_lib.Rejected as e:
+      outcomes.append(e.reason)
+  batcher.stop()
+  assert outcomes.count("queue_full") >= 2 and outcomes[0] == "queued"
+  assert isinstance(rejected[0], RuntimeError)  # the failing batch's request
+  assert all(answers[i][0][0, 0] == i for i in answers)  # the rest answered
+  assert len(answers) == outcomes.count("queued") - 1
 
 
 def mllog(key, value):

@@ -1,20 +1,26 @@
 """MLPerf LoadGen around an rtjax serving function: SingleStream (p90
 latency), Server (Poisson arrivals at a target QPS, p99 against a deadline,
-and a search for the highest QPS that meets it) and Offline (throughput).
+and a search for the highest QPS that meets it) and Offline (throughput),
+in process or through a running model server (experiments.serve).
 
-The Server and Offline SUT batches dynamically: it collects queries up to
-`max_batch` rows or `max_wait_ms`, pads them to a compiled bucket and answers
-each query once; SingleStream queries are answered on LoadGen's thread.
-LoadGen's own logs stay in the output directory; the results are read from
-the `:::MLLOG` JSON lines of its detail log.
+In process, SingleStream queries are answered on LoadGen's thread; Server
+and Offline queries go through rtjax.infer.batcher.DeadlineBatcher (the
+server's own batcher) with the Server deadline as each query's deadline and
+every query admitted. Over the network (`server_url`), queries travel as
+Open Inference Protocol binary-tensor requests (rtjax.bench.remote); a run
+in which the server refused any query is INVALID. LoadGen's own logs stay
+in the output directory; the results are read from the `:::MLLOG` JSON lines
+of its detail log.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import queue
-import threading
+import math
+import statistics
+import sys
 import time
 from typing import Callable
 
@@ -22,58 +28,20 @@ import mlperf_loadgen as lg
 import numpy as np
 from etils import epath
 
+from rtjax.bench.remote import Refused, RemoteModel
 from rtjax.infer import CompiledModel
+from rtjax.infer.batcher import DeadlineBatcher, Request, measure_service_times
 from rtjax.timing import time_calls
 
 SCENARIOS = {"SingleStream": lg.TestScenario.SingleStream,
              "Server": lg.TestScenario.Server,
              "Offline": lg.TestScenario.Offline}
-
-
-class DynamicBatcher:
-  """Queries in, one response per query out, batched on a worker thread."""
-
-  def __init__(self, model: Callable[[np.ndarray], np.ndarray],
-               samples: np.ndarray, respond: Callable[[list], None],
-               max_batch: int, max_wait_ms: float):
-    self.model, self.samples, self.respond = model, samples, respond
-    self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1e3
-    self._queue: queue.Queue = queue.Queue()
-    self._worker = threading.Thread(target=self._run, daemon=True)
-    self._worker.start()
-
-  def submit(self, queries) -> None:
-    """queries: objects with .id and .index (LoadGen QuerySample)."""
-    for q in queries:
-      self._queue.put(q)
-
-  def stop(self) -> None:
-    self._queue.put(None)
-    self._worker.join()
-
-  def _run(self) -> None:
-    while True:
-      first = self._queue.get()
-      if first is None:
-        return
-      batch, deadline = [first], time.perf_counter() + self.max_wait_s
-      stop = False
-      while len(batch) < self.max_batch:
-        try:
-          item = self._queue.get(timeout=max(deadline - time.perf_counter(), 0))
-        except queue.Empty:
-          break
-        if item is None:
-          stop = True
-          break
-        batch.append(item)
-      outputs = self.model(self.samples[[q.index for q in batch]])
-      self.respond(list(zip(batch, outputs)))
-      if stop:
-        return
+NO_OUTPUT = np.zeros(0, np.float32)
+SWITCH_INTERVAL_S = 5e-4
 
 
 def _respond_to_loadgen(pairs) -> None:
+  """[(LoadGen query, its output row(s))] answered in one call."""
   responses, keep = [], []
   for query, row in pairs:
     row = np.ascontiguousarray(row, np.float32)
@@ -81,6 +49,14 @@ def _respond_to_loadgen(pairs) -> None:
     responses.append(lg.QuerySampleResponse(
         query.id, row.__array_interface__["data"][0], row.nbytes))
   lg.QuerySamplesComplete(responses)
+
+
+def buckets_for(model, max_batch: int) -> list[int]:
+  """The model's compiled batch sizes up to max_batch (powers of two for a
+  plain function)."""
+  sizes = getattr(model, "batch_sizes", None) or [
+      2 ** i for i in range(max_batch.bit_length())]
+  return [b for b in sizes if b <= max_batch] or [min(sizes)]
 
 
 # Output key -> the `:::MLLOG` key of mlperf_log_detail.txt that holds it;
@@ -120,8 +96,9 @@ class LoadGenConfig:
   min_query_count: int = 0
   target_qps: float = 100.0  # Server
   target_latency_ms: float = 10.0  # Server deadline
-  max_batch: int = 64  # dynamic batcher
-  max_wait_ms: float = 2.0
+  max_batch: int = 64  # largest bucket the batcher forms
+  server_url: str = ""  # "": in process; else the server to send queries to
+  model_name: str = ""  # the model's name on that server
 
 
 def expectations(model: Callable[[np.ndarray], np.ndarray],
@@ -139,10 +116,68 @@ def expectations(model: Callable[[np.ndarray], np.ndarray],
   return min(times["one"]), max_batch / min(times["max_batch"])
 
 
+def _in_process_sut(model, samples: np.ndarray, config: LoadGenConfig):
+  """(issue, stop, stats) answering queries in this process."""
+  if config.scenario == "SingleStream":
+    # One query in flight: answered on LoadGen's own thread, no hand-off.
+    issue = lambda queries: _respond_to_loadgen(list(zip(
+        queries, model(samples[[q.index for q in queries]]))))
+    return issue, lambda: None, dict
+  buckets = buckets_for(model, config.max_batch)
+  batcher = DeadlineBatcher(
+      model, measure_service_times(model, buckets, samples.shape[1:]),
+      lambda pairs: _respond_to_loadgen([(r.tag, out) for r, out in pairs]),
+      admission=False)
+  budget_s = (config.target_latency_ms / 1e3 if config.scenario == "Server"
+              else math.inf)
+
+  def issue(queries):
+    now = time.perf_counter()
+    for q in queries:
+      batcher.submit(Request(samples[q.index:q.index + 1], now + budget_s, q,
+                             now))
+  return issue, batcher.stop, dict
+
+
+def _network_sut(samples: np.ndarray, config: LoadGenConfig):
+  """(issue, stop, stats) sending each query to the server at
+  config.server_url; stats() counts refused queries and raises the first
+  transport error."""
+  remote = RemoteModel(config.server_url, config.model_name)
+  refused, failed = [], []
+
+  def answer(query, result):
+    if isinstance(result, Exception):
+      (refused if isinstance(result, Refused) else failed).append(result)
+      result = NO_OUTPUT
+    _respond_to_loadgen([(query, result)])
+
+  def stats():
+    if failed:
+      raise failed[0]
+    return {"refused_queries": len(refused)}
+
+  if config.scenario == "SingleStream":
+    def issue(queries):
+      for q in queries:
+        try:
+          result = remote.call(samples[q.index:q.index + 1])
+        except Exception as e:  # counted by stats()
+          result = e
+        answer(q, result)
+    return issue, lambda: None, stats
+  remote.start()
+
+  def issue(queries):
+    for q in queries:
+      remote.submit(samples[q.index:q.index + 1], functools.partial(answer, q))
+  return issue, remote.stop, stats
+
+
 def run(model: CompiledModel, samples: np.ndarray, config: LoadGenConfig,
         output_dir: epath.PathLike) -> dict:
   """One LoadGen performance run; returns its detail log's results (+ log
-  dir)."""
+  dir, and over the network the number of queries the server refused)."""
   output_dir = epath.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   settings = lg.TestSettings()
@@ -158,15 +193,13 @@ def run(model: CompiledModel, samples: np.ndarray, config: LoadGenConfig,
     settings.max_duration_ms = 4 * config.min_duration_ms
   if config.min_query_count:
     settings.min_query_count = config.min_query_count
-  if config.scenario == "SingleStream":
-    # One query in flight: answered on LoadGen's own thread, no hand-off.
-    issue = lambda queries: _respond_to_loadgen(list(zip(
-        queries, model(samples[[q.index for q in queries]]))))
-    stop = lambda: None
-  else:
-    batcher = DynamicBatcher(model, samples, _respond_to_loadgen,
-                             config.max_batch, config.max_wait_ms)
-    issue, stop = batcher.submit, batcher.stop
+  issue, stop, stats = (_network_sut(samples, config) if config.server_url
+                        else _in_process_sut(model, samples, config))
+  # LoadGen's threads, the batcher's and the network client's take turns
+  # with the interpreter: at the default 5 ms switch interval one of them
+  # can hold off the others for a whole deadline's worth of time.
+  switch_interval = sys.getswitchinterval()
+  sys.setswitchinterval(SWITCH_INTERVAL_S)
   sut = lg.ConstructSUT(issue, lambda: None)
   qsl = lg.ConstructQSL(len(samples), len(samples), lambda _: None,
                         lambda _: None)
@@ -177,9 +210,13 @@ def run(model: CompiledModel, samples: np.ndarray, config: LoadGenConfig,
     lg.StartTestWithLogSettings(sut, qsl, settings, log)
   finally:
     stop()
+    sys.setswitchinterval(switch_interval)
     lg.DestroyQSL(qsl)
     lg.DestroySUT(sut)
   results = parse_detail((output_dir / "mlperf_log_detail.txt").read_text())
+  results.update(stats())
+  if results.get("refused_queries"):  # answered early, not served
+    results["result"] = "INVALID"
   results["log_dir"] = str(output_dir)
   return results
 
@@ -205,3 +242,104 @@ def find_peak_server_qps(model: CompiledModel, samples: np.ndarray,
       high = qps
   return {"peak_valid_qps": best["target_qps"] if best else None,
           "last_valid": best, "searched": [low, high]}
+
+
+def profile(model: CompiledModel, samples: np.ndarray, config: LoadGenConfig,
+            output_dir: epath.PathLike, scenarios: list[str],
+            find_peak: bool = False, low_load: float = 0.1,
+            steps: int = 6) -> dict:
+  """One repetition on one path: each scenario, then (find_peak) the Server
+  peak, bisected up to the Offline samples/s of this repetition when it
+  ran, and a Server run at `low_load` x that peak (the latency an idle
+  server adds)."""
+  output_dir = epath.Path(output_dir)
+  results = {scenario: run(model, samples, dataclasses.replace(
+      config, scenario=scenario), output_dir / scenario)
+             for scenario in scenarios}
+  if find_peak:
+    high = results.get("Offline", {}).get("samples_per_second")
+    results["server_peak"] = find_peak_server_qps(
+        model, samples, config, output_dir / "peak", high=high, steps=steps)
+    peak = results["server_peak"]["peak_valid_qps"]
+    if peak:
+      results["server_low_load"] = run(model, samples, dataclasses.replace(
+          config, scenario="Server", target_qps=low_load * peak),
+          output_dir / "low_load")
+  return results
+
+
+def _figures(result: dict) -> dict:
+  """The numbers that judge one repetition (ms, QPS, ratios), as far as it
+  has them."""
+  get = lambda scenario, key: result.get(scenario, {}).get(key)
+  ms = lambda ns: ns / 1e6 if ns is not None else None
+  figures = {
+      "offline_samples_per_s": get("Offline", "samples_per_second"),
+      "single_p50_ms": ms(get("SingleStream", "p50_latency_ns")),
+      "single_p90_ms": ms(get("SingleStream", "p90_latency_ns")),
+      "single_p99_ms": ms(get("SingleStream", "p99_latency_ns")),
+      "server_p99_ms": ms(get("Server", "p99_latency_ns")),
+      "peak_qps": result.get("server_peak", {}).get("peak_valid_qps"),
+      "low_load_qps": get("server_low_load", "target_qps"),
+      "low_load_p50_ms": ms(get("server_low_load", "p50_latency_ns")),
+      "low_load_valid": get("server_low_load", "result"),
+  }
+  if figures["peak_qps"] and figures["offline_samples_per_s"]:
+    figures["peak_over_offline"] = (figures["peak_qps"]
+                                    / figures["offline_samples_per_s"])
+  if figures["low_load_p50_ms"] is not None and figures["single_p50_ms"]:
+    figures["low_load_p50_minus_single_ms"] = (figures["low_load_p50_ms"]
+                                               - figures["single_p50_ms"])
+  return {k: v for k, v in figures.items() if v is not None}
+
+
+def summarize(repetitions: list[dict]) -> dict:
+  """{figure: {"median": m, "runs": [per repetition]}}; every ratio is taken
+  within one repetition first, then its median across them."""
+  per_run = [_figures(r) for r in repetitions]
+  keys = [k for k in per_run[0] if all(k in f for f in per_run)] if per_run else []
+  summary = {}
+  for key in keys:
+    values = [f[key] for f in per_run]
+    summary[key] = {"runs": values, "median": (
+        statistics.median(values) if all(isinstance(v, (int, float))
+                                         for v in values) else None)}
+  return summary
+
+
+def markdown(paths: dict[str, dict], target_latency_ms: float,
+             low_load: float) -> str:
+  """The paths side by side (in process, network): medians with each run's
+  value in brackets, then what the network adds at batch 1."""
+  rows = [
+      ("Offline samples/s", "offline_samples_per_s", "{:,.0f}"),
+      ("SingleStream p50 ms", "single_p50_ms", "{:.3f}"),
+      ("SingleStream p99 ms", "single_p99_ms", "{:.3f}"),
+      (f"Server peak VALID QPS (p99 <= {target_latency_ms:g} ms)", "peak_qps",
+       "{:,.0f}"),
+      ("peak / Offline", "peak_over_offline", "{:.0%}"),
+      (f"Server p50 ms at {low_load:.0%} of peak", "low_load_p50_ms", "{:.3f}"),
+      ("  minus SingleStream p50, ms", "low_load_p50_minus_single_ms",
+       "{:+.3f}"),
+  ]
+  names = list(paths)
+  lines = ["| LoadGen (median [runs]) | " + " | ".join(names) + " |",
+           "|" + " --- |" * (len(names) + 1)]
+  for label, key, fmt in rows:
+    cells = []
+    for name in names:
+      entry = paths[name].get(key)
+      cells.append("" if entry is None or entry["median"] is None else
+                   f"{fmt.format(entry['median'])} "
+                   f"[{', '.join(fmt.format(v) for v in entry['runs'])}]")
+    if any(cells):
+      lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  if "in_process" in paths and "network" in paths:
+    added = []
+    for key, label in (("single_p50_ms", "p50"), ("single_p99_ms", "p99")):
+      if key in paths["in_process"] and key in paths["network"]:
+        added.append(f"{label} +{paths['network'][key]['median'] - paths['in_process'][key]['median']:.3f} ms")
+    if added:
+      lines += ["", "The network path adds at batch 1 (SingleStream medians): "
+                + ", ".join(added) + "."]
+  return "\n".join(lines) + "\n"

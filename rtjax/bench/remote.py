@@ -1,0 +1,156 @@
+"""A lean client of a model server's Open Inference Protocol infer endpoint
+(binary tensors), for LoadGen queries sent over the network.
+
+Two ways to call: `call(rows)` blocks on one kept-alive connection of the
+calling thread (SingleStream: one query at a time, answered on LoadGen's
+thread like the in-process path), and `submit(rows, done)` hands the request
+to a fixed pool of connections on an asyncio thread (Server, Offline: many
+in flight). A request the server refuses (429/503) comes back as Refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import threading
+import urllib.parse
+from typing import Callable
+
+import numpy as np
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class Refused(Exception):
+  """The server answered with an error status; `.status` is it."""
+
+  def __init__(self, status: int, message: str):
+    super().__init__(f"HTTP {status}: {message}")
+    self.status = status
+
+
+class RemoteModel:
+  """`url`: the server's base URL (http://127.0.0.1:8000); `model`: its name
+  there. Inputs travel as FP32 `images`, outputs come back as binary."""
+
+  def __init__(self, url: str, model: str, connections: int = 64,
+               input_name: str = "images", output_name: str = "logits"):
+    parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    self.host, self.port = parsed.hostname, parsed.port or 80
+    self.path = f"/v2/models/{model}/infer"
+    self.connections = connections
+    self.input_name, self.output_name = input_name, output_name
+    self._local = threading.local()
+    self._loop: asyncio.AbstractEventLoop | None = None
+    self._thread: threading.Thread | None = None
+    self._headers: dict[tuple, bytes] = {}
+
+  # ---- the wire format ---------------------------------------------------
+
+  def encode(self, rows: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    rows = np.ascontiguousarray(rows, np.float32)
+    header = self._headers.get(rows.shape)
+    if header is None:
+      header = self._headers[rows.shape] = json.dumps({
+          "inputs": [{"name": self.input_name, "shape": list(rows.shape),
+                      "datatype": "FP32",
+                      "parameters": {"binary_data_size": rows.nbytes}}],
+          "outputs": [{"name": self.output_name,
+                       "parameters": {"binary_data": True}}]}).encode()
+    return header + rows.tobytes(), {
+        HEADER_LENGTH: str(len(header)),
+        "Content-Type": "application/octet-stream"}
+
+  @staticmethod
+  def decode(status: int, header_length: str | None, body: bytes
+             ) -> np.ndarray:
+    if status != 200:
+      try:
+        message = json.loads(body)["error"]
+      except (ValueError, KeyError, TypeError):
+        message = body[:200].decode(errors="replace")
+      raise Refused(status, message)
+    size = int(header_length) if header_length else len(body)
+    output = json.loads(body[:size])["outputs"][0]
+    return np.frombuffer(body[size:], np.float32).reshape(output["shape"])
+
+  # ---- one blocking call on this thread's connection ---------------------
+
+  def call(self, rows: np.ndarray) -> np.ndarray:
+    connection = getattr(self._local, "connection", None)
+    if connection is None:
+      connection = http.client.HTTPConnection(self.host, self.port)
+      connection.connect()
+      connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+      self._local.connection = connection
+    body, headers = self.encode(rows)
+    connection.request("POST", self.path, body, headers)
+    response = connection.getresponse()
+    data = response.read()
+    return self.decode(response.status, response.getheader(HEADER_LENGTH),
+                       data)
+
+  # ---- many in flight, on an asyncio thread --------------------------------
+
+  def start(self) -> None:
+    ready = threading.Event()
+    self._thread = threading.Thread(target=self._run_loop, args=(ready,),
+                                    daemon=True, name="remote-client")
+    self._thread.start()
+    ready.wait()
+
+  def submit(self, rows: np.ndarray,
+             done: Callable[[np.ndarray | Exception], None]) -> None:
+    """From any thread: sends `rows`; `done(outputs or error)` runs on the
+    client's thread when the answer is in."""
+    self._loop.call_soon_threadsafe(self._pending.put_nowait, (rows, done))
+
+  def stop(self) -> None:
+    if self._thread is not None:
+      self._loop.call_soon_threadsafe(self._stop.set)
+      self._thread.join()
+      self._thread = None
+
+  def _run_loop(self, ready: threading.Event) -> None:
+    import aiohttp  # rtjax[serve]
+
+    async def worker(session):
+      while True:
+        rows, done = await self._pending.get()
+        self._busy += 1
+        body, headers = self.encode(rows)
+        try:
+          async with session.post(url, data=body, headers=headers) as r:
+            data = await r.read()
+            result = self.decode(r.status, r.headers.get(HEADER_LENGTH), data)
+        except Exception as e:  # answered to the caller, never lost
+          result = e
+        self._busy -= 1
+        done(result)
+
+    async def main():
+      self._pending, self._stop = asyncio.Queue(), asyncio.Event()
+      self._busy = 0
+      connector = aiohttp.TCPConnector(limit=self.connections)
+      async with aiohttp.ClientSession(connector=connector) as session:
+        workers = [asyncio.create_task(worker(session))
+                   for _ in range(self.connections)]
+        ready.set()
+        await self._stop.wait()
+        while not self._pending.empty() or self._busy:  # answer all first
+          await asyncio.sleep(0.01)
+        for w in workers:
+          w.cancel()
+
+    url = f"http://{self.host}:{self.port}{self.path}"
+    try:
+      import uvloop  # rtjax[serve]: the faster loop, where it is installed
+      self._loop = uvloop.new_event_loop()
+    except ImportError:
+      self._loop = asyncio.new_event_loop()
+    try:
+      self._loop.run_until_complete(main())
+    finally:
+      self._loop.close()

@@ -138,12 +138,12 @@ def compare(loaded: list[Loaded], split: Split, reference: str | None = None,
         "accuracy": float(np.mean(np.argmax(out, -1) == split.labels)),
         "agreement": agreement(logits[ref_index], out),
         "kl": mean_kl(logits[ref_index], out),
+        **_lineage(l.metadata),
     })
   served = [CompiledModel(l.model, l.metadata["model"]["args"]["input_shape"],
                           batch_sizes=batch_sizes, metadata=l.metadata,
                           **serving)
             for l in loaded]
-  for batch in batch_sizes:
   for row, model in zip(rows, served):
     # The served program's own accuracy (bf16, a conv lowering): its change
     # from the checkpoint's float accuracy is what serving costs.
@@ -152,6 +152,7 @@ def compare(loaded: list[Loaded], split: Split, reference: str | None = None,
     row["served_accuracy"] = float(np.mean(np.argmax(served_logits, -1)
                                            == split.labels))
     row["served_accuracy_delta"] = row["served_accuracy"] - row["accuracy"]
+  for batch in batch_sizes:
     results = interleaved_latency(served, batch, iters, warmup)
     for row, result in zip(rows, results):
       row[f"p50_ms_b{batch}"] = result["p50_ms"]
@@ -160,6 +161,48 @@ def compare(loaded: list[Loaded], split: Split, reference: str | None = None,
   for row in rows:
     row["reference"] = names[ref_index]
   return rows
+
+
+def _lineage(metadata: dict) -> dict:
+  """What pairs a distilled student with its from-scratch twin: the same
+  architecture and training recipe, differing only in the seed."""
+  train = dict(metadata.get("train") or {})
+  train.pop("seed", None)
+  return {"seed": metadata.get("seed"),
+          "architecture": json.dumps(metadata["model"], sort_keys=True),
+          "recipe": json.dumps(train, sort_keys=True)}
+
+
+def distillation_vs_scratch(rows: list[dict]) -> str:
+  """Each distilled architecture against the same architecture trained from
+  scratch with the same recipe: test accuracy mean ± std over seeds, and the
+  mean paired difference (same seed). Empty when no stage has a twin."""
+  lines = []
+  for arch in dict.fromkeys(r["architecture"] for r in rows
+                            if r["stage_type"] == "distill"):
+    distilled = [r for r in rows
+                 if r["architecture"] == arch and r["stage_type"] == "distill"]
+    scratch = {r["seed"]: r for r in rows if r["architecture"] == arch
+               and r["stage_type"] == "train"
+               and r["recipe"] == distilled[0]["recipe"]}
+    pairs = [(d, scratch[d["seed"]]) for d in distilled if d["seed"] in scratch]
+    if not pairs:
+      continue
+    d_acc = 100 * np.array([d["accuracy"] for d, _ in pairs])
+    s_acc = 100 * np.array([s["accuracy"] for _, s in pairs])
+    lines.append(
+        f"| {', '.join(d['name'] for d, _ in pairs)} | "
+        f"{', '.join(s['name'] for _, s in pairs)} | {pairs[0][0]['model']} "
+        f"| {len(pairs)} | {d_acc.mean():.2f} ± {d_acc.std():.2f} | "
+        f"{s_acc.mean():.2f} ± {s_acc.std():.2f} | "
+        f"{(d_acc - s_acc).mean():+.2f} ± {(d_acc - s_acc).std():.2f} |")
+  if not lines:
+    return ""
+  return ("\nDistillation against the same architecture trained from scratch "
+          "(same recipe and steps, paired by seed; test accuracy %, mean ± "
+          "std over seeds):\n\n| distilled | scratch | model | seeds | "
+          "distilled | scratch | difference |\n" + "|" + " --- |" * 7 + "\n"
+          + "\n".join(lines) + "\n")
 
 
 def to_markdown(rows: list[dict], batch_sizes: Sequence[int],
@@ -173,6 +216,8 @@ def to_markdown(rows: list[dict], batch_sizes: Sequence[int],
     cells = [r["name"] + (" *" if i in front else ""), r["model"],
              f"{r['params']:,} ({r['nonzero_params']:,})", f"{r['flops']/1e6:.2f} M",
              f"{r['bytes']:,}", "/".join(r["dtypes"]), f"{100*r['accuracy']:.2f}%",
+             f"{r['serving_dtype']}: {100*r['served_accuracy']:.2f}% "
+             f"({100*r['served_accuracy_delta']:+.2f})",
              f"{r['agreement']:.4f}", f"{r['kl']:.4f}"]
     for b in batch_sizes:
       cells += [f"{r[f'p50_ms_b{b}']:.3f}", f"{r[f'p99_ms_b{b}']:.3f}",
@@ -216,12 +261,10 @@ def write_outputs(rows: list[dict], batch_sizes: Sequence[int],
   beside it, same name .png): what experiments/results/ holds."""
   out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-             f"{r['serving_dtype']}: {100*r['served_accuracy']:.2f}% "
-             f"({100*r['served_accuracy_delta']:+.2f})",
   key = f"p99_ms_b{batch_sizes[0]}"
   front = pareto_front([(r["accuracy"], r[key]) for r in rows])
   best = best_under_budget(rows, budget_ms, key) if budget_ms else None
-  table = to_markdown(rows, batch_sizes, front)
+  table = to_markdown(rows, batch_sizes, front) + distillation_vs_scratch(rows)
   if budget_ms is not None:
     table += (f"\nMost accurate under {budget_ms} ms ({key}): "
               f"{best['name'] if best else 'none fits'}\n")

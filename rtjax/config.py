@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.schedule = "cosine"
   c.train.warmup_steps = 50
   c.train.grad_clip_norm = 0.0  # 0 disables clipping
+  # Model initialization and batch order; -1 takes config.seed (which also
+  # draws the data split). A stage sets it to repeat itself over seeds on
+  # one split, e.g. --config.stage.scratch.train.seed=1.
+  c.train.seed = -1
   c.train.label_smoothing = 0.0
   c.train.log_every = 50
   c.train.eval_every = 250
@@ -70,6 +74,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 250
   c.checkpoint.max_to_keep = 2
   return c
+
+
+def init_seed(config, train_cfg) -> int:
+  """The seed of model initialization and batch order for a run or stage."""
+  return train_cfg.seed if train_cfg.seed >= 0 else config.seed
 
 
 def _unknown_keys(config, schema, prefix="") -> list[str]:
@@ -151,6 +160,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"unknown schedule {train.schedule!r}; known: {', '.join(SCHEDULES)}")
   _require(0 <= train.warmup_steps < train.num_steps, "train.warmup_steps",
            f"must be in [0, num_steps), got {train.warmup_steps}")
+  _require(train.seed >= -1, "train.seed",
+           f"must be >= 0, or -1 for config.seed; got {train.seed}")
   _require(train.weight_decay >= 0, "train.weight_decay",
            f"must be >= 0, got {train.weight_decay}")
   _require(0.0 <= train.momentum < 1.0, "train.momentum",

@@ -1,4 +1,6 @@
-"""`python -m tests.sharded_inference CHECKPOINT...`: on 8 simulated CPU devices,
+"""`python -m tests.sharded_inference [--meshes=a,b] [--float_only]
+CHECKPOINT...`: on 8 simulated CPU devices (every mesh of MESHES, or those
+named), for each checkpoint's float model and its int8 conversion,
 the largest |difference| between each mesh's outputs and the same serving
 function's outputs on one device.
 
@@ -23,19 +25,25 @@ MESHES = {"data_parallel": {"data": 8}, "tensor_parallel": {"model": 8},
           "data_and_tensor": {"data": 2, "model": 4}}
 
 
-def main(paths):
+def main(args):
+  options = {a.split("=")[0]: a.partition("=")[2] for a in args
+             if a.startswith("--")}
+  meshes = ({name: MESHES[name] for name in options["--meshes"].split(",")}
+            if "--meshes" in options else MESHES)
   report = {}
-  for path in paths:
+  for path in (a for a in args if not a.startswith("--")):
     float_model, metadata = load_checkpoint(path)
     shape = metadata["model"]["args"]["input_shape"]
-    int8 = quantize.int8_model(
-        float_model, quantized.quantization_spec("w8a8", mode="ptq"), shape)
-    for kind, model in (("float", float_model), ("int8", int8)):
-      report[f"{path}:{kind}"] = measure(model, shape)
+    kinds = {"float": float_model}
+    if "--float_only" not in options:
+      kinds["int8"] = quantize.int8_model(
+          float_model, quantized.quantization_spec("w8a8", mode="ptq"), shape)
+    for kind, model in kinds.items():
+      report[f"{path}:{kind}"] = measure(model, shape, meshes)
   print(json.dumps(report))
 
 
-def measure(model, shape):
+def measure(model, shape, meshes):
   """Largest |difference| to one device, per mesh, and the collectives used."""
   images = np.random.default_rng(0).normal(size=(24, *shape)).astype(np.float32)
   one_device = make_mesh({"data": 1}, devices=jax.devices()[:1])
@@ -46,7 +54,7 @@ def measure(model, shape):
   # and the weights embedded as constants.
   banded = {path: blocks[0] for path, blocks
             in lowering.candidate_blocks(model, shape).items()}
-  variants = {name: (mesh, {}) for name, mesh in MESHES.items()}
+  variants = {name: (mesh, {}) for name, mesh in meshes.items()}
   if banded:
     variants["banded_embedded"] = ({"data": 8}, {"conv_lowering": banded,
                                                  "embed_weights": True})

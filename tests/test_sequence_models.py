@@ -108,6 +108,20 @@ def test_transformer1d_sinusoidal_causal():
   assert models.param_count(small) == 16 + small_block + 16 + 90
 
 
+def test_transformer1d_patches_group_consecutive_steps():
+  common = dict(embed_dim=8, depth=1, num_heads=2, head_dim=4, mlp_dim=8)
+  patched, _ = build("transformer1d", patch_size=4, **common)
+  assert patched.position.shape == (1, 10, 8)  # 40 steps / 4 per token
+  # The same weights over inputs already cut into 10 tokens of 4 steps
+  # each: token k is steps 4k..4k+3, in order.
+  tokens, _ = build("transformer1d", input_shape=[10, 4], **common)
+  nnx.update(tokens, nnx.state(patched))
+  np.testing.assert_allclose(forward(patched),
+                             forward(tokens, X.reshape(4, 10, 4)), atol=1e-6)
+  with pytest.raises(ValueError, match="patch_size must divide the 40"):
+    build("transformer1d", patch_size=3)
+
+
 # ---- FLOPs ------------------------------------------------------------------
 
 def conv_macs(length, kernel, stride, pad, channels_in, channels_out):

@@ -12,8 +12,12 @@ not nnx.RNN, because every later step needs plain ops:
   zeros (`initial_carry`);
 - cost: XLA's cost analysis counts a scan's body once, so forward_flops
   would report a 40-step model as one step; unrolled, it counts every step.
-The price is compile time linear in steps x layers x directions, small for
-MNIST-1D's 40 steps. A streaming server runs `step` once per sample instead.
+The price is compile time linear in steps x layers x directions: 19 s for
+the gradient of a 32-unit GRU over 40 steps here, against 0.9 s as a
+jax.lax.scan, which also ran each step 2.8x faster. So the training view
+(`rtjax.models.training_view`, `scan_steps=True`) runs the same cells in a
+scan; serving, quantization, export and FLOP counts see the loop. A
+streaming server runs `step` once per sample instead.
 
 The paper's GRUBase (greydanus/mnist1d, notebooks/models.py) is a
 bidirectional GRU of 6 hidden units whose 40 outputs (2 x 6 each) are
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -74,8 +79,14 @@ class _Recurrent(nnx.Module):
     self.cells = nnx.List(cells)
     self.reverse_cells = nnx.List(reverse) if bidirectional else None
     self.head_kind = head
+    self.scan_steps = False  # set by the training view (module docstring)
     self.head = nnx.Linear(width * (steps if head == "all" else 1),
                            num_classes, rngs=rngs)
+
+  def set_view(self, scan_steps: bool | None = None):
+    """nnx.view hook: `scan_steps` runs the recurrence as a jax.lax.scan."""
+    if scan_steps is not None:
+      self.scan_steps = scan_steps
 
   # ---- streaming: one step at a time (unidirectional only) ----------------
 
@@ -124,6 +135,12 @@ class _Recurrent(nnx.Module):
     """The cell over the steps in a Python loop (see the module docstring);
     outputs in input order either way."""
     carry = self._zeros(xs[0].shape[0], cell.hidden_features)
+    if self.scan_steps:
+      graphdef, state = nnx.split(cell)
+      def body(carry, x_t):
+        return nnx.merge(graphdef, state)(carry, x_t)
+      _, outs = jax.lax.scan(body, carry, jnp.stack(xs), reverse=reverse)
+      return list(outs)
     outs = [None] * len(xs)
     for t in (reversed(range(len(xs))) if reverse else range(len(xs))):
       carry, outs[t] = cell(carry, xs[t])

@@ -91,11 +91,19 @@ class Transformer1D(nnx.Module):
                positions: str = "learned",
                causal: bool = False,
                head: str = "auto",
+               patch_size: int = 1,
                *,
                rngs: nnx.Rngs):
     """`positions`: 'learned' or 'sinusoidal'; `head`: 'mean' over steps,
-    'last' step, or 'auto' (last when causal, else mean)."""
+    'last' step, or 'auto' (last when causal, else mean); `patch_size`:
+    consecutive steps per token (ViT's patches in time: fewer tokens, so
+    cheaper attention)."""
     steps, features = input_shape
+    if patch_size < 1 or steps % patch_size:
+      raise ValueError(f"transformer1d: patch_size must divide the {steps} "
+                       f"steps, got {patch_size}")
+    self.patch_size = patch_size
+    steps, features = steps // patch_size, features * patch_size
     if positions not in POSITIONS:
       raise ValueError(f"transformer1d: positions must be one of {POSITIONS}, "
                        f"got {positions!r}")
@@ -120,6 +128,8 @@ class Transformer1D(nnx.Module):
     self.head = nnx.Linear(embed_dim, num_classes, rngs=rngs)
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    batch, steps, features = x.shape
+    x = x.reshape(batch, steps // self.patch_size, self.patch_size * features)
     x = self.embed(x)
     if self.position is None:
       x = x + sinusoidal_positions(x.shape[1], x.shape[2])

@@ -13,6 +13,7 @@ from typing import Callable
 import ml_collections
 from etils import epath
 
+from rtjax import config as config_lib
 from rtjax.data import Dataset
 from rtjax.errors import ConfigError
 from rtjax.train import Stage, TrainResult, train_model
@@ -33,6 +34,11 @@ class Context:
   parent_dir: epath.Path | None
   stage_dir: epath.Path
   dataset: Dataset
+
+  @property
+  def seed(self) -> int:
+    """Of the stage's model initialization and batch order."""
+    return config_lib.init_seed(self.config, self.train_cfg)
 
   def train(self, stage: Stage) -> TrainResult:
     return train_model(self.config, self.train_cfg, self.stage_dir,

@@ -84,8 +84,9 @@ def model_size(model: nnx.Module, input_shape) -> dict:
           "flops_per_example": models.forward_flops(model, input_shape)}
 
 
-def stage_metadata(config, stage: Stage, dataset: Dataset, step: int,
-                   metrics: dict, size: dict, complete: bool) -> dict:
+def stage_metadata(config, train_cfg, stage: Stage, dataset: Dataset,
+                   step: int, metrics: dict, size: dict,
+                   complete: bool) -> dict:
   """The run facts every checkpoint carries (the store adds its stamp)."""
   return {
       "stage": stage.name,
@@ -95,6 +96,8 @@ def stage_metadata(config, stage: Stage, dataset: Dataset, step: int,
       "model": stage.spec,
       "dataset": dataset.describe(),
       "config": config.to_dict(),
+      "train": train_cfg.to_dict(),  # with the stage's overrides
+      "seed": config_lib.init_seed(config, train_cfg),
       "step": step,
       "complete": complete,  # the stage's last step: a rerun skips it
       **size,
@@ -112,7 +115,8 @@ def train_and_evaluate(config, workdir: epath.PathLike) -> TrainResult:
                       "rtjax.pipeline.run_pipeline (experiments.main does)")
   dataset = load_dataset(config.data, config.seed)
   spec = model_spec(config.model, dataset)
-  model = models.create_model(spec["name"], spec["args"], config.seed)
+  model = models.create_model(spec["name"], spec["args"],
+                              config_lib.init_seed(config, config.train))
   return train_model(config, config.train, workdir, dataset,
                      Stage(model=model, spec=spec))
 
@@ -183,10 +187,11 @@ def train_model(config, train_cfg, workdir: epath.PathLike, dataset: Dataset,
   def save(step: int) -> None:
     nnx.update(model, params, rest)
     checkpoints.save(step, nnx.state(model), opt_state, stage_metadata(
-        config, stage, dataset, step, metrics, size,
+        config, train_cfg, stage, dataset, step, metrics, size,
         complete=step == train_cfg.num_steps))
 
-  batches = TrainBatches(dataset.train, train_cfg.batch_size, config.seed,
+  batches = TrainBatches(dataset.train, train_cfg.batch_size,
+                         config_lib.init_seed(config, train_cfg),
                          config.data.max_shift, config.data.random_flip)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   window = TrainMetrics()
@@ -208,8 +213,8 @@ def train_model(config, train_cfg, workdir: epath.PathLike, dataset: Dataset,
         if step % train_cfg.log_every == 0 or saving:
           metrics["train"] = _log_window(window, step, last_saved, writer,
                                          bar, checkpoints.directory)
-        if step % train_cfg.eval_every == 0 or last:
-          metrics["val"] = evaluate_split(dataset.val)
+        if (step % train_cfg.eval_every == 0 or last) and len(dataset.val.labels):
+          metrics["val"] = evaluate_split(dataset.val)  # none: val_fraction=0
           writer.write(step, "val", metrics["val"])
         if last:
           metrics["test"] = evaluate_split(dataset.test)

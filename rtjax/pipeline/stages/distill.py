@@ -26,7 +26,7 @@ def run(ctx: Context):
   s = ctx.section
   teacher, _ = parent(ctx)
   spec = model_spec(s.model, ctx.dataset)
-  student = models.create_model(spec["name"], spec["args"], ctx.config.seed)
+  student = models.create_model(spec["name"], spec["args"], ctx.seed)
   graphdef, state = nnx.split(models.inference_view(teacher))
   loss = DistillationLoss(
       graphdef, s.alpha, s.temperature,

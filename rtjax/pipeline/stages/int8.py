@@ -48,7 +48,7 @@ def run(ctx: Context) -> TrainResult:
                                            "calibrated": bool(stats)})
   checkpoints = RunCheckpoints(ctx.stage_dir / "checkpoints", 1)
   checkpoints.save(0, nnx.state(served), None, stage_metadata(
-      ctx.config, stage, dataset, 0, metrics,
+      ctx.config, ctx.train_cfg, stage, dataset, 0, metrics,
       model_size(served, dataset.input_shape), complete=True),
                    host_arrays=True)
   checkpoints.wait()

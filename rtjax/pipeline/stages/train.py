@@ -11,5 +11,5 @@ from rtjax.train.trainer import model_spec
 def run(ctx: Context):
   spec = model_spec(ctx.section.model if ctx.section.model else ctx.config.model,
                   ctx.dataset)
-  model = models.create_model(spec["name"], spec["args"], ctx.config.seed)
+  model = models.create_model(spec["name"], spec["args"], ctx.seed)
   return ctx.train(Stage(model, spec, ctx.name, "train"))

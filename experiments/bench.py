@@ -8,7 +8,9 @@ then MLPerf LoadGen scenarios on the first checkpoint.
 
 Each checkpoint is rebuilt from its metadata, BatchNorm folded and
 AOT-compiled per batch size (compile time reported apart); calls alternate
-between the checkpoints, and speedups are against the first one.
+between the checkpoints, and speedups are against the first one. With
+--peers, every checkpoint is also timed in turns with ONNX Runtime and
+PyTorch on its weights (rtjax.bench.peers).
 """
 
 import dataclasses

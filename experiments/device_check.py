@@ -4,8 +4,11 @@ available on the machine. Meant for a short lease (<= 4 min) on a GPU or TPU
 that has jax, flax, optax and orbax; run it through its shell script, which
 installs what else rtjax needs from wheels placed beside it:
 
-  bash experiments/device_check.sh                      # jax's default device
-  bash experiments/device_check.sh --platform=cpu --tiny   # seconds, tests run this
+  bash experiments/device_check.sh                         # jax's default device
+  bash experiments/device_check.sh --platform=cpu --tiny   # a short CPU run
+
+tests/test_device_check.py runs the tiny CPU mode (in process, on the tests'
+trained checkpoint) and the script itself.
 
 Exit code 0: every check passed; 1: a served dtype or a peer disagreed with
 f32 (the table is still printed); 2: a bad flag.

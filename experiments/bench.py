@@ -3,6 +3,9 @@ then MLPerf LoadGen scenarios on the first checkpoint.
 
   python -m experiments.bench --checkpoints=workdirs/compress/teacher,workdirs/compress/structured \
       --batch_sizes=1,256 --output=workdirs/compress/bench.json
+  python -m experiments.bench --checkpoints=workdirs/lenet5,workdirs/default,workdirs/vit \
+      --conv_lowering=auto --embed_weights --peers --profile=/tmp/trace \
+      --results=experiments/results/bench_peers.md
   python -m experiments.bench --checkpoints=workdirs/default --loadgen=SingleStream,Server,Offline \
       --loadgen_seconds=10 --server_latency_ms=5 --find_peak_qps
 

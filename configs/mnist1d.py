@@ -16,7 +16,10 @@ paper's), never on the test set.
   gru          bidirectional GRU of 6 units, linear over all 40 outputs (paper: 91%)
   gru_stream   a unidirectional 2-layer GRU read at its last step: streamable
   lstm         the gru variant with LSTM cells
-  transformer  a 2-block Transformer over the 40 steps, learned positions
+  transformer  a 2-block Transformer over 5 tokens of 8 steps each, learned
+               positions (8 steps per token chosen on validation: 94.0%
+               against 92.3% for 4; a token per step took over 3 minutes
+               and reached 61.8% with the paper's recipe)
   best         the best validation accuracy of the settings tried (99.2%):
                the cnn 64 channels wide with random shifts of up to 4
                steps (tried: 25 or 64 channels, shifts 0/2/4, weight decay
@@ -37,7 +40,7 @@ MODELS = {
     "gru_stream": ("gru", {"hidden": (32, 32), "bidirectional": False,
                            "head": "last"}),
     "lstm": ("lstm", {"hidden": (6,), "bidirectional": True, "head": "all"}),
-    "transformer": ("transformer1d", {}),
+    "transformer": ("transformer1d", {"patch_size": 8}),
 }
 
 

@@ -310,6 +310,9 @@ def test_step_loop_equals_full_forward(name, head):
                            head=head)
   with pytest.raises(ValueError, match="unidirectional"):
     bidirectional.step(bidirectional.initial_carry(4), X[:, 0])
+  # Training runs the same cells as a scan, both directions included.
+  np.testing.assert_allclose(forward(models.training_view(bidirectional)),
+                             forward(bidirectional), atol=1e-5)
 
 
 @pytest.mark.parametrize("name,head", [("gru", "all"), ("lstm", "last")])

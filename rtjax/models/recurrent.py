@@ -132,8 +132,8 @@ class _Recurrent(nnx.Module):
     return self.readout(xs)
 
   def _unroll(self, cell, xs: list, reverse: bool) -> list:
-    """The cell over the steps in a Python loop (see the module docstring);
-    outputs in input order either way."""
+    """The cell over the steps: a Python loop, or a scan in the training
+    view (see the module docstring); outputs in input order either way."""
     carry = self._zeros(xs[0].shape[0], cell.hidden_features)
     if self.scan_steps:
       graphdef, state = nnx.split(cell)

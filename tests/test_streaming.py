@@ -1,5 +1,6 @@
-"""Streaming inference: a recurrent model fed step by step (or in chunks)
-gives, after the last step, the whole-sequence forward's logits."""
+"""Streaming inference: a recurrent model or a causal Transformer fed step
+by step (or in chunks) gives, after the last step, the whole-sequence
+forward's logits, and after step t those of the first t + 1 steps."""
 
 import numpy as np
 import pytest
@@ -18,9 +19,17 @@ def recurrent(name, **args):
                                     "head": "last", **args}, seed=1)
 
 
-@pytest.mark.parametrize("name,chunk", [("gru", 1), ("lstm", 8)])
+def causal_transformer(**args):
+  return models.create_model("transformer1d", {
+      "num_classes": 10, "input_shape": list(SHAPE), "embed_dim": 16,
+      "depth": 2, "num_heads": 2, "head_dim": 8, "mlp_dim": 16,
+      "causal": True, **args}, seed=1)
+
+
+@pytest.mark.parametrize("name,chunk", [("gru", 1), ("lstm", 8),
+                                        ("transformer1d", 4)])
 def test_stream_ends_on_the_full_forward(name, chunk):
-  model = recurrent(name)
+  model = causal_transformer() if name == "transformer1d" else recurrent(name)
   x = np.random.default_rng(0).normal(size=(2, *SHAPE)).astype(np.float32)
   full = np.asarray(models.inference_view(model)(x))
   stream = StreamingModel(model, SHAPE, batch=2, chunk=chunk)
@@ -41,8 +50,12 @@ def test_stream_refuses_what_it_cannot_serve():
     StreamingModel(recurrent("gru", head="all"), SHAPE)
   cnn = models.create_model("cnn1d", {"num_classes": 10,
                                       "input_shape": list(SHAPE)})
-  with pytest.raises(FlagError, match="no recurrent state"):
+  with pytest.raises(FlagError, match="no state to carry"):
     StreamingModel(cnn, SHAPE)
+  with pytest.raises(FlagError, match="causal=True"):
+    StreamingModel(causal_transformer(causal=False), SHAPE)
+  with pytest.raises(FlagError, match="patch_size=1"):
+    StreamingModel(causal_transformer(patch_size=8), SHAPE)
   stream = StreamingModel(recurrent("gru"), SHAPE, chunk=4)
   with pytest.raises(InputError, match=r"compiled for \(1, 4, 1\)"):
     stream(np.zeros((1, 1, 1), np.float32))

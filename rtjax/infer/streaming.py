@@ -1,12 +1,13 @@
-"""Streaming inference: a recurrent model served as its signal arrives.
+"""Streaming inference: a sequence model served as its signal arrives.
 
 `StreamingModel` compiles one executable for a chunk of k time steps and
-keeps the model's state (one carry per layer) between calls, so a caller
-feeds a signal step by step (or k steps at a time) and gets a prediction
-after every step; after the last step it equals the whole-sequence forward
-pass. It needs a family with `initial_carry`, `step` and `readout`
-(rtjax.models.recurrent), unidirectional with head='last': a bidirectional
-model or one whose head reads every step needs the whole sequence first.
+keeps the model's state between calls (a recurrent model's carry per layer,
+a causal Transformer's key/value caches), so a caller feeds a signal step by
+step (or k steps at a time) and gets a prediction after every step; after
+the last step it equals the whole-sequence forward pass. It needs a family
+with `initial_carry`, `step`, `readout` and `stream_refusal` (gru and lstm
+unidirectional with head='last'; transformer1d causal, a token per step):
+a model that looks ahead needs the whole sequence first.
 """
 
 from __future__ import annotations
@@ -27,16 +28,10 @@ from rtjax.models import inference_view
 
 def streamable(model: nnx.Module) -> str | None:
   """Why `model` cannot be streamed, or None when it can."""
-  if not hasattr(model, "step"):
-    return (f"{type(model).__name__} has no recurrent state to carry; "
-            "streaming serves the recurrent families (gru, lstm)")
-  if getattr(model, "reverse_cells", None) is not None:
-    return ("a bidirectional model needs the whole sequence; train it with "
-            "bidirectional=False to stream it")
-  if getattr(model, "head_kind", "last") != "last":
-    return ("its head reads every step's output at once; train it with "
-            "head='last' to stream it")
-  return None
+  if not hasattr(model, "stream_refusal"):
+    return (f"{type(model).__name__} has no state to carry from step to "
+            "step; streaming serves gru, lstm and causal transformer1d")
+  return model.stream_refusal()
 
 
 class StreamingModel:

@@ -90,6 +90,16 @@ class _Recurrent(nnx.Module):
 
   # ---- streaming: one step at a time (unidirectional only) ----------------
 
+  def stream_refusal(self) -> str | None:
+    """Why this model cannot be streamed a step at a time, or None."""
+    if self.reverse_cells is not None:
+      return ("a bidirectional model needs the whole sequence; train it with "
+              "bidirectional=False to stream it")
+    if self.head_kind != "last":
+      return ("its head reads every step's output at once; train it with "
+              "head='last' to stream it")
+    return None
+
   def initial_carry(self, batch: int) -> tuple:
     """Zero states, one per layer: what the full forward starts from."""
     return tuple(self._zeros(batch, cell.hidden_features)

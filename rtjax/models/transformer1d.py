@@ -4,7 +4,8 @@ The ViT's encoder blocks (rtjax.models.vit) over the steps, after a
 Linear(features -> embed_dim) and a learned or sinusoidal position
 embedding, optionally causal (each step attends to itself and the past, so
 the last token sees the whole sequence and an online server can classify
-any prefix). The parameter names are the ViT's, so its pruning groups (heads,
+any prefix: `step` feeds it one step at a time against cached keys and
+values, which rtjax.infer.streaming serves). The parameter names are the ViT's, so its pruning groups (heads,
 MLP units per block) apply unchanged; the embedding width is kept.
 """
 
@@ -50,6 +51,27 @@ class Block(EncoderBlock):
       return super().__call__(x)
     x = x + self._causal_attention(self.norm1(x))
     return x + self.mlp_out(nnx.gelu(self.mlp_in(self.norm2(x))))
+
+  def step(self, x: jnp.ndarray, keys: jnp.ndarray, values: jnp.ndarray,
+           t: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """One new token x (batch, 1, dim) at position t against the cached keys
+    and values of tokens 0..t-1 (batch, steps, heads, head_dim): the causal
+    block's output for that token, and the caches with it written in."""
+    a = self.attention
+    h = self.norm1(x)
+    split = lambda y: y.reshape(y.shape[0], 1, a.num_heads, a.head_dim)
+    keys = jax.lax.dynamic_update_slice_in_dim(keys, split(a.key(h)), t, 1)
+    values = jax.lax.dynamic_update_slice_in_dim(values, split(a.value(h)),
+                                                 t, 1)
+    logits = (jnp.einsum("bqhd,bkhd->bhqk", split(a.query(h)), keys)
+              / jnp.sqrt(a.head_dim))
+    seen = jnp.arange(keys.shape[1]) <= t
+    logits = jnp.where(seen, logits, jnp.finfo(logits.dtype).min)
+    attended = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1),
+                          values)
+    x = x + a.out(attended.reshape(x.shape[0], 1, -1))
+    x = x + self.mlp_out(nnx.gelu(self.mlp_in(self.norm2(x))))
+    return x, keys, values
 
   def _causal_attention(self, x: jnp.ndarray) -> jnp.ndarray:
     """vit.MultiHeadAttention's computation with future steps masked out."""
@@ -104,6 +126,7 @@ class Transformer1D(nnx.Module):
                        f"steps, got {patch_size}")
     self.patch_size = patch_size
     steps, features = steps // patch_size, features * patch_size
+    self.tokens, self.embed_dim, self.causal = steps, embed_dim, causal
     if positions not in POSITIONS:
       raise ValueError(f"transformer1d: positions must be one of {POSITIONS}, "
                        f"got {positions!r}")
@@ -128,14 +151,56 @@ class Transformer1D(nnx.Module):
     self.head = nnx.Linear(embed_dim, num_classes, rngs=rngs)
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Any prefix of the sequence too (a causal model's prediction so far)."""
     batch, steps, features = x.shape
     x = x.reshape(batch, steps // self.patch_size, self.patch_size * features)
-    x = self.embed(x)
-    if self.position is None:
-      x = x + sinusoidal_positions(x.shape[1], x.shape[2])
-    else:
-      x = x + self.position[...]
+    x = self.embed(x) + self._positions()[:, :x.shape[1]]
     for block in self.blocks:
       x = block(x)
     x = self.norm(x)
     return self.head(x[:, -1] if self.last_token else x.mean(axis=1))
+
+  def _positions(self) -> jnp.ndarray:
+    """(1, tokens, embed_dim) position embeddings of every token."""
+    if self.position is None:
+      return jnp.asarray(sinusoidal_positions(self.tokens, self.embed_dim))[None]
+    return self.position[...]
+
+  # ---- streaming: a causal model fed one step at a time ---------------------
+
+  def stream_refusal(self) -> str | None:
+    """Why this model cannot be streamed a step at a time, or None."""
+    if not self.causal:
+      return ("every step attends to later steps; train it with causal=True "
+              "to stream it")
+    if self.patch_size != 1:
+      return (f"its tokens are {self.patch_size} steps each; train it with "
+              "patch_size=1 to stream it a step at a time")
+    if not self.last_token:
+      return ("its head averages every step's output; train it with "
+              "head='last' (causal=True's default) to stream it")
+    return None
+
+  def initial_carry(self, batch: int) -> tuple:
+    """Position 0 and empty key/value caches, one pair per block."""
+    cache = lambda block: jnp.zeros(
+        (batch, self.tokens, block.attention.num_heads,
+         block.attention.head_dim), jnp.float32)
+    return (jnp.zeros((), jnp.int32),
+            tuple((cache(b), cache(b)) for b in self.blocks))
+
+  def step(self, carry: tuple, x_t: jnp.ndarray) -> tuple[tuple, jnp.ndarray]:
+    """The next step (batch, features) through every block, attending to the
+    cached past: (new carry, the top block's output for this step)."""
+    t, caches = carry
+    x = self.embed(jnp.asarray(x_t))[:, None]
+    x = x + jax.lax.dynamic_slice_in_dim(self._positions(), t, 1, 1)
+    new = []
+    for block, (keys, values) in zip(self.blocks, caches):
+      x, keys, values = block.step(x, keys, values, t)
+      new.append((keys, values))
+    return (t + 1, tuple(new)), x[:, 0]
+
+  def readout(self, outputs) -> jnp.ndarray:
+    """Logits from the outputs of the steps so far (the last one's)."""
+    return self.head(self.norm(outputs[-1]))

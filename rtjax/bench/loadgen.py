@@ -247,17 +247,17 @@ def find_peak_server_qps(model: CompiledModel, samples: np.ndarray,
 def profile(model: CompiledModel, samples: np.ndarray, config: LoadGenConfig,
             output_dir: epath.PathLike, scenarios: list[str],
             find_peak: bool = False, low_load: float = 0.1,
-            steps: int = 6) -> dict:
+            steps: int = 6, high: float | None = None) -> dict:
   """One repetition on one path: each scenario, then (find_peak) the Server
-  peak, bisected up to the Offline samples/s of this repetition when it
-  ran, and a Server run at `low_load` x that peak (the latency an idle
-  server adds)."""
+  peak, bisected up to `high`, else the Offline samples/s of this
+  repetition when it ran, and a Server run at `low_load` x that peak (the
+  latency an idle server adds)."""
   output_dir = epath.Path(output_dir)
   results = {scenario: run(model, samples, dataclasses.replace(
       config, scenario=scenario), output_dir / scenario)
              for scenario in scenarios}
   if find_peak:
-    high = results.get("Offline", {}).get("samples_per_second")
+    high = high or results.get("Offline", {}).get("samples_per_second")
     results["server_peak"] = find_peak_server_qps(
         model, samples, config, output_dir / "peak", high=high, steps=steps)
     peak = results["server_peak"]["peak_valid_qps"]
@@ -279,12 +279,14 @@ def _figures(result: dict) -> dict:
       "single_p90_ms": ms(get("SingleStream", "p90_latency_ns")),
       "single_p99_ms": ms(get("SingleStream", "p99_latency_ns")),
       "server_p99_ms": ms(get("Server", "p99_latency_ns")),
-      "peak_qps": result.get("server_peak", {}).get("peak_valid_qps"),
+      # A bisection that found no VALID rate: 0, not a missing figure.
+      "peak_qps": (result["server_peak"]["peak_valid_qps"] or 0.0
+                   if "server_peak" in result else None),
       "low_load_qps": get("server_low_load", "target_qps"),
       "low_load_p50_ms": ms(get("server_low_load", "p50_latency_ns")),
       "low_load_valid": get("server_low_load", "result"),
   }
-  if figures["peak_qps"] and figures["offline_samples_per_s"]:
+  if figures["peak_qps"] is not None and figures["offline_samples_per_s"]:
     figures["peak_over_offline"] = (figures["peak_qps"]
                                     / figures["offline_samples_per_s"])
   if figures["low_load_p50_ms"] is not None and figures["single_p50_ms"]:
@@ -297,13 +299,13 @@ def summarize(repetitions: list[dict]) -> dict:
   """{figure: {"median": m, "runs": [per repetition]}}; every ratio is taken
   within one repetition first, then its median across them."""
   per_run = [_figures(r) for r in repetitions]
-  keys = [k for k in per_run[0] if all(k in f for f in per_run)] if per_run else []
+  keys = list(dict.fromkeys(k for f in per_run for k in f))
   summary = {}
   for key in keys:
-    values = [f[key] for f in per_run]
+    values = [f.get(key) for f in per_run]  # None: that run has no such figure
+    numbers = [v for v in values if isinstance(v, (int, float))]
     summary[key] = {"runs": values, "median": (
-        statistics.median(values) if all(isinstance(v, (int, float))
-                                         for v in values) else None)}
+        statistics.median(numbers) if len(numbers) == len(values) else None)}
   return summary
 
 
@@ -329,15 +331,18 @@ def markdown(paths: dict[str, dict], target_latency_ms: float,
     cells = []
     for name in names:
       entry = paths[name].get(key)
-      cells.append("" if entry is None or entry["median"] is None else
-                   f"{fmt.format(entry['median'])} "
-                   f"[{', '.join(fmt.format(v) for v in entry['runs'])}]")
+      show = lambda v: "none" if v is None else fmt.format(v)
+      cells.append("" if entry is None or not any(
+          isinstance(v, (int, float)) for v in entry["runs"]) else
+                   f"{show(entry['median'])} "
+                   f"[{', '.join(show(v) for v in entry['runs'])}]")
     if any(cells):
       lines.append(f"| {label} | " + " | ".join(cells) + " |")
   if "in_process" in paths and "network" in paths:
     added = []
     for key, label in (("single_p50_ms", "p50"), ("single_p99_ms", "p99")):
-      if key in paths["in_process"] and key in paths["network"]:
+      if all(paths[p].get(key, {}).get("median") is not None
+             for p in ("in_process", "network")):
         added.append(f"{label} +{paths['network'][key]['median'] - paths['in_process'][key]['median']:.3f} ms")
     if added:
       lines += ["", "The network path adds at batch 1 (SingleStream medians): "

@@ -4,15 +4,15 @@
 Two ways to call: `call(rows)` blocks on one kept-alive connection of the
 calling thread (SingleStream: one query at a time, answered on LoadGen's
 thread like the in-process path), and `submit(rows, done)` hands the request
-to a fixed pool of connections on an asyncio thread (Server, Offline: many
-in flight). A request the server refuses (429/503) comes back as Refused.
+to a pool of threads, each with its own connection (Server: many in
+flight). A request the server refuses (429/503) comes back as Refused.
 """
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
+import queue
 import socket
 import threading
 import urllib.parse
@@ -35,7 +35,7 @@ class RemoteModel:
   """`url`: the server's base URL (http://127.0.0.1:8000); `model`: its name
   there. Inputs travel as FP32 `images`, outputs come back as binary."""
 
-  def __init__(self, url: str, model: str, connections: int = 64,
+  def __init__(self, url: str, model: str, connections: int = 16,
                input_name: str = "images", output_name: str = "logits"):
     parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
     self.host, self.port = parsed.hostname, parsed.port or 80
@@ -43,8 +43,7 @@ class RemoteModel:
     self.connections = connections
     self.input_name, self.output_name = input_name, output_name
     self._local = threading.local()
-    self._loop: asyncio.AbstractEventLoop | None = None
-    self._thread: threading.Thread | None = None
+    self._threads: list[threading.Thread] = []
     self._headers: dict[tuple, bytes] = {}
 
   # ---- the wire format ---------------------------------------------------
@@ -92,65 +91,39 @@ class RemoteModel:
     return self.decode(response.status, response.getheader(HEADER_LENGTH),
                        data)
 
-  # ---- many in flight, on an asyncio thread --------------------------------
+  # ---- many in flight, on a pool of threads ------------------------------
 
   def start(self) -> None:
-    ready = threading.Event()
-    self._thread = threading.Thread(target=self._run_loop, args=(ready,),
-                                    daemon=True, name="remote-client")
-    self._thread.start()
-    ready.wait()
+    """Opens the pool: `connections` threads, each with its own kept-alive
+    connection. (Measured against an asyncio/aiohttp client on this VM: at
+    the same load, blocking calls on threads answered sooner.)"""
+    self._pending: queue.SimpleQueue = queue.SimpleQueue()
+    self._threads = [threading.Thread(target=self._serve_pending, daemon=True,
+                                      name=f"remote-client-{i}")
+                     for i in range(self.connections)]
+    for thread in self._threads:
+      thread.start()
 
   def submit(self, rows: np.ndarray,
              done: Callable[[np.ndarray | Exception], None]) -> None:
-    """From any thread: sends `rows`; `done(outputs or error)` runs on the
-    client's thread when the answer is in."""
-    self._loop.call_soon_threadsafe(self._pending.put_nowait, (rows, done))
+    """From any thread: sends `rows`; `done(outputs or error)` runs on a
+    pool thread when the answer is in."""
+    self._pending.put((rows, done))
 
   def stop(self) -> None:
-    if self._thread is not None:
-      self._loop.call_soon_threadsafe(self._stop.set)
-      self._thread.join()
-      self._thread = None
+    """Answers everything submitted, then closes the pool."""
+    for _ in self._threads:
+      self._pending.put(None)
+    for thread in self._threads:
+      thread.join()
+    self._threads = []
 
-  def _run_loop(self, ready: threading.Event) -> None:
-    import aiohttp  # rtjax[serve]
-
-    async def worker(session):
-      while True:
-        rows, done = await self._pending.get()
-        self._busy += 1
-        body, headers = self.encode(rows)
-        try:
-          async with session.post(url, data=body, headers=headers) as r:
-            data = await r.read()
-            result = self.decode(r.status, r.headers.get(HEADER_LENGTH), data)
-        except Exception as e:  # answered to the caller, never lost
-          result = e
-        self._busy -= 1
-        done(result)
-
-    async def main():
-      self._pending, self._stop = asyncio.Queue(), asyncio.Event()
-      self._busy = 0
-      connector = aiohttp.TCPConnector(limit=self.connections)
-      async with aiohttp.ClientSession(connector=connector) as session:
-        workers = [asyncio.create_task(worker(session))
-                   for _ in range(self.connections)]
-        ready.set()
-        await self._stop.wait()
-        while not self._pending.empty() or self._busy:  # answer all first
-          await asyncio.sleep(0.01)
-        for w in workers:
-          w.cancel()
-
-    url = f"http://{self.host}:{self.port}{self.path}"
-    try:
-      import uvloop  # rtjax[serve]: the faster loop, where it is installed
-      self._loop = uvloop.new_event_loop()
-    except ImportError:
-      self._loop = asyncio.new_event_loop()
-    try:
-      self._loop.run_until_complete(main())
-    finally:
-      self._loop.close()
+  def _serve_pending(self) -> None:
+    while (item := self._pending.get()) is not None:
+      rows, done = item
+      try:
+        result = self.call(rows)
+      except Exception as e:  # answered to the caller, never lost
+        self._local.connection = None  # reconnect on the next call
+        result = e
+      done(result)

@@ -91,6 +91,9 @@ class DeadlineBatcher:
 
   `admission=False` admits everything and answers late requests late (a
   LoadGen run must answer every query); deadlines still steer the buckets.
+  Admission adds `headroom` to the estimated drain time, so that batches a
+  little slower than measured do not turn admitted requests into late
+  rejections.
   `on_batch(rows, bucket, seconds)` observes every batch (metrics)."""
 
   def __init__(self, run: Callable[[np.ndarray], np.ndarray],
@@ -99,7 +102,8 @@ class DeadlineBatcher:
                reject: Callable[[Request, Exception], None] | None = None,
                max_queue_rows: int = 4096, admission: bool = True,
                on_batch: Callable[[int, int, float], None] | None = None,
-               inline_s: float = 1e-3, adapt: float = 0.1):
+               inline_s: float = 1e-3, adapt: float = 0.1,
+               headroom: float = 0.1):
     self.run, self.respond = run, respond
     self.reject = reject or (lambda request, error: None)
     self.on_batch = on_batch or (lambda rows, bucket, seconds: None)
@@ -107,7 +111,7 @@ class DeadlineBatcher:
     self.service_s = {b: float(service_s[b]) for b in self.buckets}
     self.max_rows = self.buckets[-1]
     self.max_queue_rows, self.admission = max_queue_rows, admission
-    self.inline_s, self.adapt = inline_s, adapt
+    self.inline_s, self.adapt, self.headroom = inline_s, adapt, headroom
     self._queue: collections.deque[Request] = collections.deque()
     self._queued_rows = 0
     self._busy = False  # a batch is running (on the worker or inline)
@@ -151,7 +155,7 @@ class DeadlineBatcher:
           raise Rejected("queue_full", f"queue full ({self._queued_rows} "
                          f"rows waiting, at most {self.max_queue_rows})")
         start = max(now, self._busy_until) if self._busy else now
-        done = start + self.drain_seconds(rows)
+        done = start + self.drain_seconds(rows) * (1 + self.headroom)
         if done > request.deadline:
           raise Rejected("deadline", f"cannot answer within the deadline: "
                          f"{(request.deadline - request.arrival) * 1e3:.1f} ms "
@@ -256,11 +260,12 @@ class DeadlineBatcher:
       soonest = min(soonest, request.deadline)
       cumulative.append(rows)
       earliest.append(soonest)
-    best, best_rate, fallback = None, -1.0, None
+    best, best_rate, fallback, previous = None, -1.0, None, 0
     for bucket in self.buckets:
       count = bisect.bisect_right(cumulative, bucket)
-      if count == 0:
-        continue
+      if count == previous:  # no more rows than a smaller bucket: only
+        continue  # padding, faster only by the noise in its timing
+      previous = count
       taken, seconds = cumulative[count - 1], self.service_s[bucket]
       rate = taken / seconds
       if fallback is None or rate > fallback[2]:

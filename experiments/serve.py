@@ -1,4 +1,4 @@
-"""Serve checkpoints over the Open Inference Protocol (KServe v2; what Triton,
+r"""Serve checkpoints over the Open Inference Protocol (KServe v2; what Triton,
 KServe and MLServer speak) on HTTP, each behind a deadline-aware batcher.
 
   python -m experiments.serve --checkpoint=workdirs/lenet5 --port=8000 \

@@ -1,0 +1,86 @@
+"""The candidates a search trains: recipes (plain JSON, so a resumed search
+rebuilds exactly the same ones) and the models they start from.
+
+  uniform<k>   every prunable group kept at k%
+  sens<t>      per-group keep fractions from the sensitivity: each group as
+               small as it goes while losing at most t points without
+               fine-tuning; groups whose pruning measured no speedup are kept
+  shallow<i>   a shallower member of the family (rtjax.optimize.students),
+               and shallow<i>_half at half its widths, trained from scratch
+Every candidate is fine-tuned (or trained) by distillation from the parent.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from rtjax import models
+from rtjax.compress import structured
+from rtjax.optimize import students
+from rtjax.optimize.sensitivity import group_names, shrink_groups
+
+UNIFORM = (0.75, 0.5, 0.35, 0.25)
+THRESHOLDS = (1.0, 3.0, 10.0)  # points of validation accuracy
+NO_GAIN = 1.02  # a group whose pruning measured under 2% faster is kept
+
+
+def _keep_for(entries: list[dict], threshold: float) -> float:
+  """The smallest fraction such that it and every larger one measured lose
+  at most `threshold` points."""
+  keep = 1.0
+  for e in sorted(entries, key=lambda e: -e["keep"]):
+    if e["accuracy_drop"] > threshold:
+      break
+    keep = e["keep"]
+  return keep
+
+
+def recipes(spec: dict, sens: dict, uniform=UNIFORM,
+            thresholds=THRESHOLDS, shallow: bool = True) -> list[dict]:
+  """Candidate recipes, without duplicates (same keep map or same args)."""
+  groups = group_names(spec)
+  out, seen = [], set()
+
+  def add(recipe, key):
+    if key not in seen:
+      seen.add(key)
+      out.append(recipe)
+
+  for fraction in uniform if groups else ():
+    keep = {g: fraction for g in groups}
+    add({"name": f"uniform{round(100 * fraction)}", "kind": "prune",
+         "keep": keep}, repr(sorted(keep.items())))
+  for t in thresholds if groups else ():
+    keep = {}
+    for g in groups:
+      entries = [e for e in sens["groups"] if e["name"] == g]
+      gain = max((e["speedup_p50"] for e in entries), default=1.0)
+      keep[g] = _keep_for(entries, t) if gain >= NO_GAIN else 1.0
+    if any(f < 1.0 for f in keep.values()):
+      add({"name": f"sens{t:g}", "kind": "prune", "keep": keep},
+          repr(sorted(keep.items())))
+  for i, args in enumerate(students.shallower(spec["name"], spec["args"])
+                           if shallow else ()):
+    add({"name": f"shallow{i}", "kind": "student", "args": args},
+        repr(sorted(args.items())))
+    cls = models.model_class(spec["name"])
+    if hasattr(cls, "prunable_groups"):
+      half = cls.with_widths(args, {g.name: structured.kept_count(
+          g.width, 0.5, 1, g.unit) for g in cls.prunable_groups(args)})
+      add({"name": f"shallow{i}_half", "kind": "student", "args": half},
+          repr(sorted(half.items())))
+  return out
+
+
+def build(recipe: dict, parent: nnx.Module, spec: dict, seed: int = 0
+          ) -> tuple[nnx.Module, dict]:
+  """(the candidate's starting model, its spec): the parent's weights cut
+  down for a pruned candidate, a fresh initialization for a student."""
+  if recipe["kind"] == "parent":
+    return parent, spec
+  if recipe["kind"] == "prune":
+    model, args = shrink_groups(parent, spec, recipe["keep"])
+  else:
+    args = recipe["args"]
+    model = models.create_model(spec["name"], args, seed)
+  return model, {"name": spec["name"], "args": args}

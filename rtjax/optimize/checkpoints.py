@@ -1,0 +1,56 @@
+"""Checkpoints a search writes besides its candidates' rungs: int8 variants
+of finalists, the parent and the chosen model with the serving options they
+were measured with. Each is a normal rtjax checkpoint (one step, complete,
+lineage in its metadata) that experiments.bench, compare, predict, serve and
+export take; the options sit in metadata['serving'][device kind], which
+rtjax.infer.options applies by default on that kind of device only.
+"""
+
+from __future__ import annotations
+
+import jax
+from etils import epath
+from flax import nnx
+
+from rtjax.checkpoint import RunCheckpoints
+from rtjax.infer import options as options_lib
+from rtjax.models import forward_flops, param_count
+
+
+def save(model: nnx.Module, metadata: dict, directory: epath.PathLike) -> None:
+  """One complete step (0) at `<directory>/checkpoints`, host arrays."""
+  checkpoints = RunCheckpoints(epath.Path(directory) / "checkpoints", 1)
+  try:
+    checkpoints.save(0, nnx.state(model), None,
+                     {**metadata, "step": 0, "complete": True},
+                     host_arrays=True)
+    checkpoints.wait()
+  finally:
+    checkpoints.close()
+
+
+def served_metadata(metadata: dict, *, stage: str, stage_type: str,
+                    parent: str, options: dict, measured: dict,
+                    done: dict) -> dict:
+  """`metadata` re-labelled as a served checkpoint: the serving options for
+  this kind of device (others keep theirs) and what was measured with them."""
+  kind = options_lib.device_kind()
+  serving = dict(metadata.get("serving") or {})
+  serving[kind] = {k: options[k] for k in options_lib.OPTIONS}
+  return {**metadata, "stage": stage, "stage_type": stage_type,
+          "parent": parent, "serving": serving,
+          "done": {**done, "serving_measured": {
+              "device_kind": kind, "device": jax.devices()[0].device_kind,
+              **measured}}}
+
+
+def int8_metadata(metadata: dict, model: nnx.Module, qspec: dict, *,
+                  stage: str, parent: str, metrics: dict) -> dict:
+  """A finalist's metadata for its int8 (PTQ) variant."""
+  shape = metadata["model"]["args"]["input_shape"]
+  return {**metadata, "stage": stage, "stage_type": "optimize_int8",
+          "parent": parent, "model": {**metadata["model"],
+                                      "quantization": qspec},
+          "done": {"quantization": qspec}, "metrics": metrics,
+          "param_count": param_count(model),
+          "flops_per_example": forward_flops(model, shape)}

@@ -1,0 +1,70 @@
+"""One rung of one candidate: a stage of its own in the search's workdir
+(`candidates/<name>/rung<k>`), trained by distillation from the parent with
+the parent's recipe for a rung's number of steps, with lineage in its
+metadata (parent: the parent checkpoint for rung 0, the previous rung
+after). rtjax's trainer checkpoints it, so a killed rung resumes and a
+finished one is read, never retrained.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from etils import epath
+from flax import nnx
+
+from rtjax import models
+from rtjax.checkpoint import RunCheckpoints, load_checkpoint
+from rtjax.compress.distill import DistillationLoss
+from rtjax.data import Dataset
+from rtjax.errors import CheckpointError
+from rtjax.train import CrossEntropy, Stage, train_model
+
+ALPHA, TEMPERATURE = 0.7, 4.0  # configs/compress*.py's distillation recipe
+FINE_TUNE_LR = 0.3  # of the parent's learning rate, for pruned weights
+
+
+def finished(stage_dir: epath.Path) -> dict | None:
+  """The metadata of a rung whose last step was saved, else None."""
+  if not (stage_dir / "checkpoints").exists():
+    return None
+  checkpoints = RunCheckpoints(stage_dir / "checkpoints", read_only=True)
+  try:
+    step = checkpoints.latest_step()
+    metadata = checkpoints.metadata(step) if step is not None else None
+  except CheckpointError:
+    raise
+  except (ValueError, OSError):
+    return None  # damaged: the trainer handles it when the rung runs
+  finally:
+    checkpoints.close()
+  return metadata if metadata and metadata.get("complete") else None
+
+
+def train_rung(parent_dir: epath.Path, parent_meta: dict, teacher: nnx.Module,
+               dataset: Dataset, recipe: dict, model: nnx.Module, spec: dict,
+               stage_dir: epath.Path, start_dir: epath.Path | None,
+               steps: int) -> dict:
+  """Trains (or resumes) one rung and returns its final metadata. `model`
+  is the candidate's starting point for rung 0; later rungs start from
+  `start_dir`, the previous rung."""
+  if start_dir is not None:
+    model, _ = load_checkpoint(start_dir)
+  config = ml_collections.ConfigDict(parent_meta["config"])
+  train = ml_collections.ConfigDict(parent_meta["train"])
+  scratch = recipe["kind"] == "student" and start_dir is None
+  train.update(num_steps=steps, warmup_steps=max(1, min(
+      train.warmup_steps, steps // 10)), eval_every=steps,
+      log_every=max(1, min(train.log_every, steps)),
+      learning_rate=train.learning_rate * (1.0 if scratch else FINE_TUNE_LR))
+  config.checkpoint.every_steps = max(1, steps // 2)
+  graphdef, state = nnx.split(models.inference_view(teacher))
+  loss = DistillationLoss(graphdef, ALPHA, TEMPERATURE, CrossEntropy(
+      dataset.num_classes, train.label_smoothing))
+  lineage = str(start_dir or parent_dir)
+  stage = Stage(model, spec, f"{recipe['name']}/{stage_dir.name}",
+                "optimize_candidate", lineage, loss=loss, loss_state=state,
+                done={"recipe": recipe, "rung_steps": steps,
+                      "distilled_from": str(parent_dir),
+                      "alpha": ALPHA, "temperature": TEMPERATURE})
+  train_model(config, train, stage_dir, dataset, stage)
+  return finished(stage_dir)

@@ -1,0 +1,83 @@
+"""Successive halving under a time limit (Jamieson & Talwalkar 2016): every
+candidate gets a short fine-tune, the better half (by validation accuracy)
+a longer one, and so on; the rung's survivors are the finalists.
+
+Time is counted from what the store recorded (seconds of each finished job
+and phase), so a resumed search counts the time already spent, and every
+decision is recorded, so a resumed search replays it instead of deciding
+again with another clock: the same measurements give the same finalists.
+A job is started only when its estimated duration (seconds per step of the
+jobs so far) fits in what is left of the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rtjax.optimize.store import SearchStore
+
+
+def spent_seconds(store: SearchStore) -> float:
+  """Seconds of every recorded phase and job."""
+  return (sum(store.get("phase_seconds", {}).values())
+          + sum(v["seconds"] for k, v in store.data.items()
+                if k.startswith("job/")))
+
+
+def _estimate(store: SearchStore, name: str, steps: int) -> float:
+  jobs = {k: v for k, v in store.data.items() if k.startswith("job/")}
+  own = [v for k, v in jobs.items() if k.startswith(f"job/{name}/")]
+  pool = own or list(jobs.values())
+  if not pool:
+    return 0.0
+  return steps * float(np.median([v["seconds"] / v["steps"] for v in pool]))
+
+
+def successive_halving(names: Sequence[str], rungs: Sequence[int],
+                       train: Callable[[str, int, int], dict],
+                       store: SearchStore, clock: Callable[[], float],
+                       budget_s: float, eta: int = 2,
+                       max_finalists: int = 3) -> dict[str, int]:
+  """{finalist: its last trained rung}. `train(name, rung, steps)` returns
+  at least {'val_accuracy'}; its duration is measured with `clock`."""
+  survivors = list(names)
+  last_rung = {}
+  for k, steps in enumerate(rungs):
+    key = f"rung{k}"
+    if key in store:
+      decision = store.get(key)
+    else:
+      out_of_time = False
+      for name in survivors:
+        job = f"job/{name}/rung{k}"
+        if job in store:
+          continue
+        if spent_seconds(store) + _estimate(store, name, steps) > budget_s:
+          out_of_time = True
+          break
+        start = clock()
+        result = train(name, k, steps)
+        store.put(job, {**result, "steps": steps,
+                        "seconds": max(clock() - start, 1e-9)})
+      trained = [n for n in survivors if f"job/{n}/rung{k}" in store]
+      ranked = sorted(trained, key=lambda n: -store.get(
+          f"job/{n}/rung{k}")["val_accuracy"])
+      final = out_of_time or k == len(rungs) - 1 or len(ranked) <= 1
+      keep = (max_finalists if final
+              else max(1, math.ceil(len(ranked) / eta)))
+      decision = {"trained": trained, "promoted": ranked[:keep],
+                  "out_of_time": out_of_time, "final": final,
+                  "steps": steps}
+      store.put(key, decision)
+    for name in decision["trained"]:
+      last_rung[name] = k
+    if not decision["trained"]:  # no time for this rung: keep the last one
+      return {n: last_rung[n] for n in survivors[:max_finalists]
+              if n in last_rung}
+    survivors = decision["promoted"]
+    if decision["final"]:
+      break
+  return {n: last_rung[n] for n in survivors}

@@ -1,0 +1,207 @@
+"""What a search writes: optimize.json (everything), optimize.md (the same
+as tables a researcher reads: the budget and time spent, the parent's
+serving options, the sensitivity, every candidate with what was done, its
+accuracy, latency and fate, the finalists with their statistics, the audit
+of predicted against measured speedups, the choice), optimize.png (accuracy
+against latency with the Pareto front and the budget line) and
+sensitivity.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from etils import epath
+
+from rtjax.compare import pareto_front
+from rtjax.optimize import audit, sensitivity
+from rtjax.optimize.halving import spent_seconds
+from rtjax.optimize.screening import SCREEN_SLACK, screened_p
+
+
+def _describe(recipe: dict) -> str:
+  if recipe["kind"] == "prune":
+    keep = ", ".join(f"{g} {f:.2f}" for g, f in recipe["keep"].items()
+                     if f < 1.0)
+    return f"structured pruning, keep {keep}; distilled from the parent"
+  if recipe["kind"] == "student":
+    return "shallower student trained from scratch by distillation"
+  return recipe["kind"]
+
+
+def _trained_rungs(store, name: str) -> list[dict]:
+  out, k = [], 0
+  while f"job/{name}/rung{k}" in store:
+    out.append(store.get(f"job/{name}/rung{k}"))
+    k += 1
+  return out
+
+
+def summarize(settings, budget: dict, sens: dict, recipes: list[dict],
+              screen: dict, trainees: list[str], rungs, store, final: dict,
+              verdict: dict, chosen: str | None, floor_ms: float,
+              unmet: str | None, parent_path: str) -> dict:
+  """Every fact of the search as one JSON-able dict (plus its markdown)."""
+  budget_ms = budget["budget_ms"]
+  rows = []
+  for recipe in recipes:
+    name = recipe["name"]
+    trained = _trained_rungs(store, name)
+    if name in final:
+      fate = verdict[name] or ("chosen" if name == chosen else
+                               "met the limits; another was more accurate "
+                               "on validation")
+    elif name not in trainees:
+      predicted = screened_p(screen, name)
+      fate = (f"not trained: screening predicts {predicted:.4f} ms, over "
+              f"the budget (+{100 * (SCREEN_SLACK - 1):.0f}%)"
+              if predicted > budget.get("preliminary_ms", budget_ms)
+              * SCREEN_SLACK else
+              "not trained: more candidates fitted than max_candidates")
+    elif trained:
+      fate = f"dropped after rung {len(trained) - 1} (validation rank)"
+    else:
+      fate = "not trained: out of search time"
+    rows.append({**recipe, "done": _describe(recipe), "screen": screen[name],
+                 "rungs": trained, "fate": fate,
+                 "audit": audit.audit(screen[name], screen["parent"],
+                                      floor_ms)})
+  extra = []  # finalists that are not recipes: int8 variants, the parent
+  for name in final:
+    if name not in screen or name == "parent":
+      extra.append(name)
+  final_audit = {n: audit.audit(final[n], final["parent"], floor_ms)
+                 for n in final if n != "parent"}
+  spent = spent_seconds(store)
+  return {
+      "parent": parent_path, "settings": dataclasses.asdict(settings),
+      "budget": budget, "floor_ms": floor_ms, "rung_steps": list(rungs),
+      "spent_seconds": spent, "phase_seconds": store.get("phase_seconds"),
+      "parent_options": store.get("parent_options"), "sensitivity": sens,
+      "candidates": rows, "final": final, "final_extra": extra,
+      "verdicts": verdict, "final_audit": final_audit, "chosen": chosen,
+      "unmet": unmet}
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:.2f}"
+
+
+def markdown(summary: dict) -> str:
+  s, b = summary["settings"], summary["budget"]
+  p = f"p{s['percentile']:g}"
+  lines = [
+      f"# optimize: {summary['parent']}", "",
+      f"Budget **{b['budget_ms']:.4f} ms** {p} at batch {s['batch_size']} "
+      f"({b['from']}); accuracy limit {s['max_accuracy_drop']:g} points. "
+      f"The search spent {summary['spent_seconds'] / 60:.1f} of the "
+      f"{s['search_minutes']:g} minutes asked (rungs of "
+      f"{', '.join(map(str, summary['rung_steps']))} steps).", "",
+      f"Parent served with {summary['parent_options']['options']} (the "
+      "fastest of the options timed; every finalist gets its own).", "",
+      "## Sensitivity (validation, no fine-tuning; speedups at the batch "
+      "size, one interleaved run)", "",
+      sensitivity.markdown(summary["sensitivity"], s["percentile"]),
+      "![sensitivity](sensitivity.png)", "", "## Candidates", "",
+      "| candidate | what was done | FLOPs | screened p50 ms | rungs: val "
+      "acc. | fate |", "|" + " --- |" * 6]
+  for r in summary["candidates"]:
+    rungs = ", ".join(f"{j['steps']}: {_pct(j['val_accuracy'])}"
+                      for j in r["rungs"]) or "-"
+    lines.append(f"| {r['name']} | {r['done']} | {r['screen']['flops']:,.0f} "
+                 f"| {r['screen']['p50_ms']:.4f} | {rungs} | {r['fate']} |")
+  lines += ["", f"## Finalists: one interleaved run at batch "
+            f"{s['batch_size']}, test split", "",
+            f"| model | serving options | p50 ms | {p} ms | test acc. % "
+            "(95% CI) | change vs parent (95% CI) | McNemar p | verdict |",
+            "|" + " --- |" * 8]
+  for name, r in summary["final"].items():
+    t = r["test"]
+    o = r["options"]
+    opts = (f"{o['conv_lowering']}, embed {o['embed_weights']}, "
+            f"{o['dtype']}, widths {o['round_widths_to'] or '-'}")
+    verdict = summary["verdicts"][name] or (
+        "**chosen**" if name == summary["chosen"] else "eligible")
+    lines.append(
+        f"| {name} | {opts} | {r['p50_ms']:.4f} | {r['p_ms']:.4f} | "
+        f"{_pct(t['accuracy'])} ({_pct(t['ci95'][0])}-{_pct(t['ci95'][1])}) "
+        f"| {100 * t['change']:+.2f} ({100 * t['change_ci95'][0]:+.2f} to "
+        f"{100 * t['change_ci95'][1]:+.2f}) | {t['p_value']:.3g} | {verdict} |")
+  lines += ["", "## Audit: is it really faster?", "",
+            "Predicted speedups from FLOPs and from XLA's cost model "
+            "(t_compute + t_memory + t_comm, rtjax.bench.breakdown) against "
+            "the measured p50 speedup over the parent in the same run "
+            f"(screening for candidates, the final run for finalists). "
+            f"Fixed per-call floor (a trivial jitted call): "
+            f"{summary['floor_ms']:.4f} ms.", "",
+            "| model | run | predicted (FLOPs) | predicted (roofline) | "
+            f"measured p50 | measured {p} | paid? |", "|" + " --- |" * 7]
+  entries = [(r["name"], "screening", r["audit"])
+             for r in summary["candidates"]]
+  entries += [(n, "final", a) for n, a in summary["final_audit"].items()]
+  for name, run, a in entries:
+    paid = "yes" if a["paid"] else "**no**: " + "; ".join(a["reasons"])
+    lines.append(f"| {name} | {run} | {a['predicted_flops']:.2f}x | "
+                 f"{a['predicted_roofline']:.2f}x | {a['measured_p50']:.2f}x | "
+                 f"{a['measured_p']:.2f}x | {paid} |")
+  lines += ["", "![accuracy vs latency](optimize.png)", ""]
+  if summary["chosen"]:
+    r = summary["final"][summary["chosen"]]
+    lines.append(f"**Chosen: {summary['chosen']}**: {p} {r['p_ms']:.4f} ms "
+                 f"against the {b['budget_ms']:.4f} ms budget, test accuracy "
+                 f"{_pct(r['test']['accuracy'])}% (change "
+                 f"{100 * r['test']['change']:+.2f} points, McNemar p = "
+                 f"{r['test']['p_value']:.3g}: "
+                 f"{'significant' if r['test']['significant'] else 'not significant'}"
+                 " at 5%); written to `best` with its serving options.")
+  else:
+    lines.append(f"**Nothing chosen**: {summary['unmet']}")
+  return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: epath.Path) -> None:
+  """Test accuracy against the finalists' measured latency, the Pareto
+  front and the budget line; trained candidates that did not reach the
+  final run in grey (validation accuracy, screening latency)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for r in summary["candidates"]:
+    if r["rungs"] and r["name"] not in summary["final"]:
+      ax.scatter(r["screen"]["p_ms"], 100 * r["rungs"][-1]["val_accuracy"],
+                 color="lightgray")
+      ax.annotate(r["name"], (r["screen"]["p_ms"],
+                              100 * r["rungs"][-1]["val_accuracy"]),
+                  fontsize=7, color="gray", textcoords="offset points",
+                  xytext=(4, 2))
+  names = list(summary["final"])
+  points = [(summary["final"][n]["test"]["accuracy"],
+             summary["final"][n]["p_ms"]) for n in names]
+  ax.scatter([x for _, x in points], [100 * a for a, _ in points])
+  for n, (a, x) in zip(names, points):
+    ax.annotate(n + (" (chosen)" if n == summary["chosen"] else ""),
+                (x, 100 * a), textcoords="offset points", xytext=(5, 3))
+  front = pareto_front(points)
+  ax.plot([points[i][1] for i in front], [100 * points[i][0] for i in front],
+          "r--", label="Pareto front")
+  pct = f"p{summary['settings']['percentile']:g}"
+  ax.axvline(summary["budget"]["budget_ms"], color="gray", linestyle=":",
+             label=f"budget {summary['budget']['budget_ms']:.3f} ms")
+  ax.set_xlabel(f"{pct} latency at batch {summary['settings']['batch_size']}"
+                " (ms)")
+  ax.set_ylabel("accuracy (%): test for finalists, val in grey")
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=110)
+  plt.close(fig)
+
+
+def write(summary: dict, workdir: epath.Path, sens: dict) -> None:
+  summary["markdown"] = markdown(summary)
+  (workdir / "optimize.md").write_text(summary["markdown"])
+  (workdir / "optimize.json").write_text(json.dumps(summary, indent=1))
+  plot(summary, workdir / "optimize.png")
+  sensitivity.plot(sens, workdir / "sensitivity.png")

@@ -1,0 +1,63 @@
+"""Screening: every candidate architecture timed in one interleaved run with
+the parent before anything is trained (latency does not depend on the
+weights), with its FLOPs, the time XLA's cost model predicts and, for
+pruned ones, the validation accuracy before fine-tuning. Architectures that
+cannot meet the budget are never trained.
+"""
+
+from __future__ import annotations
+
+from rtjax.bench import breakdown
+from rtjax.models import forward_flops
+from rtjax.optimize import audit, candidates, serving
+from rtjax.train.evaluate import evaluate
+
+SCREEN_SLACK = 1.15  # an architecture predicted within 15% of the budget is trained
+
+
+def cost_row(name, model, spec, compiled, lat, peaks, batch) -> dict:
+  """A measured model's latency with what predicts it: FLOPs, XLA's
+  t_compute + t_memory + t_comm, achieved GFLOP/s, how int8 layers were compiled."""
+  terms = breakdown.breakdown(compiled.executables[batch], peaks)
+  flops = forward_flops(model, spec["args"]["input_shape"])
+  return {"name": name, "flops": flops, "args": spec["args"],
+          "t_predicted_s": terms["t_predicted_s"],
+          "bytes_accessed": terms["bytes_accessed"],
+          "gflops_per_s": flops * batch / (lat["p50_ms"] * 1e-3) / 1e9,
+          "int8_lowering": audit.int8_lowering(
+              compiled.executables[batch].as_text()),
+          **{k: lat[k] for k in ("p50_ms", "p90_ms", "p99_ms", "p_ms")}}
+
+
+def screen(parent, spec: dict, recipes: list[dict], batch: int,
+           percentile: float, parent_options: dict, peaks: dict, val,
+           seconds: float) -> dict:
+  """{name: cost row} for the parent and every recipe, served with the
+  parent's options (a conv lowering tuned for the parent's shapes aside)."""
+  options = {**parent_options, "conv_lowering": "xla", "round_widths_to": 0}
+  models = [("parent", parent, spec)]
+  for recipe in recipes:
+    model, cand_spec = candidates.build(recipe, parent, spec)
+    models.append((recipe["name"], model, cand_spec))
+  pruned = {r["name"] for r in recipes if r["kind"] == "prune"}
+  served = [serving.compile_with(m, s, batch, options) for _, m, s in models]
+  latency = serving.interleaved(served, batch, percentile, seconds)
+  out = {}
+  for (name, model, s), compiled, lat in zip(models, served, latency):
+    row = cost_row(name, model, s, compiled, lat, peaks, batch)
+    if name == "parent" or name in pruned:
+      row["untuned_val_accuracy"] = evaluate(model, val, 512)["accuracy"]
+    out[name] = row
+  return out
+
+
+def screened_p(screen_rows: dict, name: str) -> float:
+  """A candidate architecture's percentile latency as screening predicts it:
+  its p50 times the parent's tail ratio (p / p50) in the same run. A tail
+  percentile of a few hundred calls on a shared machine is mostly noise
+  common to every model; the median ranks architectures, and the final
+  interleaved run measures the tail of those that are trained."""
+  parent = screen_rows["parent"]
+  if name == "parent":
+    return parent["p_ms"]
+  return screen_rows[name]["p50_ms"] * parent["p_ms"] / parent["p50_ms"]

@@ -1,0 +1,363 @@
+"""The budget-driven search: from a checkpoint and a latency budget on this
+device to the most accurate model that meets it, with the evidence.
+
+Reads top to bottom: the settings; the phases in order (serve the parent at
+its best, sensitivity, candidate recipes, screening of their architectures,
+successive halving, int8 variants, the finalists in one interleaved run and
+on the test split, the choice); then the outputs. Every phase's result is
+recorded in the workdir's store (rtjax.optimize.store) and every candidate
+rung is a checkpointed stage, so a killed search resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+from rtjax.bench import breakdown
+from rtjax.checkpoint import checkpoint_dataset, load_checkpoint
+from rtjax.compress import quantize
+from rtjax.errors import UserError
+from rtjax.models.quantized import quantization_spec
+from rtjax.optimize import (candidates, checkpoints, decide, finetune, halving,
+                            report, screening, sensitivity, serving, stats)
+from rtjax.optimize.store import SearchStore
+from rtjax.timing import time_calls
+from rtjax.train.evaluate import evaluate
+
+INT8_GAIN = 1.05  # a layer's int8 must measure 5% faster to be used
+
+
+class BudgetNotMet(UserError):
+  """No candidate meets the budget (or the accuracy limit); the message
+  names the closest one and what would be needed. Exit code 1."""
+
+
+@dataclasses.dataclass
+class Settings:
+  """What the command's flags (and the `optimize` stage's keys) set.
+
+  The budget is `latency_budget_ms`, or `budget_of_parent` times the
+  parent's measured latency when that is set instead. `rung_steps` empty:
+  1/20, 3/20 and 9/20 of the parent's training steps."""
+  latency_budget_ms: float = 0.0
+  budget_of_parent: float = 0.0
+  batch_size: int = 1
+  percentile: float = 99.0
+  max_accuracy_drop: float = 1.0  # points of test accuracy
+  reject_significant_loss: bool = True  # McNemar p < 0.05 and a loss
+  search_minutes: float = 15.0
+  rung_steps: tuple[int, ...] = ()
+  keep_fractions: tuple[float, ...] = sensitivity.FRACTIONS
+  sensitivity_groups: str = ".*"  # regex of the groups analyzed
+  uniform: tuple[float, ...] = candidates.UNIFORM
+  thresholds: tuple[float, ...] = candidates.THRESHOLDS
+  shallow: bool = True
+  int8: bool = True
+  max_candidates: int = 8
+  max_finalists: int = 3
+  measure_seconds: float = 4.0
+  final_seconds: float = 15.0
+  try_auto_lowering: bool = True
+
+  def check(self) -> None:
+    if (self.latency_budget_ms > 0) == (self.budget_of_parent > 0):
+      raise UserError("give exactly one of latency_budget_ms (> 0) and "
+                      "budget_of_parent (> 0, a fraction of the parent's "
+                      "measured latency)")
+    for name, ok in (("batch_size", self.batch_size >= 1),
+                     ("percentile", 0 < self.percentile <= 100),
+                     ("max_accuracy_drop", self.max_accuracy_drop >= 0),
+                     ("search_minutes", self.search_minutes > 0),
+                     ("rung_steps", all(s >= 1 for s in self.rung_steps)),
+                     ("max_finalists", self.max_finalists >= 1)):
+      if not ok:
+        raise UserError(f"{name}: invalid value {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass
+class Context:
+  """What the phases share."""
+  settings: Settings
+  parent_dir: epath.Path
+  workdir: epath.Path
+  store: SearchStore
+  clock: Callable[[], float]
+  parent: object = None
+  meta: dict = None
+  dataset: object = None
+
+  @property
+  def spec(self) -> dict:
+    return self.meta["model"]
+
+  @property
+  def batch(self) -> int:
+    return self.settings.batch_size
+
+  def phase(self, name: str, compute: Callable[[], object]):
+    """A phase's recorded result, or run it, recording result and seconds."""
+    if name in self.store:
+      return self.store.get(name)
+    start = self.clock()
+    value = compute()
+    self.store.put("phase_seconds", {**self.store.get("phase_seconds", {}),
+                                     name: self.clock() - start})
+    self.store.put(name, value)
+    return value
+
+
+def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
+               settings: Settings, best_dir: epath.PathLike | None = None,
+               clock: Callable[[], float] = time.monotonic) -> dict:
+  """The whole search; returns the summary written to optimize.json.
+  Raises BudgetNotMet (after writing the report) when nothing qualifies."""
+  settings.check()
+  workdir = epath.Path(workdir)
+  ctx = Context(settings, epath.Path(checkpoint), workdir,
+                SearchStore(workdir), clock)
+  ctx.parent, ctx.meta = load_checkpoint(ctx.parent_dir)
+  if ctx.meta["model"].get("quantization"):
+    raise UserError(f"{checkpoint} is a quantized checkpoint; give its float "
+                    "parent (the search adds int8 where it pays)")
+  ctx.dataset = checkpoint_dataset(ctx.meta)
+  parent_options = ctx.phase("parent_options", lambda: serving.choose_options(
+      ctx.parent, ctx.spec, ctx.batch, settings.percentile,
+      ctx.dataset.val.images, settings.measure_seconds,
+      settings.try_auto_lowering))
+  budget = ctx.phase("budget", lambda: _budget(ctx, parent_options))
+  sens = ctx.phase("sensitivity", lambda: sensitivity.measure(
+      ctx.parent, ctx.spec, ctx.dataset.val, ctx.batch, settings.percentile,
+      parent_options["options"], settings.keep_fractions, settings.int8,
+      settings.measure_seconds, settings.sensitivity_groups))
+  recipes = ctx.phase("recipes", lambda: candidates.recipes(
+      ctx.spec, sens, settings.uniform, settings.thresholds,
+      settings.shallow))
+  peaks = ctx.phase("peaks", lambda: breakdown.measure_peaks(1024, 64, 3))
+  floor = ctx.phase("floor_ms", lambda: _floor_ms(ctx.batch))
+  screen = ctx.phase("screen", lambda: screening.screen(
+      ctx.parent, ctx.spec, recipes, ctx.batch, settings.percentile,
+      parent_options["options"], peaks, ctx.dataset.val,
+      settings.measure_seconds))
+  budget_ms = budget["budget_ms"]
+  fits = [r["name"] for r in recipes
+          if screening.screened_p(screen, r["name"]) <= budget_ms * screening.SCREEN_SLACK]
+  parent_fits = screen["parent"]["p_ms"] <= budget_ms * screening.SCREEN_SLACK
+  if not fits and not parent_fits:
+    rows = sorted(screen.values(), key=lambda r: screening.screened_p(screen, r["name"]))
+    raise BudgetNotMet(_unmet(rows[0], budget_ms, floor, ctx.batch,
+                              settings.percentile, "architecture"))
+  order = sorted(fits, key=lambda n: -screen[n].get("untuned_val_accuracy",
+                                                    -1.0))
+  trainees = order[:settings.max_candidates]
+  rungs = settings.rung_steps or _default_rungs(ctx.meta)
+  reserve = _reserve_seconds(ctx, len(trainees))
+  recipe_of = {r["name"]: r for r in recipes}
+  finalists = halving.successive_halving(
+      trainees, rungs, lambda name, k, steps: _train(
+          ctx, recipe_of[name], k, steps), ctx.store, clock,
+      60 * settings.search_minutes - reserve, max_finalists=
+      settings.max_finalists)
+  paths = {n: str(_rung_dir(ctx, n, k)) for n, k in finalists.items()}
+  paths.update(_int8_variants(ctx, sens, paths))
+  if parent_fits:
+    paths["parent"] = str(ctx.parent_dir)
+  final = _final(ctx, paths, parent_options)
+  if settings.budget_of_parent:  # relative to the parent in the same run
+    budget = {**budget, "preliminary_ms": budget_ms,
+              "budget_ms": settings.budget_of_parent * final["parent"]["p_ms"],
+              "from": f"{settings.budget_of_parent:g} x the parent's "
+                      f"p{settings.percentile:g} in the final interleaved run "
+                      f"({final['parent']['p_ms']:.4f} ms)"}
+    budget_ms = budget["budget_ms"]
+  verdict = decide.verdicts(final, budget_ms, settings.max_accuracy_drop,
+                            parent_fits, settings.reject_significant_loss)
+  chosen = decide.choose(final, verdict)
+  unmet = None
+  if chosen is None:
+    if all(r["p_ms"] > budget_ms for r in final.values()):
+      fastest = min(final.values(), key=lambda r: r["p_ms"])
+      unmet = _unmet(fastest, budget_ms, floor, ctx.batch,
+                     settings.percentile, "finalist")
+    else:
+      unmet = decide.accuracy_unmet(final, budget_ms,
+                                    settings.max_accuracy_drop)
+  summary = report.summarize(
+      settings, budget, sens, recipes, screen, trainees, rungs, ctx.store,
+      final, verdict, chosen, floor, unmet, str(ctx.parent_dir))
+  report.write(summary, workdir, sens)
+  if chosen is None:
+    raise BudgetNotMet(unmet)
+  _write_best(ctx, final, chosen, budget,
+              epath.Path(best_dir) if best_dir else workdir / "best")
+  return summary
+
+
+# ---- phases ---------------------------------------------------------------
+
+def _budget(ctx: Context, parent_options: dict) -> dict:
+  """The budget in ms; a fraction of the parent's measured latency (served
+  with its best options, alone) when budget_of_parent is set."""
+  s = ctx.settings
+  if s.latency_budget_ms:
+    return {"budget_ms": s.latency_budget_ms, "from": "flag"}
+  served = serving.compile_with(ctx.parent, ctx.spec, ctx.batch,
+                                parent_options["options"])
+  [row] = serving.interleaved([served], ctx.batch, s.percentile,
+                              s.final_seconds / 2)
+  return {"budget_ms": s.budget_of_parent * row["p_ms"],
+          "from": f"{s.budget_of_parent:g} x the parent's p{s.percentile:g} "
+                  f"({row['p_ms']:.4f} ms)", "parent_p_ms": row["p_ms"]}
+
+
+def _floor_ms(batch: int) -> float:
+  """p50 of a trivial jitted call on a batch of this size: the per-call cost
+  no model change removes (dispatch, the transfer of nothing)."""
+  x = jax.device_put(np.zeros((batch, 1), np.float32))
+  trivial = jax.jit(lambda v: v + 1)
+  times = time_calls({"t": lambda: trivial(x).block_until_ready()}, 300, 20)
+  return float(np.median(times["t"]) * 1e3)
+
+
+def _default_rungs(meta: dict) -> list[int]:
+  base = max(20, int(meta["train"]["num_steps"]) // 20)
+  return [base, 3 * base, 9 * base]
+
+
+def _reserve_seconds(ctx: Context, trainees: int) -> float:
+  """Time kept for the final phase: each finalist's option search and the
+  interleaved run, estimated from the parent's own option search."""
+  per_model = ctx.store.get("phase_seconds", {}).get("parent_options", 10.0)
+  finalists = min(trainees, ctx.settings.max_finalists) + 1
+  return finalists * per_model + 2 * ctx.settings.final_seconds
+
+
+def _rung_dir(ctx: Context, name: str, k: int) -> epath.Path:
+  return ctx.workdir / "candidates" / name / f"rung{k}"
+
+
+def _train(ctx: Context, recipe: dict, k: int, steps: int) -> dict:
+  stage_dir = _rung_dir(ctx, recipe["name"], k)
+  meta = finetune.finished(stage_dir)
+  if meta is None:
+    model, spec = candidates.build(recipe, ctx.parent, ctx.spec,
+                                   seed=int(ctx.meta.get("seed") or 0))
+    meta = finetune.train_rung(
+        ctx.parent_dir, ctx.meta, ctx.parent, ctx.dataset, recipe, model,
+        spec, stage_dir, _rung_dir(ctx, recipe["name"], k - 1) if k else None,
+        steps)
+  logging.info("candidate %s rung %d (%d steps): val accuracy %.4f",
+               recipe["name"], k, steps, meta["metrics"]["val"]["accuracy"])
+  return {"val_accuracy": meta["metrics"]["val"]["accuracy"],
+          "path": str(stage_dir)}
+
+
+def _int8_variants(ctx: Context, sens: dict, paths: dict) -> dict:
+  """For each finalist, its int8 (PTQ) variant in the layers where int8
+  alone measured faster at this batch and cost under half a point."""
+  layers = [e["name"] for e in sens["int8"]
+            if e["speedup_p50"] >= INT8_GAIN and e["accuracy_drop"] <= 0.5]
+  if not layers:
+    return {}
+  qspec = quantization_spec("w8a8", "|".join(map(re.escape, layers)),
+                            mode="ptq")
+  out = {}
+  for name, path in paths.items():
+    directory = ctx.workdir / "candidates" / f"{name}+int8"
+    if finetune.finished(directory) is None:
+      model, meta = load_checkpoint(path)
+      served = quantize.int8_model(model, qspec,
+                                   meta["model"]["args"]["input_shape"])
+      metrics = {split: evaluate(served, getattr(ctx.dataset, split), 512)
+                 for split in ("val", "test")}
+      checkpoints.save(served, checkpoints.int8_metadata(
+          meta, served, qspec, stage=f"{name}+int8", parent=path,
+          metrics=metrics), directory)
+    out[f"{name}+int8"] = str(directory)
+  return out
+
+
+def _final(ctx: Context, paths: dict, parent_options: dict) -> dict:
+  """The finalists and the parent, each with its best serving options, in
+  ONE interleaved latency run at the batch size; then the served models'
+  predictions on the test split, paired with the parent's."""
+  s = ctx.settings
+  names = ["parent"] + [n for n in paths if n != "parent"]
+  loaded = {"parent": (ctx.parent, ctx.meta)}
+  for name in names[1:]:
+    loaded[name] = load_checkpoint(paths[name])
+  options = {"parent": parent_options}
+  for name in names[1:]:
+    model, meta = loaded[name]
+    options[name] = ctx.phase(f"options/{name}", lambda: serving.choose_options(
+        model, meta["model"], ctx.batch, s.percentile, ctx.dataset.val.images,
+        s.measure_seconds, s.try_auto_lowering))
+  served = {n: serving.compile_with(loaded[n][0], loaded[n][1]["model"],
+                                    ctx.batch, options[n]["options"])
+            for n in names}
+  latency = ctx.phase("final_latency", lambda: dict(zip(names,
+      serving.interleaved([served[n] for n in names], ctx.batch,
+                          s.percentile, s.final_seconds))))
+  test = ctx.dataset.test
+  correct = {n: np.argmax(served[n](test.images), -1) == test.labels
+             for n in names}
+  peaks = ctx.store.get("peaks")
+  rows = {}
+  for n in names:
+    model, meta = loaded[n]
+    row = screening.cost_row(n, model, meta["model"], served[n], latency[n], peaks,
+                    ctx.batch)
+    row.update(path=str(ctx.parent_dir) if n == "parent" else paths[n],
+               options=options[n]["options"],
+               val_accuracy=meta["metrics"]["val"]["accuracy"],
+               test=stats.compare_to_reference(correct["parent"], correct[n]))
+    rows[n] = row
+  return rows
+
+
+def _unmet(row: dict, budget_ms: float, floor_ms: float, batch: int,
+           percentile: float, what: str) -> str:
+  """What the closest candidate misses by, and what would be needed."""
+  over = row["p_ms"] / budget_ms
+  share = floor_ms / row["p_ms"]
+  text = (f"no candidate meets the {budget_ms:.4f} ms p{percentile:g} budget "
+          f"at batch {batch}: the fastest {what}, {row['name']}, measured "
+          f"{row['p_ms']:.4f} ms, {over:.2f}x over budget; it would need a "
+          f"further {over:.2f}x speedup. Host overhead (a trivial jitted "
+          f"call, {floor_ms:.4f} ms) is {100 * share:.0f}% of it")
+  if floor_ms >= budget_ms:
+    text += ("; the budget is below that floor, so no model meets it on "
+             "this device")
+  return text
+
+
+def _write_best(ctx: Context, final: dict, chosen: str, budget: dict,
+                best_dir: epath.Path) -> None:
+  """`best` (the chosen model) and `<workdir>/parent` (the parent as it was
+  measured), each with the serving options it was measured with, so that
+  experiments.bench on the two compares them as the search did."""
+  s = ctx.settings
+  for name, directory, stage in ((chosen, best_dir, "best"),
+                                 ("parent", ctx.workdir / "parent", "parent")):
+    written = finetune.finished(directory)
+    if written is not None and written["done"].get("candidate") == name:
+      continue  # a resumed search that chose the same
+    if (directory / "checkpoints").exists():  # another choice before: replace
+      (directory / "checkpoints").rmtree()
+    row = final[name]
+    model, meta = ((ctx.parent, ctx.meta) if name == "parent"
+                   else load_checkpoint(row["path"]))
+    measured = {"batch_size": ctx.batch, "percentile": s.percentile,
+                "p_ms": row["p_ms"], "p50_ms": row["p50_ms"],
+                "budget_ms": budget["budget_ms"]}
+    checkpoints.save(model, checkpoints.served_metadata(
+        meta, stage=stage, stage_type="optimize", parent=row["path"],
+        options=row["options"], measured=measured,
+        done={"candidate": name, "test": row["test"]}), directory)

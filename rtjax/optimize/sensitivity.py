@@ -1,0 +1,145 @@
+"""Where the parent is fragile: for every prunable group (what the family's
+structured pruning knows: conv filters, dense units, heads, recurrent units)
+the validation accuracy lost at a few keep fractions without fine-tuning,
+and for int8 each Conv/Linear layer alone; beside each, the latency change
+at the search's batch size measured in one interleaved run with the parent.
+
+The search builds non-uniform candidates from it (prune the groups that
+cost little accuracy and buy latency), and int8 only where it measured
+faster on this device.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+from flax import nnx
+
+from rtjax.compress import quantize, structured
+from rtjax.models import model_class
+from rtjax.models.quantized import quantization_spec
+from rtjax.models.stats import layer_shapes
+from rtjax.optimize import serving
+from rtjax.train.evaluate import evaluate
+
+FRACTIONS = (0.75, 0.5, 0.25)
+
+
+def shrink_groups(model: nnx.Module, spec: dict, keep: dict[str, float],
+                  criterion: str = "l2") -> tuple[nnx.Module, dict]:
+  """The parent with each named group kept at its own fraction (groups not
+  named keep all units): one structured.shrink per distinct fraction over
+  the groups that share it (each shrink builds and initializes a model, the
+  slow part), so coupled axes stay consistent; (smaller model, its args)."""
+  args = spec["args"]
+  for fraction in sorted({f for f in keep.values() if f < 1.0}, reverse=True):
+    names = sorted(g for g, f in keep.items() if f == fraction)
+    pattern = "^(" + "|".join(map(re.escape, names)) + ")$"
+    model, args, _ = structured.shrink(model, spec["name"], args, fraction,
+                                       criterion, 1, pattern)
+  # shrink leaves host (numpy) arrays; serving and training expect jax ones.
+  nnx.update(model, jax.tree.map(jnp.asarray, nnx.state(model)))
+  return model, args
+
+
+def group_names(spec: dict) -> list[str]:
+  cls = model_class(spec["name"])
+  if not hasattr(cls, "prunable_groups"):
+    return []
+  return [g.name for g in cls.prunable_groups(spec["args"])]
+
+
+def int8_layer(model: nnx.Module, spec: dict, path: str) -> nnx.Module:
+  """The parent served with int8 weights and activations (qwix PTQ) in one
+  layer only."""
+  qspec = quantization_spec("w8a8", re.escape(path), mode="ptq")
+  return quantize.int8_model(model, qspec, spec["args"]["input_shape"])
+
+
+def measure(model: nnx.Module, spec: dict, val, batch: int, percentile: float,
+            options: dict, fractions: Sequence[float] = FRACTIONS,
+            int8: bool = True, seconds: float = 6.0,
+            groups: str = ".*") -> dict:
+  """{'groups': [...], 'int8': [...], 'parent': {...}}: one entry per
+  (group, fraction) and per int8 layer with its validation accuracy drop
+  (points) and its measured speedup (parent p50 / its p50; and at the
+  percentile) at `batch`, for the groups matching the regex `groups`.
+  `options` (the parent's) serve every variant, except a conv lowering
+  tuned for the parent's shapes."""
+  options = {**options, "conv_lowering": "xla", "round_widths_to": 0}
+  parent_acc = evaluate(model, val, 512)["accuracy"]
+  variants = []  # (kind, name, fraction, model)
+  for group in group_names(spec):
+    if not re.search(groups, group):
+      continue
+    for fraction in fractions:
+      smaller, _ = shrink_groups(model, spec, {group: fraction})
+      variants.append(("group", group, fraction, smaller))
+  if int8:
+    for path in layer_shapes(model, spec["args"]["input_shape"]):
+      variants.append(("int8", path, None, int8_layer(model, spec, path)))
+  served = [serving.compile_with(model, spec, batch, options)]
+  for kind, _, _, m in variants:
+    served.append(serving.compile_with(
+        m, spec, batch, options if kind == "group" else
+        {**options, "dtype": "float32", "round_widths_to": 0}))
+  latency = serving.interleaved(served, batch, percentile, seconds)
+  base = latency[0]
+  out = {"parent": {"val_accuracy": parent_acc, **base}, "groups": [],
+         "int8": []}
+  for (kind, name, fraction, m), lat in zip(variants, latency[1:]):
+    entry = {"name": name,
+             "accuracy_drop": 100 * (parent_acc - evaluate(m, val, 512)[
+                 "accuracy"]),
+             "speedup_p50": base["p50_ms"] / lat["p50_ms"],
+             "speedup_p": base["p_ms"] / lat["p_ms"],
+             "p50_ms": lat["p50_ms"], "p_ms": lat["p_ms"]}
+    if kind == "group":
+      out["groups"].append({**entry, "keep": fraction})
+    else:
+      out["int8"].append(entry)
+  return out
+
+
+def markdown(sens: dict, percentile: float) -> str:
+  p = f"p{percentile:g}"
+  lines = ["| kind | group / layer | keep | val acc. drop (points) | speedup "
+           f"p50 | speedup {p} |", "|" + " --- |" * 6]
+  for e in sens["groups"]:
+    lines.append(f"| prune | {e['name']} | {e['keep']:.2f} | "
+                 f"{e['accuracy_drop']:+.2f} | {e['speedup_p50']:.2f}x | "
+                 f"{e['speedup_p']:.2f}x |")
+  for e in sens["int8"]:
+    lines.append(f"| int8 | {e['name']} | | {e['accuracy_drop']:+.2f} | "
+                 f"{e['speedup_p50']:.2f}x | {e['speedup_p']:.2f}x |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(sens: dict, path) -> None:
+  """One line per group: accuracy drop vs keep fraction (1.0: no drop);
+  int8 layers as points at keep 'int8' on the right."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name in dict.fromkeys(e["name"] for e in sens["groups"]):
+    points = sorted([(1.0, 0.0)] + [(e["keep"], e["accuracy_drop"])
+                                    for e in sens["groups"]
+                                    if e["name"] == name])
+    ax.plot(*zip(*points), marker="o", label=name)
+  for e in sens["int8"]:
+    ax.scatter([1.1], [e["accuracy_drop"]], marker="x")
+    ax.annotate(f"int8 {e['name']}", (1.1, e["accuracy_drop"]), fontsize=7,
+                textcoords="offset points", xytext=(4, 0))
+  ax.set_xlabel("keep fraction (x = 1.1: int8 in that layer alone)")
+  ax.set_ylabel("validation accuracy drop, no fine-tuning (points)")
+  ax.set_title("sensitivity per prunable group")
+  ax.legend(fontsize=7, loc="upper right")
+  fig.tight_layout()
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=110)
+  plt.close(fig)

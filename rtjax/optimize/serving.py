@@ -1,0 +1,136 @@
+"""Serving a model at its best on this device, and timing models side by side.
+
+Every model in a search (the parent included, so that the budget is won by
+changing the model and not by serving the parent badly) is served with the
+options that measured fastest for it at the search's batch size: weights
+embedded or passed, float32 or bfloat16, widths padded to a multiple of 8,
+and XLA's convolutions or banded matmuls ("auto", pinned to what it chose).
+Options that change the predictions (bf16) must agree with float32 on 99%
+of the validation inputs to be considered.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rtjax.bench.latency import percentiles
+from rtjax.infer import CompiledModel
+from rtjax.infer import lowering as lowering_lib
+from rtjax.infer import options as options_lib
+from rtjax.infer.precision import is_float_model
+from rtjax.models import model_class
+from rtjax.timing import time_calls
+
+MIN_AGREEMENT = 0.99  # of a reduced-precision option's argmax with float32
+# An option replaces a simpler one when it is 3% faster at the percentile
+# and no slower at the median (a tail percentile alone is noisy here).
+SIMPLER_WINS_WITHIN = 0.03
+
+
+def compile_with(model: nnx.Module, spec: dict, batch: int,
+                 options: dict) -> CompiledModel:
+  """The model compiled for one batch size with exactly these options (none
+  taken from a checkpoint)."""
+  return CompiledModel(model, spec["args"]["input_shape"], batch_sizes=[batch],
+                       spec=spec, metadata=None, **options)
+
+
+def interleaved(served: Sequence[CompiledModel], batch: int, percentile: float,
+                seconds: float = 4.0, min_iters: int = 100,
+                max_iters: int = 3000, warmup: int = 10) -> list[dict]:
+  """Latency of each model at `batch`, calls in turns (rtjax.timing), as
+  many as fit in about `seconds` (a tail percentile needs hundreds); the
+  keys of rtjax.bench.latency.percentiles plus `p_ms`, the `percentile`-th."""
+  calls = {}
+  for k, model in enumerate(served):
+    x = jax.device_put(np.random.default_rng(0).normal(
+        size=(batch, *model.input_shape)).astype(np.float32),
+        model.input_sharding)
+    calls[k] = (lambda m, x: lambda: m.run_bucket(x).block_until_ready())(
+        model, x)
+  probe = time_calls(calls, 3, warmup=2)
+  per_round = sum(float(np.median(t)) for t in probe.values())
+  iters = int(np.clip(seconds / max(per_round, 1e-7), min_iters, max_iters))
+  times = time_calls(calls, iters, warmup)
+  out = []
+  for k in calls:
+    row = percentiles(times[k], batch)
+    row["p_ms"] = float(np.percentile(np.asarray(times[k]) * 1e3, percentile))
+    out.append(row)
+  return out
+
+
+def option_grid(model: nnx.Module, spec: dict) -> list[dict]:
+  """The option sets worth timing for this model on this kind of device,
+  simplest first (the device's defaults)."""
+  floating = is_float_model(model) and not spec.get("quantization")
+  cls = model_class(spec["name"])
+  ragged = floating and hasattr(cls, "prunable_groups") and any(
+      g.width % 8 for g in cls.prunable_groups(spec["args"]))
+  grid = []
+  for embed, dtype, widths in itertools.product(
+      (False, True), ("float32", "bfloat16") if floating else ("float32",),
+      (0, 8) if ragged else (0,)):
+    if widths and dtype != "float32":
+      continue  # CompiledModel cannot cast a widened model (numpy weights)
+    grid.append({"conv_lowering": "xla", "embed_weights": embed,
+                 "dtype": dtype, "round_widths_to": widths})
+  defaults = options_lib.DEFAULTS.get(options_lib.device_kind(),
+                                      options_lib.DEFAULTS["cpu"])
+  grid.sort(key=lambda o: sum(o[k] != defaults[k] for k in o))
+  return grid
+
+
+def _faster(a: dict, b: dict) -> bool:
+  return (a["p_ms"] < b["p_ms"] * (1 - SIMPLER_WINS_WITHIN)
+          and a["p50_ms"] <= b["p50_ms"])
+
+
+def _agrees(served: CompiledModel, reference: np.ndarray,
+            images: np.ndarray) -> bool:
+  return float(np.mean(np.argmax(served(images), -1) == reference)
+               ) >= MIN_AGREEMENT
+
+
+def choose_options(model: nnx.Module, spec: dict, batch: int,
+                   percentile: float, val_images: np.ndarray,
+                   seconds: float = 3.0, try_auto: bool = True) -> dict:
+  """{'options', 'trials'}: the fastest admissible option set at `batch` by
+  the `percentile`-th latency of one interleaved run, then whether banded
+  conv matmuls ('auto', timed per layer) beat XLA's convs under it; the
+  conv lowering is recorded as the per-layer choice, not as 'auto'."""
+  grid = option_grid(model, spec)
+  served = [compile_with(model, spec, batch, o) for o in grid]
+  reference = np.argmax(served[0](val_images), -1)
+  admissible = [i for i, s in enumerate(served)
+                if grid[i]["dtype"] == "float32"
+                or _agrees(s, reference, val_images)]
+  results = interleaved([served[i] for i in admissible], batch, percentile,
+                        seconds)
+  trials = [{"options": grid[i], "p_ms": r["p_ms"], "p50_ms": r["p50_ms"]}
+            for i, r in zip(admissible, results)]
+  best = trials[0]
+  for trial in trials[1:]:
+    if _faster(trial, best):
+      best = trial
+  options = dict(best["options"])
+  if try_auto and is_float_model(model) and lowering_lib.candidate_blocks(
+      model, spec["args"]["input_shape"]):
+    tuned = compile_with(model, spec, batch, {**options,
+                                              "conv_lowering": "auto"})
+    chosen = tuned.conv_lowering[batch]
+    if chosen:
+      plain = compile_with(model, spec, batch, options)
+      r_plain, r_tuned = interleaved([plain, tuned], batch, percentile, seconds)
+      trials.append({"options": {**options, "conv_lowering":
+                                 lowering_lib.describe(chosen)},
+                     "p_ms": r_tuned["p_ms"], "p50_ms": r_tuned["p50_ms"],
+                     "against_p_ms": r_plain["p_ms"]})
+      if _faster(r_tuned, r_plain):
+        options["conv_lowering"] = lowering_lib.describe(chosen)
+  return {"options": options, "trials": trials}

@@ -1,0 +1,311 @@
+"""rtjax.optimize: the statistics on known inputs, successive halving's
+resume and time limit with a fake clock, a tiny search end to end (killed
+after its first candidate, resumed, rerun), the audit on a candidate built
+to be slower, and an impossible budget through the command line."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from rtjax.optimize import audit, finetune, halving, stats
+from rtjax.optimize.search import Settings, run_search
+from rtjax.optimize.store import SearchStore
+from tests.conftest import run_module
+
+# Two candidates (uniform 50% and 25%), one short rung, the sensitivity of
+# one group, no int8, no banded lowering search, short timing runs.
+TINY = dict(batch_size=8, percentile=90, rung_steps=(4,),
+            keep_fractions=(0.5,), sensitivity_groups="stream1",
+            uniform=(0.5, 0.25), thresholds=(),
+            shallow=False, int8=False, max_candidates=2, max_finalists=2,
+            measure_seconds=0.2, final_seconds=0.4, try_auto_lowering=False,
+            search_minutes=30, latency_budget_ms=1e4, max_accuracy_drop=100)
+
+
+def fake_clock():
+  """One second per reading: durations, and so decisions, repeat exactly."""
+  counter = itertools.count()
+  return lambda: float(next(counter))
+
+
+# ---- statistics ------------------------------------------------------------
+
+def test_wilson_interval_matches_scipy_and_stays_in_range():
+  for correct, total in ((950, 1000), (97, 100), (360, 360), (0, 20)):
+    expected = scipy_stats.binomtest(correct, total).proportion_ci(
+        0.95, method="wilson")
+    low, high = stats.wilson_interval(correct, total)
+    assert low == pytest.approx(expected.low, abs=1e-9)
+    assert high == pytest.approx(expected.high, abs=1e-9)
+    assert 0.0 <= low <= correct / total <= high <= 1.0
+
+
+def test_mcnemar_exact_on_known_counts():
+  # 10 examples only the reference gets right, 2 only the other:
+  # p = 2 * P(X <= 2 | n = 12, 1/2) = 2 * (1 + 12 + 66) / 4096.
+  ref = np.array([1] * 10 + [0] * 2 + [1] * 50 + [0] * 5, bool)
+  other = np.array([0] * 10 + [1] * 2 + [1] * 50 + [0] * 5, bool)
+  test = stats.mcnemar(ref, other)
+  assert (test["only_reference"], test["only_other"]) == (10, 2)
+  assert test["p_value"] == pytest.approx(158 / 4096)
+  assert test["p_value"] == pytest.approx(
+      scipy_stats.binomtest(2, 12, 0.5).pvalue)
+  assert stats.mcnemar(ref, ref)["p_value"] == 1.0
+
+
+def test_a_small_drop_on_1000_examples_is_not_significant():
+  # 0.3 points: 3 examples lost, none gained.
+  ref = np.ones(1000, bool)
+  ref[:50] = False
+  other = ref.copy()
+  other[100:103] = False
+  result = stats.compare_to_reference(ref, other)
+  assert result["change"] == pytest.approx(-0.003)
+  assert result["p_value"] == pytest.approx(0.25)
+  assert not result["significant"]
+  low, high = result["change_ci95"]
+  assert low < result["change"] < high and low < 0
+  # 30 lost of 30 discordant is significant.
+  other[100:130] = False
+  assert stats.compare_to_reference(ref, other)["significant"]
+
+
+# ---- successive halving with a fake clock ------------------------------------
+
+ACCURACY = {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.6}
+
+
+class Trainer:
+  """A fake rung: accuracy by name, `steps` seconds on the fake clock; can
+  be told to die (as a SIGKILL would) at its n-th call."""
+
+  def __init__(self, die_at=None):
+    self.now, self.calls, self.die_at = 0.0, [], die_at
+
+  def clock(self):
+    return self.now
+
+  def __call__(self, name, rung, steps):
+    if self.die_at is not None and len(self.calls) == self.die_at:
+      raise KeyboardInterrupt("killed")
+    self.calls.append((name, rung))
+    self.now += steps
+    return {"val_accuracy": ACCURACY[name] + rung / 100}
+
+
+def test_halving_resumes_without_redoing_and_decides_the_same(tmp_path):
+  run = lambda directory, trainer: halving.successive_halving(
+      "abcd", (1, 2, 4), trainer, SearchStore(directory), trainer.clock,
+      budget_s=1e6, max_finalists=2)
+  reference = Trainer()
+  expected = run(tmp_path / "whole", reference)
+  assert expected == {"a": 2}  # 4 -> 2 -> 1 survivor at the last rung
+  assert reference.calls == [("a", 0), ("b", 0), ("c", 0), ("d", 0),
+                             ("a", 1), ("b", 1), ("a", 2)]
+  killed = Trainer(die_at=5)
+  with pytest.raises(KeyboardInterrupt):
+    run(tmp_path / "resumed", killed)
+  resumed = Trainer()
+  assert run(tmp_path / "resumed", resumed) == expected
+  assert resumed.calls == reference.calls[5:]  # nothing finished is redone
+  again = Trainer()
+  assert run(tmp_path / "resumed", again) == expected and not again.calls
+
+
+def test_halving_stops_at_the_time_limit(tmp_path):
+  trainer = Trainer()
+  store = SearchStore(tmp_path)
+  finalists = halving.successive_halving(
+      "abcd", (10, 20, 40), trainer, store, trainer.clock, budget_s=70)
+  # Rung 0 costs 40 s; rung 1 (20 s per job) fits once more: 60 s, and a
+  # second rung-1 job would end at 80 s > 70 s.
+  assert trainer.calls[4:] == [("a", 1)]
+  assert store.get("rung1")["out_of_time"]
+  assert finalists == {"a": 1}
+  assert halving.spent_seconds(store) == 60
+
+
+# ---- a tiny search end to end --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_search(trained, tmp_path_factory):
+  """The search killed inside its second rung-0 job, resumed, then rerun
+  on the finished workdir: (workdir, summary, trained jobs per run)."""
+  workdir = tmp_path_factory.mktemp("optimize")
+  original = finetune.train_rung
+  calls = []
+
+  def counted(limit):
+    def train_rung(*args, **kwargs):
+      stage_dir = args[7]
+      if len(calls[-1]) == limit:
+        raise KeyboardInterrupt("killed")
+      calls[-1].append(f"{stage_dir.parent.name}/{stage_dir.name}")
+      return original(*args, **kwargs)
+    return train_rung
+
+  summaries = []
+  for limit in (1, None, None):
+    calls.append([])
+    finetune.train_rung = counted(limit)
+    try:
+      summaries.append(run_search(trained[1], workdir, Settings(**TINY),
+                                  clock=fake_clock()))
+    except KeyboardInterrupt:
+      summaries.append(None)
+    finally:
+      finetune.train_rung = original
+  return workdir, summaries, calls
+
+
+@pytest.mark.slow
+def test_tiny_search_end_to_end(tiny_search):
+  from rtjax.checkpoint import load_checkpoint
+  from rtjax.infer import CompiledModel
+  from rtjax.infer.options import device_kind
+  workdir, summaries, _ = tiny_search
+  summary = summaries[1]
+  names = [c["name"] for c in summary["candidates"]]
+  assert names == ["uniform50", "uniform25"]
+  for name in names:  # each candidate rung is a stage with its lineage
+    _, meta = load_checkpoint(workdir / "candidates" / name / "rung0")
+    assert meta["stage_type"] == "optimize_candidate"
+    assert meta["parent"] == str(summary["parent"])
+    assert meta["done"]["recipe"]["name"] == name
+  assert set(summary["final"]) >= {"parent", summary["chosen"]}
+  for name, row in summary["final"].items():
+    low, high = row["test"]["ci95"]
+    assert low <= row["test"]["accuracy"] <= high
+  for path in ("optimize.md", "optimize.json", "optimize.png",
+               "sensitivity.png"):
+    assert (workdir / path).exists(), path
+  text = (workdir / "optimize.md").read_text()
+  for heading in ("## Sensitivity", "## Candidates", "## Finalists",
+                  "## Audit", "**Chosen: "):
+    assert heading in text
+  chosen = summary["final"][summary["chosen"]]
+  _, best = load_checkpoint(workdir / "best")
+  assert best["serving"][device_kind()] == chosen["options"]
+  assert best["done"]["candidate"] == summary["chosen"]
+  served = CompiledModel.from_checkpoint(workdir / "best", batch_sizes=[8])
+  assert {k: served.options[k] for k in chosen["options"]} == chosen["options"]
+  assert set(served.options["source"].values()) == {"checkpoint"}
+  assert json.loads((workdir / "optimize.json").read_text())["chosen"] == \
+      summary["chosen"]
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_without_redoing_finished_candidates(
+    tiny_search):
+  workdir, summaries, calls = tiny_search
+  assert summaries[0] is None and len(calls[0]) == 1  # killed in the 2nd
+  [first] = calls[0]
+  assert first not in calls[1]  # kept, not retrained
+  assert calls[1] and calls[1][0] != first and calls[1][0].endswith("rung0")
+  assert calls[2] == []  # the rerun trains nothing ...
+  assert summaries[2]["chosen"] == summaries[1]["chosen"]  # ... and agrees
+  assert summaries[2]["final"] == summaries[1]["final"]
+
+
+# ---- the audit -------------------------------------------------------------
+
+def test_audit_flags_a_candidate_built_to_be_slower(trained):
+  """The parent padded with zero units to 4x its widths: the same function
+  at several times the FLOPs, measured in one interleaved run."""
+  from rtjax.bench.breakdown import measure_peaks
+  from rtjax.checkpoint import load_checkpoint
+  from rtjax.compress.structured import widen
+  from rtjax.optimize import screening, serving
+  model, meta = load_checkpoint(trained[1])
+  wide, args = widen(model, meta["model"]["name"], meta["model"]["args"], 64)
+  spec = {"name": meta["model"]["name"], "args": args}
+  options = {"conv_lowering": "xla", "embed_weights": False,
+             "dtype": "float32", "round_widths_to": 0}
+  served = [serving.compile_with(m, s, 64, options)
+            for m, s in ((model, meta["model"]), (wide, spec))]
+  latency = serving.interleaved(served, 64, 90, seconds=1.0)
+  peaks = measure_peaks(256, 8, 1)
+  rows = [screening.cost_row(n, m, s, c, lat, peaks, 64) for n, m, s, c, lat
+          in zip(("parent", "wide"), (model, wide), (meta["model"], spec),
+                 served, latency)]
+  result = audit.audit(rows[1], rows[0], floor_ms=0.0)
+  assert result["predicted_flops"] < 0.5
+  assert not result["paid"]
+  assert any("FLOPs" in r for r in result["reasons"])
+  assert audit.audit(rows[0], rows[0], 0.0)["measured_p50"] == 1.0
+
+
+def test_audit_names_int8_run_as_int32_and_dispatch_bound():
+  hlo = ("%p = s8[3,3,4,4]{3,2,1,0} parameter(0)\n"
+         "%c = s32[1,8,8,4]{3,2,1,0} convolution(%convert_fusion, "
+         "%wrapped_convert), window={size=3x3}\n")
+  assert audit.int8_lowering(hlo) == "int32"
+  assert audit.int8_lowering(hlo.replace("s8[", "f32[")) is None
+  parent = {"flops": 1e6, "t_predicted_s": 1e-5, "p50_ms": 0.10,
+            "p_ms": 0.2, "gflops_per_s": 10.0}
+  int8 = {**parent, "flops": 0.9e6, "p50_ms": 0.2, "int8_lowering": "int32"}
+  result = audit.audit(int8, parent, floor_ms=0.15)
+  assert not result["paid"]
+  assert "int32" in result["reasons"][0]
+  assert any("dispatch overhead dominates" in r for r in result["reasons"])
+
+
+# ---- the command line ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_impossible_budget_exits_1_naming_the_closest(trained, tmp_path):
+  result = run_module(
+      "experiments.optimize", f"--checkpoint={trained[1]}",
+      f"--workdir={tmp_path}", "--budget_of_parent=0.01", "--batch_size=8",
+      "--keep_fractions=0.5", "--sensitivity_groups=stream1",
+      "--uniform=0.25", "--thresholds=",
+      "--noshallow", "--noint8", "--noauto_lowering", "--measure_seconds=0.2",
+      "--final_seconds=0.4")
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  [line] = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert "no candidate meets the" in line
+  assert "x over budget" in line and "uniform25" in line
+  assert "Host overhead" in line
+
+
+# ---- the pipeline stage type ------------------------------------------------------
+
+@pytest.mark.slow
+def test_optimize_stage_ends_a_pipeline(trained, tiny_search, tmp_path):
+  """A config whose last stage is `optimize`: registered by importing
+  rtjax.optimize (as such a config does), validated, run by run_pipeline
+  into <workdir>/<stage>/checkpoints, then skipped when rerun. The teacher
+  and the search's measurements are copies of the runs above, so only the
+  wiring runs here."""
+  import rtjax.optimize  # noqa: F401  (registers the stage type)
+  from configs import default
+  from rtjax.checkpoint import load_checkpoint
+  from rtjax.errors import ConfigError
+  from rtjax.pipeline import run_pipeline, stage_config, validate
+  config = default.get_config("tiny")
+  config.stages = ("teacher", "optimize")
+  config.stage.teacher = stage_config("train")
+  config.stage.optimize = stage_config("optimize", **TINY)
+  validate(config)
+  bad = config.copy_and_resolve_references()
+  bad.stage.optimize.budget_of_parent = 0.5  # and latency_budget_ms: both
+  with pytest.raises(ConfigError, match="exactly one of"):
+    validate(bad)
+  workdir = tmp_path / "run"
+  import shutil
+  shutil.copytree(trained[1], workdir / "teacher")
+  shutil.copytree(tiny_search[0], workdir / "optimize")
+  shutil.rmtree(workdir / "optimize" / "best")
+  results = run_pipeline(config, workdir)
+  _, meta = load_checkpoint(workdir / "optimize")
+  assert meta["stage"] == "best" and meta["complete"]
+  assert meta["done"]["candidate"] == tiny_search[1][1]["chosen"]
+  assert (workdir / "optimize" / "report.json").exists()
+  assert results["optimize"].checkpoint_dir == workdir / "optimize" / \
+      "checkpoints"
+  again = run_pipeline(config, workdir)  # finished: skipped
+  assert again["optimize"].step == results["optimize"].step

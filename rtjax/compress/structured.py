@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from rtjax.errors import ConfigError
-from rtjax.models import create_model, model_class
+from rtjax.models import abstract_model, model_class
 from rtjax.models.groups import Axis
 
 CRITERIA = ("l1", "l2", "bn_scale")
@@ -108,7 +108,9 @@ def shrink(model: nnx.Module, name: str, args: dict, keep_fraction: float,
                                  _indices(kept, group.width, axis),
                                  axis=axis.axis)
   new_args = family.with_widths(args, widths)
-  return state.into(create_model(name, new_args)), new_args, summary
+  # Every array is replaced, so the new model is built abstract: a random
+  # initialization compiles per shape (seconds per model on a CPU).
+  return state.into(abstract_model(name, new_args)), new_args, summary
 
 
 def _pad(value: np.ndarray, width: int, new_width: int, axis: Axis) -> np.ndarray:
@@ -146,4 +148,4 @@ def widen(model: nnx.Module, name: str, args: dict, multiple: int
         padded = _pad(value, group.width, new_width, axis)
       state[axis.path] = padded
   new_args = family.with_widths(args, widths)
-  return state.into(create_model(name, new_args)), new_args
+  return state.into(abstract_model(name, new_args)), new_args

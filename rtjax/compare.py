@@ -94,6 +94,10 @@ def load_all(paths: Sequence[epath.PathLike]) -> list[Loaded]:
     if name == "train" or any(l.name == name for l in loaded):
       name = path.name
     loaded.append(Loaded(name, path, model, metadata))
+  names = [l.name for l in loaded]
+  for l in loaded:  # still ambiguous (runs/mlp/seed0, runs/cnn/seed0)
+    if names.count(l.name) > 1:
+      l.name = f"{l.path.parent.name}/{l.path.name}"
   first = loaded[0].metadata["dataset"]
   for item in loaded[1:]:
     ds = item.metadata["dataset"]

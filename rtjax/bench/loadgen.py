@@ -190,7 +190,12 @@ def run(model: CompiledModel, samples: np.ndarray, config: LoadGenConfig,
   settings.offline_expected_qps = throughput
   if config.min_duration_ms:
     settings.min_duration_ms = config.min_duration_ms
-    settings.max_duration_ms = 4 * config.min_duration_ms
+    # Room for min_query_count queries at a low Server rate too: LoadGen
+    # stops issuing at max_duration and calls such a run INVALID.
+    needed_ms = (1000 * config.min_query_count / config.target_qps
+                 if config.scenario == "Server" else 0)
+    settings.max_duration_ms = int(max(4 * config.min_duration_ms,
+                                       2 * needed_ms))
   if config.min_query_count:
     settings.min_query_count = config.min_query_count
   issue, stop, stats = (_network_sut(samples, config) if config.server_url

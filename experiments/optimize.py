@@ -15,8 +15,11 @@ one and what it would need; 2 for a user error.
 """
 
 from absl import flags
+from etils import epath
 
 from experiments import cli
+from rtjax import compare
+from rtjax.bench import provenance
 from rtjax.infer.cache import enable_compilation_cache
 from rtjax.optimize import BudgetNotMet, Settings, run_search
 
@@ -61,6 +64,13 @@ _MEASURE = flags.DEFINE_float("measure_seconds", 4.0, "Seconds per "
                               "interleaved screening/sensitivity run.")
 _FINAL = flags.DEFINE_float("final_seconds", 15.0, "Seconds of the final "
                             "interleaved run.")
+_RIVALS = flags.DEFINE_list("rivals", [], "Checkpoints (or a pipeline's "
+                            "workdir: all its stages) measured in the final "
+                            "run and tested against the chosen model.")
+_RESULTS = flags.DEFINE_string("results", "", "Also write optimize.md, "
+                               "stamped with how it was measured, here (and "
+                               "the plot beside it), e.g. "
+                               "experiments/results/optimize_x.md.")
 _CACHE = flags.DEFINE_string("compilation_cache_dir", "", "Persistent XLA "
                              "compilation cache ('' : none).")
 
@@ -98,12 +108,18 @@ def main(argv):
       uniform=numbers("uniform", _UNIFORM.value),
       thresholds=numbers("thresholds", _THRESHOLDS.value, 0.0, 100.0),
       shallow=_SHALLOW.value, int8=_INT8.value, try_auto_lowering=_AUTO.value,
-      measure_seconds=_MEASURE.value, final_seconds=_FINAL.value)
+      measure_seconds=_MEASURE.value, final_seconds=_FINAL.value,
+      rivals=tuple(str(p) for r in _RIVALS.value
+                   for p in compare.stage_checkpoints(r)))
   try:
     summary = run_search(_CHECKPOINT.value, _WORKDIR.value, settings)
   except BudgetNotMet as e:
     cli.fail(str(e), code=1)
   print(summary["markdown"], flush=True)
+  if _RESULTS.value:
+    path = provenance.write_results(_RESULTS.value, summary["markdown"])
+    (epath.Path(_WORKDIR.value) / "optimize.png").copy(
+        path.with_suffix(".png"), overwrite=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from tests.conftest import run_module
 
 # Two candidates (uniform 50% and 25%), one short rung, the sensitivity of
 # one group, no int8, no banded lowering search, short timing runs.
-TINY = dict(batch_size=8, percentile=90, rung_steps=(4,),
+TINY = dict(batch_size=8, percentile=90, rung_steps=(4,), extra_rungs=0,
             keep_fractions=(0.5,), sensitivity_groups="stream1",
             uniform=(0.5, 0.25), thresholds=(),
             shallow=False, int8=False, max_candidates=2, max_finalists=2,
@@ -99,7 +99,7 @@ class Trainer:
 def test_halving_resumes_without_redoing_and_decides_the_same(tmp_path):
   run = lambda directory, trainer: halving.successive_halving(
       "abcd", (1, 2, 4), trainer, SearchStore(directory), trainer.clock,
-      budget_s=1e6, max_finalists=2)
+      budget_s=1e6, max_finalists=2, extra_rungs=0)
   reference = Trainer()
   expected = run(tmp_path / "whole", reference)
   assert expected == {"a": 2}  # 4 -> 2 -> 1 survivor at the last rung
@@ -113,6 +113,17 @@ def test_halving_resumes_without_redoing_and_decides_the_same(tmp_path):
   assert resumed.calls == reference.calls[5:]  # nothing finished is redone
   again = Trainer()
   assert run(tmp_path / "resumed", again) == expected and not again.calls
+
+
+def test_halving_spends_time_left_on_longer_finalist_rungs(tmp_path):
+  trainer = Trainer()
+  store = SearchStore(tmp_path)
+  finalists = halving.successive_halving(
+      "abcd", (1, 2), trainer, store, trainer.clock, budget_s=1e6,
+      max_finalists=2, extra_rungs=2)
+  assert trainer.calls[4:] == [("a", 1), ("b", 1), ("a", 2), ("b", 2),
+                               ("a", 3), ("b", 3)]
+  assert store.get("rung3")["steps"] == 8 and finalists == {"a": 3, "b": 3}
 
 
 def test_halving_stops_at_the_time_limit(tmp_path):

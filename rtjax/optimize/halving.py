@@ -7,7 +7,8 @@ and phase), so a resumed search counts the time already spent, and every
 decision is recorded, so a resumed search replays it instead of deciding
 again with another clock: the same measurements give the same finalists.
 A job is started only when its estimated duration (seconds per step of the
-jobs so far) fits in what is left of the budget.
+jobs so far) fits in what is left of the budget; time left after the
+planned rungs trains the finalists longer.
 """
 
 from __future__ import annotations
@@ -39,13 +40,17 @@ def _estimate(store: SearchStore, name: str, steps: int) -> float:
 def successive_halving(names: Sequence[str], rungs: Sequence[int],
                        train: Callable[[str, int, int], dict],
                        store: SearchStore, clock: Callable[[], float],
-                       budget_s: float, eta: int = 2,
-                       max_finalists: int = 3) -> dict[str, int]:
+                       budget_s: float, eta: int = 2, max_finalists: int = 3,
+                       extra_rungs: int = 2) -> dict[str, int]:
   """{finalist: its last trained rung}. `train(name, rung, steps)` returns
-  at least {'val_accuracy'}; its duration is measured with `clock`."""
+  at least {'val_accuracy'}; its duration is measured with `clock`. After
+  the planned rungs, while time is left, the finalists train up to
+  `extra_rungs` more rungs of `eta` times the steps each (no halving)."""
   survivors = list(names)
   last_rung = {}
-  for k, steps in enumerate(rungs):
+  planned = len(rungs)
+  for k in range(planned + extra_rungs):
+    steps = rungs[k] if k < planned else rungs[-1] * eta ** (k - planned + 1)
     key = f"rung{k}"
     if key in store:
       decision = store.get(key)
@@ -65,12 +70,15 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
       trained = [n for n in survivors if f"job/{n}/rung{k}" in store]
       ranked = sorted(trained, key=lambda n: -store.get(
           f"job/{n}/rung{k}")["val_accuracy"])
-      final = out_of_time or k == len(rungs) - 1 or len(ranked) <= 1
-      keep = (max_finalists if final
-              else max(1, math.ceil(len(ranked) / eta)))
-      decision = {"trained": trained, "promoted": ranked[:keep],
-                  "out_of_time": out_of_time, "final": final,
-                  "steps": steps}
+      if k >= planned - 1:  # the finalists; later rungs only train longer
+        promoted = (ranked[:max_finalists] if k == planned - 1 else
+                    sorted(survivors, key=lambda n: n not in ranked))
+      else:
+        promoted = ranked[:max(1, math.ceil(len(ranked) / eta))]
+      final = (out_of_time or k == planned + extra_rungs - 1
+               or (k < planned - 1 and len(ranked) <= 1))
+      decision = {"trained": trained, "promoted": promoted,
+                  "out_of_time": out_of_time, "final": final, "steps": steps}
       store.put(key, decision)
     for name in decision["trained"]:
       last_rung[name] = k

@@ -53,7 +53,7 @@ def summarize(settings, budget: dict, sens: dict, recipes: list[dict],
                                "met the limits; another was more accurate "
                                "on validation")
     elif name not in trainees:
-      predicted = screened_p(screen, name)
+      predicted = screened_p(screen, name, budget.get("parent_p_ms"))
       fate = (f"not trained: screening predicts {predicted:.4f} ms, over "
               f"the budget (+{100 * (SCREEN_SLACK - 1):.0f}%)"
               if predicted > budget.get("preliminary_ms", budget_ms)
@@ -128,6 +128,24 @@ def markdown(summary: dict) -> str:
         f"{_pct(t['accuracy'])} ({_pct(t['ci95'][0])}-{_pct(t['ci95'][1])}) "
         f"| {100 * t['change']:+.2f} ({100 * t['change_ci95'][0]:+.2f} to "
         f"{100 * t['change_ci95'][1]:+.2f}) | {t['p_value']:.3g} | {verdict} |")
+  rivals = summary.get("rivals") or {}
+  if rivals:
+    c = rivals["chosen"]
+    lines += ["", f"## Rivals: one more interleaved run with the parent and "
+              f"the chosen model ({summary['chosen']}: {p} {c['p_ms']:.4f} "
+              f"ms here; budget in this run {rivals['budget_ms']:.4f} ms)", "",
+              f"| rival | {p} ms | meets the budget | test acc. % | change vs "
+              "chosen (95% CI) | McNemar p | significantly more accurate? |",
+              "|" + " --- |" * 7]
+    for name, r in rivals["rows"].items():
+      v = r["vs_chosen"]
+      better = v["significant"] and v["change"] > 0
+      lines.append(f"| {name} | {r['p_ms']:.4f} | "
+                   f"{'yes' if r['meets_budget'] else 'no'} | "
+                   f"{_pct(v['accuracy'])} | {100 * v['change']:+.2f} "
+                   f"({100 * v['change_ci95'][0]:+.2f} to "
+                   f"{100 * v['change_ci95'][1]:+.2f}) | {v['p_value']:.3g} | "
+                   f"{'**yes**' if better else 'no'} |")
   lines += ["", "## Audit: is it really faster?", "",
             "Predicted speedups from FLOPs and from XLA's cost model "
             "(t_compute + t_memory + t_comm, rtjax.bench.breakdown) against "

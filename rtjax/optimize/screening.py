@@ -51,13 +51,15 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
   return out
 
 
-def screened_p(screen_rows: dict, name: str) -> float:
+def screened_p(screen_rows: dict, name: str,
+               parent_p_ms: float | None = None) -> float:
   """A candidate architecture's percentile latency as screening predicts it:
-  its p50 times the parent's tail ratio (p / p50) in the same run. A tail
-  percentile of a few hundred calls on a shared machine is mostly noise
-  common to every model; the median ranks architectures, and the final
-  interleaved run measures the tail of those that are trained."""
+  its p50 relative to the parent's in the same run, times the parent's
+  percentile latency (`parent_p_ms`, e.g. the one the budget was set from;
+  default: the parent's in this run). A tail percentile of a few hundred
+  calls on a shared machine is mostly noise; the medians rank
+  architectures, and the final interleaved run measures the tails of those
+  that are trained."""
   parent = screen_rows["parent"]
-  if name == "parent":
-    return parent["p_ms"]
-  return screen_rows[name]["p50_ms"] * parent["p_ms"] / parent["p50_ms"]
+  reference = parent_p_ms or parent["p_ms"]
+  return screen_rows[name]["p50_ms"] / parent["p50_ms"] * reference

@@ -55,6 +55,7 @@ class Settings:
   reject_significant_loss: bool = True  # McNemar p < 0.05 and a loss
   search_minutes: float = 15.0
   rung_steps: tuple[int, ...] = ()
+  extra_rungs: int = 2  # longer rungs for the finalists while time is left
   keep_fractions: tuple[float, ...] = sensitivity.FRACTIONS
   sensitivity_groups: str = ".*"  # regex of the groups analyzed
   uniform: tuple[float, ...] = candidates.UNIFORM
@@ -66,6 +67,9 @@ class Settings:
   measure_seconds: float = 4.0
   final_seconds: float = 15.0
   try_auto_lowering: bool = True
+  # Checkpoints (e.g. a hand-written pipeline's stages) measured in the final
+  # run and tested against the chosen model, never chosen themselves.
+  rivals: tuple[str, ...] = ()
 
   def check(self) -> None:
     if (self.latency_budget_ms > 0) == (self.budget_of_parent > 0):
@@ -147,11 +151,14 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
       parent_options["options"], peaks, ctx.dataset.val,
       settings.measure_seconds))
   budget_ms = budget["budget_ms"]
+  predicted = {n: screening.screened_p(screen, n, budget.get("parent_p_ms"))
+               for n in screen}
   fits = [r["name"] for r in recipes
-          if screening.screened_p(screen, r["name"]) <= budget_ms * screening.SCREEN_SLACK]
-  parent_fits = screen["parent"]["p_ms"] <= budget_ms * screening.SCREEN_SLACK
+          if predicted[r["name"]] <= budget_ms * screening.SCREEN_SLACK]
+  parent_fits = predicted["parent"] <= budget_ms * screening.SCREEN_SLACK
   if not fits and not parent_fits:
-    rows = sorted(screen.values(), key=lambda r: screening.screened_p(screen, r["name"]))
+    rows = sorted(({**r, "p_ms": predicted[n]} for n, r in screen.items()),
+                  key=lambda r: r["p_ms"])
     raise BudgetNotMet(_unmet(rows[0], budget_ms, floor, ctx.batch,
                               settings.percentile, "architecture"))
   order = sorted(fits, key=lambda n: -screen[n].get("untuned_val_accuracy",
@@ -163,13 +170,13 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
   finalists = halving.successive_halving(
       trainees, rungs, lambda name, k, steps: _train(
           ctx, recipe_of[name], k, steps), ctx.store, clock,
-      60 * settings.search_minutes - reserve, max_finalists=
-      settings.max_finalists)
+      60 * settings.search_minutes - reserve,
+      max_finalists=settings.max_finalists, extra_rungs=settings.extra_rungs)
   paths = {n: str(_rung_dir(ctx, n, k)) for n, k in finalists.items()}
   paths.update(_int8_variants(ctx, sens, paths))
   if parent_fits:
     paths["parent"] = str(ctx.parent_dir)
-  final = _final(ctx, paths, parent_options)
+  final = _final(ctx, paths, parent_options, "final_latency")
   if settings.budget_of_parent:  # relative to the parent in the same run
     budget = {**budget, "preliminary_ms": budget_ms,
               "budget_ms": settings.budget_of_parent * final["parent"]["p_ms"],
@@ -180,6 +187,9 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
   verdict = decide.verdicts(final, budget_ms, settings.max_accuracy_drop,
                             parent_fits, settings.reject_significant_loss)
   chosen = decide.choose(final, verdict)
+  rivals = _rivals(ctx, chosen, paths, parent_options) if chosen else {}
+  for row in final.values():
+    row.pop("correct", None)
   unmet = None
   if chosen is None:
     if all(r["p_ms"] > budget_ms for r in final.values()):
@@ -192,6 +202,7 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
   summary = report.summarize(
       settings, budget, sens, recipes, screen, trainees, rungs, ctx.store,
       final, verdict, chosen, floor, unmet, str(ctx.parent_dir))
+  summary["rivals"] = rivals
   report.write(summary, workdir, sens)
   if chosen is None:
     raise BudgetNotMet(unmet)
@@ -235,8 +246,9 @@ def _reserve_seconds(ctx: Context, trainees: int) -> float:
   """Time kept for the final phase: each finalist's option search and the
   interleaved run, estimated from the parent's own option search."""
   per_model = ctx.store.get("phase_seconds", {}).get("parent_options", 10.0)
-  finalists = min(trainees, ctx.settings.max_finalists) + 1
-  return finalists * per_model + 2 * ctx.settings.final_seconds
+  models = (min(trainees, ctx.settings.max_finalists) + 1
+            + len(ctx.settings.rivals))
+  return models * per_model + 4 * ctx.settings.final_seconds
 
 
 def _rung_dir(ctx: Context, name: str, k: int) -> epath.Path:
@@ -284,7 +296,33 @@ def _int8_variants(ctx: Context, sens: dict, paths: dict) -> dict:
   return out
 
 
-def _final(ctx: Context, paths: dict, parent_options: dict) -> dict:
+def _rivals(ctx: Context, chosen: str, paths: dict,
+            parent_options: dict) -> dict:
+  """Other checkpoints (a hand-written pipeline's stages) against the chosen
+  model: measured with their own best options in one interleaved run with
+  the parent and the chosen model, and tested on the same test examples."""
+  s = ctx.settings
+  if not s.rivals:
+    return {}
+  rivals = {f"rival:{epath.Path(r).name}": str(r) for r in s.rivals}
+  own = {chosen: paths.get(chosen, str(ctx.parent_dir))}
+  rows = _final(ctx, {**own, **rivals}, parent_options, "rivals_latency")
+  budget_ms = (s.budget_of_parent * rows["parent"]["p_ms"]
+               if s.budget_of_parent else s.latency_budget_ms)
+  out = {"budget_ms": budget_ms, "chosen": {
+      k: rows[chosen][k] for k in ("p50_ms", "p_ms", "test")}, "rows": {}}
+  for name in rivals:
+    r = rows[name]
+    out["rows"][name] = {
+        "path": r["path"], "p50_ms": r["p50_ms"], "p_ms": r["p_ms"],
+        "meets_budget": r["p_ms"] <= budget_ms, "test": r["test"],
+        "vs_chosen": stats.compare_to_reference(rows[chosen]["correct"],
+                                                r["correct"])}
+  return out
+
+
+def _final(ctx: Context, paths: dict, parent_options: dict,
+           phase: str) -> dict:
   """The finalists and the parent, each with its best serving options, in
   ONE interleaved latency run at the batch size; then the served models'
   predictions on the test split, paired with the parent's."""
@@ -298,11 +336,12 @@ def _final(ctx: Context, paths: dict, parent_options: dict) -> dict:
     model, meta = loaded[name]
     options[name] = ctx.phase(f"options/{name}", lambda: serving.choose_options(
         model, meta["model"], ctx.batch, s.percentile, ctx.dataset.val.images,
-        s.measure_seconds, s.try_auto_lowering))
+        s.measure_seconds, s.try_auto_lowering and not name.startswith(
+            "rival:")))
   served = {n: serving.compile_with(loaded[n][0], loaded[n][1]["model"],
                                     ctx.batch, options[n]["options"])
             for n in names}
-  latency = ctx.phase("final_latency", lambda: dict(zip(names,
+  latency = ctx.phase(phase, lambda: dict(zip(names,
       serving.interleaved([served[n] for n in names], ctx.batch,
                           s.percentile, s.final_seconds))))
   test = ctx.dataset.test
@@ -317,7 +356,8 @@ def _final(ctx: Context, paths: dict, parent_options: dict) -> dict:
     row.update(path=str(ctx.parent_dir) if n == "parent" else paths[n],
                options=options[n]["options"],
                val_accuracy=meta["metrics"]["val"]["accuracy"],
-               test=stats.compare_to_reference(correct["parent"], correct[n]))
+               test=stats.compare_to_reference(correct["parent"], correct[n]),
+               correct=correct[n])
     rows[n] = row
   return rows
 

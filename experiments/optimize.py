@@ -111,15 +111,21 @@ def main(argv):
       measure_seconds=_MEASURE.value, final_seconds=_FINAL.value,
       rivals=tuple(str(p) for r in _RIVALS.value
                    for p in compare.stage_checkpoints(r)))
+  workdir = epath.Path(_WORKDIR.value)
   try:
-    summary = run_search(_CHECKPOINT.value, _WORKDIR.value, settings)
+    run_search(_CHECKPOINT.value, workdir, settings)
+    failure = None
   except BudgetNotMet as e:
-    cli.fail(str(e), code=1)
-  print(summary["markdown"], flush=True)
-  if _RESULTS.value:
-    path = provenance.write_results(_RESULTS.value, summary["markdown"])
-    (epath.Path(_WORKDIR.value) / "optimize.png").copy(
-        path.with_suffix(".png"), overwrite=True)
+    failure = str(e)
+  report = workdir / "optimize.md"
+  if report.exists():  # written whether or not a candidate qualified
+    print(report.read_text(), flush=True)
+    if _RESULTS.value:
+      path = provenance.write_results(_RESULTS.value, report.read_text())
+      (workdir / "optimize.png").copy(path.with_suffix(".png"),
+                                      overwrite=True)
+  if failure:
+    cli.fail(failure, code=1)
 
 
 if __name__ == "__main__":

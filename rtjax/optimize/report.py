@@ -76,7 +76,9 @@ def summarize(settings, budget: dict, sens: dict, recipes: list[dict],
   spent = spent_seconds(store)
   return {
       "parent": parent_path, "settings": dataclasses.asdict(settings),
-      "budget": budget, "floor_ms": floor_ms, "rung_steps": list(rungs),
+      "budget": budget, "floor_ms": floor_ms, "rung_steps": [
+          store.get(f"rung{k}")["steps"] for k in range(len(store.data))
+          if f"rung{k}" in store] or list(rungs),
       "spent_seconds": spent, "phase_seconds": store.get("phase_seconds"),
       "parent_options": store.get("parent_options"), "sensitivity": sens,
       "candidates": rows, "final": final, "final_extra": extra,
@@ -95,8 +97,9 @@ def markdown(summary: dict) -> str:
       f"# optimize: {summary['parent']}", "",
       f"Budget **{b['budget_ms']:.4f} ms** {p} at batch {s['batch_size']} "
       f"({b['from']}); accuracy limit {s['max_accuracy_drop']:g} points. "
-      f"The search spent {summary['spent_seconds'] / 60:.1f} of the "
-      f"{s['search_minutes']:g} minutes asked (rungs of "
+      f"Its measurements and fine-tunes took "
+      f"{summary['spent_seconds'] / 60:.1f} of the {s['search_minutes']:g} "
+      f"minutes asked (rungs of "
       f"{', '.join(map(str, summary['rung_steps']))} steps).", "",
       f"Parent served with {summary['parent_options']['options']} (the "
       "fastest of the options timed; every finalist gets its own).", "",

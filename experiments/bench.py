@@ -99,7 +99,8 @@ _PROFILE = flags.DEFINE_string("profile", "", "Write a jax.profiler trace "
                                "plugin).")
 _STREAM = flags.DEFINE_list("stream_chunks", [], "Also stream the first "
                             "checkpoint (a unidirectional gru/lstm with "
-                            "head='last') in chunks of these many steps: "
+                            "head='last', or a causal transformer1d) in "
+                            "chunks of these many steps: "
                             "per-step p50/p99 and host overhead per step.")
 _PUBLISHED = flags.DEFINE_list("published_peaks", [], "Also predict with these "
                                f"chips' published peaks: {', '.join(breakdown.PUBLISHED_PEAKS)}.")
@@ -249,10 +250,10 @@ def run_loadgen(path: str, serving: dict) -> dict:
     scenarios = [s for s in _LOADGEN.value if not (network and s == "Offline")]
     runs = []
     for k in range(_LOADGEN_REPEATS.value):
-      runs.append(loadgen.profile(
       # Over the network the peak is bisected below the in-process one.
       high = (results.get("in_process", [{}] * (k + 1))[k].get(
           "server_peak", {}).get("peak_valid_qps") if network else None)
+      runs.append(loadgen.profile(
           model, samples, config, epath.Path(_LOADGEN_DIR.value) / where /
           f"run{k}", scenarios, _PEAK.value, _LOW_LOAD.value, high=high))
       print(f"LoadGen {where} run {k}: {json.dumps(runs[-1])}", flush=True)

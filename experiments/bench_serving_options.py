@@ -57,7 +57,9 @@ def main(argv):
     if run.returncode:
       cli.fail(f"{name}: experiments.bench failed:\n{run.stderr[-3000:]}")
     report = json.loads(result_file.read_text())
-    ort = {int(b): r["onnxruntime"] for b, r in report["peers"].items()}
+    (peers,) = report["peers"].values()  # the one checkpoint's, per batch
+    ort = {int(b): peers[str(b)]["contenders"]["onnxruntime"]
+           for b in (1, large)}
     (per_batch,) = report["lowering"].values()
     lowering = "; ".join(f"{b}: {r['chosen']}" for b, r in per_batch.items())
     lines.append(f"| {name} | {lowering} | {ort[1]['rtjax_p50_ratio']:.2f} | "

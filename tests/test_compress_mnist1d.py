@@ -22,8 +22,7 @@ from tests.conftest import run_module
 
 @pytest.fixture(scope="module")
 def gru_chain(tmp_path_factory):
-  """The tiny pipeline's workdir: teacher CNN -> GRU (distilled) ->
-  structured GRU, int8 GRU."""
+  """The tiny pipeline's workdir: GRU -> structured GRU, int8 GRU."""
   workdir = tmp_path_factory.mktemp("compress_mnist1d")
   run_pipeline(compress_mnist1d.get_config("tiny"), workdir)
   return workdir
@@ -71,11 +70,11 @@ def test_gru_goes_through_every_tool(gru_chain, tmp_path):
                              atol=1e-5)
 
   # bench, streaming the first checkpoint step by step as well
-  result = run_module("experiments.bench", f"--checkpoints={paths[0]},"
-                      f"{paths[2]}", "--batch_sizes=1", "--iters=10",
-                      "--warmup=2", "--stream_chunks=1")
+  result = run_module("experiments.bench", f"--checkpoints={paths[0]}",
+                      "--batch_sizes=1", "--iters=10", "--warmup=2",
+                      "--stream_chunks=1")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "gru_int8" in result.stdout and "per step" in result.stdout
+  assert "per step" in result.stdout
 
   # data-parallel serving on 8 simulated devices equals one device
   result = run_module("tests.sharded_inference", "--meshes=data_parallel",

@@ -13,19 +13,20 @@ from tests.conftest import REPO
 def test_device_check_tiny_on_cpu(trained, tmp_path):
   from experiments.device_check import families
   from rtjax.bench import device_check
-  report = device_check.run(families(tiny=True, cnn_checkpoint=str(trained[1])),
+  # The CNN and LeNet-5 (the ViT takes the same path, at twice the time).
+  report = device_check.run(families(tiny=True, cnn_checkpoint=str(trained[1]))[:2],
                             tmp_path, batches=(2,), iters=3, warmup=1,
                             torch_compile=False)
   assert report["failures"] == [], report["failures"]
   rows = report["rows"]
-  assert [r["family"].split()[0] for r in rows] == ["cnn", "lenet5", "vit"]
+  assert [r["family"].split()[0] for r in rows] == ["cnn", "lenet5"]
   for r in rows:
     assert all(r[f"{d}_p50_ms"] > 0 for d in device_check.DTYPES)
     assert 0 < r["drift"]["bfloat16"] <= device_check.REDUCED_TOLERANCE["bfloat16"]
     assert "onnxruntime" in r["peers_p50_ms"] or any(
         "ONNX Runtime" in n for n in report["notes"])
   table = device_check.table(rows)
-  assert table.count("\n| ") == 4 and "| lenet5 (initialized) | 2 |" in table
+  assert table.count("\n| ") == 3 and "| lenet5 (initialized) | 2 |" in table
 
 
 def test_device_check_script_runs_from_the_tree():

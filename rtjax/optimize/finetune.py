@@ -13,31 +13,16 @@ from etils import epath
 from flax import nnx
 
 from rtjax import models
-from rtjax.checkpoint import RunCheckpoints, load_checkpoint
+from rtjax.checkpoint import load_checkpoint
 from rtjax.compress.distill import DistillationLoss
 from rtjax.data import Dataset
-from rtjax.errors import CheckpointError
+from rtjax.pipeline.run import finished_stage
 from rtjax.train import CrossEntropy, Stage, train_model
 
 ALPHA, TEMPERATURE = 0.7, 4.0  # configs/compress*.py's distillation recipe
 FINE_TUNE_LR = 0.3  # of the parent's learning rate, for pruned weights
 
 
-def finished(stage_dir: epath.Path) -> dict | None:
-  """The metadata of a rung whose last step was saved, else None."""
-  if not (stage_dir / "checkpoints").exists():
-    return None
-  checkpoints = RunCheckpoints(stage_dir / "checkpoints", read_only=True)
-  try:
-    step = checkpoints.latest_step()
-    metadata = checkpoints.metadata(step) if step is not None else None
-  except CheckpointError:
-    raise
-  except (ValueError, OSError):
-    return None  # damaged: the trainer handles it when the rung runs
-  finally:
-    checkpoints.close()
-  return metadata if metadata and metadata.get("complete") else None
 
 
 def train_rung(parent_dir: epath.Path, parent_meta: dict, teacher: nnx.Module,
@@ -67,4 +52,4 @@ def train_rung(parent_dir: epath.Path, parent_meta: dict, teacher: nnx.Module,
                       "distilled_from": str(parent_dir),
                       "alpha": ALPHA, "temperature": TEMPERATURE})
   train_model(config, train, stage_dir, dataset, stage)
-  return finished(stage_dir)
+  return finished_stage(stage_dir)

@@ -29,6 +29,7 @@ from rtjax.models.quantized import quantization_spec
 from rtjax.optimize import (candidates, checkpoints, decide, finetune, halving,
                             report, screening, sensitivity, serving, stats)
 from rtjax.optimize.store import SearchStore
+from rtjax.pipeline.run import finished_stage
 from rtjax.timing import time_calls
 from rtjax.train.evaluate import evaluate
 
@@ -257,7 +258,7 @@ def _rung_dir(ctx: Context, name: str, k: int) -> epath.Path:
 
 def _train(ctx: Context, recipe: dict, k: int, steps: int) -> dict:
   stage_dir = _rung_dir(ctx, recipe["name"], k)
-  meta = finetune.finished(stage_dir)
+  meta = finished_stage(stage_dir)
   if meta is None:
     model, spec = candidates.build(recipe, ctx.parent, ctx.spec,
                                    seed=int(ctx.meta.get("seed") or 0))
@@ -283,7 +284,7 @@ def _int8_variants(ctx: Context, sens: dict, paths: dict) -> dict:
   out = {}
   for name, path in paths.items():
     directory = ctx.workdir / "candidates" / f"{name}+int8"
-    if finetune.finished(directory) is None:
+    if finished_stage(directory) is None:
       model, meta = load_checkpoint(path)
       served = quantize.int8_model(model, qspec,
                                    meta["model"]["args"]["input_shape"])
@@ -386,7 +387,7 @@ def _write_best(ctx: Context, final: dict, chosen: str, budget: dict,
   s = ctx.settings
   for name, directory, stage in ((chosen, best_dir, "best"),
                                  ("parent", ctx.workdir / "parent", "parent")):
-    written = finetune.finished(directory)
+    written = finished_stage(directory)
     if written is not None and written["done"].get("candidate") == name:
       continue  # a resumed search that chose the same
     if (directory / "checkpoints").exists():  # another choice before: replace

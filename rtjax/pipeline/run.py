@@ -63,8 +63,9 @@ def write_report(stage_dir: epath.Path, parent_dir, dataset: Dataset) -> dict:
   return report
 
 
-def _finished(stage_dir: epath.Path) -> dict | None:
-  """The metadata of a stage's last step when that step completed it."""
+def finished_stage(stage_dir: epath.Path) -> dict | None:
+  """The metadata of a stage's last step when that step completed it (also
+  how rtjax.optimize skips a finished candidate)."""
   if not (stage_dir / "checkpoints").exists():
     return None
   checkpoints = RunCheckpoints(stage_dir / "checkpoints", read_only=True)
@@ -93,7 +94,7 @@ def run_pipeline(config, workdir) -> dict[str, TrainResult]:
     parent_dir = workdir / parent if parent else None
     stage_dir = workdir / name
     previous = name
-    finished = _finished(stage_dir)
+    finished = finished_stage(stage_dir)
     if finished:
       logging.info("stage %s already finished (step %d); skipping", name,
                    finished["step"])

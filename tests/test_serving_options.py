@@ -99,3 +99,19 @@ def test_bf16_refuses_int8_models():
   assert precision.is_float_model(model) and not precision.is_float_model(int8)
   with pytest.raises(Exception, match="quantized"):
     CompiledModel(int8, shape, batch_sizes=(2,), dtype="bfloat16")
+
+
+def test_bf16_serves_a_model_widened_for_serving():
+  """round_widths_to pads with zero units (host arrays) before the bf16
+  copy: both options together give the float model's outputs."""
+  from rtjax.models.registry import full_args
+  args = {"num_classes": 10, "input_shape": [32, 32, 3]}
+  model = create_model("lenet5", args)
+  spec = {"name": "lenet5", "args": full_args(type(model), args)}
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  reference = CompiledModel(model, [32, 32, 3], batch_sizes=(2,))(x)
+  served = CompiledModel(model, [32, 32, 3], batch_sizes=(2,),
+                         dtype="bfloat16", round_widths_to=8, spec=spec)
+  assert served.options["round_widths_to"] == 8
+  np.testing.assert_allclose(served(x), reference,
+                             atol=0.05 * np.abs(reference).max())

@@ -26,7 +26,7 @@ from experiments import cli
 from rtjax.bench import breakdown, loadgen, peers, provenance, report
 from rtjax.bench.latency import (host_overhead, interleaved_latency, profiled,
                                  streaming_latency)
-from rtjax.checkpoint import checkpoint_dataset, load_checkpoint
+from rtjax.checkpoint import checkpoint_dataset, load_checkpoint, run_name
 from rtjax.errors import FlagError
 from rtjax.infer import CompiledModel, lowering
 from rtjax.infer.streaming import StreamingModel
@@ -245,8 +245,8 @@ def run_loadgen(path: str, serving: dict) -> dict:
     network = where == "network"
     config = dataclasses.replace(
         settings, server_url=_LOADGEN_URL.value if network else "",
-        model_name=(_LOADGEN_MODEL.value or
-                    epath.Path(path).resolve().name) if network else "")
+        model_name=(_LOADGEN_MODEL.value or run_name(path))
+        if network else "")
     scenarios = [s for s in _LOADGEN.value if not (network and s == "Offline")]
     runs = []
     for k in range(_LOADGEN_REPEATS.value):

@@ -51,6 +51,10 @@ def run_seeds(variant: str, seeds: list[int]) -> dict[str, np.ndarray]:
   return {key: np.array(values) for key, values in runs.items()}
 
 
+def spread(accuracies: np.ndarray) -> str:
+  return f"{accuracies.mean():.1f} ± {accuracies.std():.1f}"
+
+
 def main(argv):
   del argv
   cli.quiet_orbax()
@@ -62,7 +66,6 @@ def main(argv):
     ours = run_seeds(variant, seeds)
     theirs = (run_seeds(f"paper_{variant}", seeds)
               if variant in mnist1d.PAPER else None)
-    spread = lambda a: f"{a.mean():.1f} ± {a.std():.1f}"
     lines.append(
         f"| {variant} | {mnist1d.get_config(variant).model.name} | "
         f"{PAPER.get(variant, '—')} | "

@@ -19,7 +19,7 @@ import re
 from absl import flags
 
 from experiments import cli
-from rtjax.checkpoint import resolve
+from rtjax.checkpoint import run_name
 from rtjax.errors import FlagError
 from rtjax.serve import ModelServer, from_checkpoint, serve
 
@@ -58,7 +58,7 @@ def main(argv):
                     f"largest batch size ({max(batch_sizes)})")
   if _MAX_BODY.value < 1:
     raise FlagError(f"--max_body_mb={_MAX_BODY.value}: give a positive size")
-  runs = [resolve(path)[0].parent.name for path in _CHECKPOINTS.value]
+  runs = [run_name(path) for path in _CHECKPOINTS.value]
   names = _NAMES.value or runs
   if len(names) != len(_CHECKPOINTS.value) or len(set(names)) != len(names):
     raise FlagError(f"--model_names={','.join(names)}: give one distinct name "

@@ -3,11 +3,11 @@ rebuild a model (and its dataset) from a path alone."""
 
 from rtjax.checkpoint.load import (checkpoint_dataset, describe,
                                    load_checkpoint, model_bytes,
-                                   model_from_spec, resolve)
+                                   model_from_spec, resolve, run_name)
 from rtjax.checkpoint.stamp import SCHEMA_VERSION
 from rtjax.checkpoint.store import RunCheckpoints, absolute
 from rtjax.errors import CheckpointError
 
 __all__ = ["CheckpointError", "RunCheckpoints", "SCHEMA_VERSION", "absolute",
            "checkpoint_dataset", "describe", "load_checkpoint", "model_bytes",
-           "model_from_spec", "resolve"]
+           "model_from_spec", "resolve", "run_name"]

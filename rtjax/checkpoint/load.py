@@ -44,6 +44,12 @@ def _finished_steps(directory: epath.Path) -> list[int]:
     manager.close()
 
 
+def run_name(path: epath.PathLike) -> str:
+  """The run's name (its workdir's) for a workdir, its checkpoints/ or one
+  step: what the server calls the model and a client asks for."""
+  return resolve(path)[0].parent.name
+
+
 def resolve(path: epath.PathLike) -> tuple[epath.Path, int]:
   """(checkpoints directory, step) for a workdir, its checkpoints/ directory
   (the newest finished step) or one step directory."""

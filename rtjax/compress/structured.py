@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
@@ -50,8 +51,11 @@ class _Params:
     self.flat[self.keys[path]] = value
 
   def into(self, model: nnx.Module) -> nnx.Module:
+    """`model` holding these parameters as jax arrays (what serving,
+    training and bf16 casting expect)."""
     state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(self.flat))
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(
+        {k: jnp.asarray(v) for k, v in self.flat.items()}))
     nnx.update(model, state)
     return model
 

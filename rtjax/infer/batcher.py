@@ -42,6 +42,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from rtjax.infer.compiled import bucket_for
 from rtjax.timing import time_calls
 
 REASONS = ("deadline", "queue_full", "stopping")
@@ -125,8 +126,7 @@ class DeadlineBatcher:
   # ---- estimates --------------------------------------------------------
 
   def bucket_for(self, rows: int) -> int:
-    return self.buckets[min(bisect.bisect_left(self.buckets, rows),
-                            len(self.buckets) - 1)]
+    return bucket_for(self.buckets, rows)
 
   def drain_seconds(self, rows: int) -> float:
     """Time to serve `rows` queued rows in full largest buckets plus one."""

@@ -32,6 +32,13 @@ from rtjax.models.registry import tensor_parallel_rules
 DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
 
 
+
+def bucket_for(batch_sizes: Sequence[int], rows: int) -> int:
+  """The smallest of the sorted `batch_sizes` holding `rows` (else the
+  largest): the bucket a batch of `rows` is padded into."""
+  index = bisect.bisect_left(batch_sizes, rows)
+  return batch_sizes[min(index, len(batch_sizes) - 1)]
+
 class CompiledModel:
 
   def __init__(self, model: nnx.Module, input_shape: Sequence[int],
@@ -179,8 +186,7 @@ class CompiledModel:
 
   def bucket_for(self, rows: int) -> int:
     """Smallest compiled batch holding `rows` global rows (else the largest)."""
-    index = bisect.bisect_left(self.batch_sizes, rows)
-    return self.batch_sizes[min(index, len(self.batch_sizes) - 1)]
+    return bucket_for(self.batch_sizes, rows)
 
   def run_bucket(self, images: jax.Array) -> jax.Array:
     """The device fast path: one compiled call on an exact bucket, no padding."""

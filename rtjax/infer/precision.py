@@ -36,8 +36,8 @@ def _accumulating_in_f32(op, dtype):
 def is_float_model(model: nnx.Module) -> bool:
   """True when every parameter is a plain float array (not int8/qwix)."""
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
-  return all(hasattr(p, "dtype") and jnp.issubdtype(p.dtype, jnp.floating)
-             for p in leaves)  # jax or numpy arrays (a widened model's)
+  return all(isinstance(p, jax.Array) and jnp.issubdtype(p.dtype, jnp.floating)
+             for p in leaves)
 
 
 def with_dtype(model: nnx.Module, dtype) -> nnx.Module:

@@ -15,7 +15,6 @@ import re
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
@@ -33,16 +32,14 @@ def shrink_groups(model: nnx.Module, spec: dict, keep: dict[str, float],
                   criterion: str = "l2") -> tuple[nnx.Module, dict]:
   """The parent with each named group kept at its own fraction (groups not
   named keep all units): one structured.shrink per distinct fraction over
-  the groups that share it (each shrink builds and initializes a model, the
-  slow part), so coupled axes stay consistent; (smaller model, its args)."""
+  the groups that share it, so coupled axes stay consistent; (smaller
+  model, its args)."""
   args = spec["args"]
   for fraction in sorted({f for f in keep.values() if f < 1.0}, reverse=True):
     names = sorted(g for g, f in keep.items() if f == fraction)
     pattern = "^(" + "|".join(map(re.escape, names)) + ")$"
     model, args, _ = structured.shrink(model, spec["name"], args, fraction,
                                        criterion, 1, pattern)
-  # shrink leaves host (numpy) arrays; serving and training expect jax ones.
-  nnx.update(model, jax.tree.map(jnp.asarray, nnx.state(model)))
   return model, args
 
 

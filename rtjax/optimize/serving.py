@@ -76,8 +76,6 @@ def option_grid(model: nnx.Module, spec: dict) -> list[dict]:
   for embed, dtype, widths in itertools.product(
       (False, True), ("float32", "bfloat16") if floating else ("float32",),
       (0, 8) if ragged else (0,)):
-    if widths and dtype != "float32":
-      continue  # CompiledModel cannot cast a widened model (numpy weights)
     grid.append({"conv_lowering": "xla", "embed_weights": embed,
                  "dtype": dtype, "round_widths_to": widths})
   defaults = options_lib.DEFAULTS.get(options_lib.device_kind(),
@@ -125,7 +123,7 @@ def choose_options(model: nnx.Module, spec: dict, batch: int,
                                               "conv_lowering": "auto"})
     chosen = tuned.conv_lowering[batch]
     if chosen:
-      plain = compile_with(model, spec, batch, options)
+      plain = served[grid.index(best["options"])]
       r_plain, r_tuned = interleaved([plain, tuned], batch, percentile, seconds)
       trials.append({"options": {**options, "conv_lowering":
                                  lowering_lib.describe(chosen)},

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable
 
 from etils import epath
 
@@ -36,8 +35,3 @@ class SearchStore:
     tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
     os.replace(tmp, self.path)
 
-  def once(self, key: str, compute: Callable[[], object]):
-    """The recorded value of `key`, or compute, record and return it."""
-    if key not in self.data:
-      self.put(key, compute())
-    return self.data[key]

@@ -107,8 +107,30 @@ def test_peers_agree_and_are_timed_in_one_run(monkeypatch):
     raise NotImplementedError("no plugin for primitive 'x'\n  traceback...")
   monkeypatch.setattr(export, "onnx_proto", fails)
   runs, _, notes = peers.peer_runs(model, {"name": "other", "args": LENET}, 4,
-                                   np.zeros((4, 32, 32, 3), np.float32))
+                                   np.zeros((4, 32, 32, 3), np.float32),
+                                   check=lambda name: lambda out: None)
   assert not runs and notes[0] == (
       "ONNX Runtime: jax2onnx could not export other: NotImplementedError: "
       "no plugin for primitive 'x'")
   assert notes[1] == "PyTorch: no twin of this family"
+
+
+def test_a_disagreeing_peer_fails_before_anything_is_timed(monkeypatch):
+  """Even the thread-setting trials run only after the outputs matched."""
+  pytest.importorskip("onnxruntime", reason="peers need the rtjax[onnx] extra")
+  pytest.importorskip("jax2onnx", reason="peers need the rtjax[onnx] extra")
+  from rtjax.bench import peers
+  model = create_model("lenet5", LENET)
+  spec = {"name": "lenet5", "args": LENET}
+  served = CompiledModel(model, LENET["input_shape"], batch_sizes=(4,),
+                         spec=spec)
+  monkeypatch.setattr(peers, "onnxruntime_session",
+                      lambda proto, threads, spinning: lambda x: np.zeros(
+                          (len(x), 10), np.float32))
+  timed = []
+  monkeypatch.setattr(peers, "time_calls",
+                      lambda *args, **kwargs: timed.append(args))
+  with pytest.raises(AssertionError, match="onnxruntime disagrees"):
+    peers.compare_peers(served, model, spec, 4, iters=3, warmup=1,
+                        torch_compile=False)
+  assert not timed

@@ -66,14 +66,18 @@ def onnxruntime_session(proto, threads: int, spinning: bool):
   return lambda x: session.run(None, {name: x})[0]
 
 
-def onnxruntime_best(proto, x: np.ndarray, trial_calls: int = 20
+def onnxruntime_best(proto, x: np.ndarray, check: Callable[[np.ndarray], None],
+                     trial_calls: int = 20
                      ) -> tuple[str, Callable, dict[str, float]]:
   """The fastest thread setting on `x` (median of calls in turns): its
-  label, its call and every setting's median seconds."""
+  label, its call and every setting's median seconds. `check` sees each
+  setting's outputs before anything is timed."""
   runs = {f"{threads} thread{'s' * (threads > 1)}, "
           f"{'spinning' if spin else 'no spinning'}":
           onnxruntime_session(proto, threads, spin)
           for threads, spin in itertools.product(ORT_THREADS, ORT_SPINNING)}
+  for run in runs.values():
+    check(run(x))
   times = time_calls({label: (lambda r: lambda: r(x))(run)
                       for label, run in runs.items()}, trial_calls,
                      warmup=3, block=5, settle=2)
@@ -83,8 +87,9 @@ def onnxruntime_best(proto, x: np.ndarray, trial_calls: int = 20
 
 
 def torch_runs(model: nnx.Module, spec: dict, x: np.ndarray,
-               compile_: bool = True, device: str = "cpu",
-               trial_calls: int = 20) -> tuple[dict[str, Callable], dict]:
+               check: Callable[[np.ndarray], None], compile_: bool = True,
+               device: str = "cpu", trial_calls: int = 20
+               ) -> tuple[dict[str, Callable], dict]:
   """({'torch eager': call, 'torch.compile': call} on host arrays (NCHW),
   details); empty without torch or without a twin of the family. On the
   CPU, torch's intra-op thread count (process-wide) is set to the fastest
@@ -104,6 +109,7 @@ def torch_runs(model: nnx.Module, spec: dict, x: np.ndarray,
         return module(torch.from_numpy(x).to(device)).cpu().numpy()
     return run
   eager, details = host(net), {}
+  check(eager(x))  # before the thread trials time it
   if device == "cpu":
     medians = {}
     for threads in TORCH_THREADS:
@@ -121,9 +127,12 @@ def torch_runs(model: nnx.Module, spec: dict, x: np.ndarray,
 
 
 def peer_runs(model: nnx.Module, spec: dict, batch: int, x: np.ndarray,
+              check: Callable[[str], Callable[[np.ndarray], None]],
               rtjax_graph: bool = False, torch_compile: bool = True,
               torch_device: str = "cpu") -> tuple[dict, dict, list[str]]:
-  """({peer name: call on natural-layout inputs}, details, notes)."""
+  """({peer name: call on natural-layout inputs}, details, notes);
+  `check(name)` is applied to every output a peer gives before it is timed,
+  thread-setting trials included."""
   from rtjax.infer.export import onnx_proto  # jax2onnx: peers only
   shape = spec["args"]["input_shape"]
   runs, details, notes = {}, {}, []
@@ -136,22 +145,26 @@ def peer_runs(model: nnx.Module, spec: dict, batch: int, x: np.ndarray,
     try:
       proto = onnx_proto(model, shape, batch, natural=True,
                          channels_first=_image(shape))
-      label, run, trials = onnxruntime_best(proto, natural)
+      label, run, trials = onnxruntime_best(proto, natural,
+                                            check("onnxruntime"))
       runs["onnxruntime"] = run
       details["onnxruntime"] = {"setting": label, "trials_s": trials,
                                 "graph": "natural export"}
       if rtjax_graph:
         graph_label, runs["onnxruntime, rtjax's graph"], graph_trials = (
-            onnxruntime_best(onnx_proto(model, shape, batch), x))
+            onnxruntime_best(onnx_proto(model, shape, batch), x,
+                             check("onnxruntime, rtjax's graph")))
         details["onnxruntime, rtjax's graph"] = {
             "setting": graph_label, "trials_s": graph_trials,
             "graph": "rtjax's serving graph (NHWC)"}
+    except AssertionError:  # a peer computing something else: never a note
+      raise
     except Exception as e:  # an exporter's failure is a note, not a crash
       notes.append(f"ONNX Runtime: jax2onnx could not export "
                    f"{spec['name']}: {_first_line(e)}")
   torch, torch_details = torch_runs(
       model, spec, x if not _image(shape) else natural_input(x),
-      torch_compile, torch_device)
+      check("torch eager"), torch_compile, torch_device)
   details.update(torch_details)
   if not torch:
     notes.append("PyTorch: " + ("no twin of this family" if _has_torch()
@@ -178,13 +191,16 @@ def compare_peers(served: CompiledModel, model: nnx.Module, spec: dict,
   shape = served.input_shape
   x = np.random.default_rng(0).normal(size=(batch, *shape)).astype(np.float32)
   reference = served(x)
-  runs, details, notes = peer_runs(model, spec, batch, x, rtjax_graph,
+
+  def check(name):
+    return lambda out: np.testing.assert_allclose(
+        out, reference, atol=atol, err_msg=f"{name} disagrees with rtjax")
+  runs, details, notes = peer_runs(model, spec, batch, x, check, rtjax_graph,
                                    torch_compile, torch_device)
   inputs = {name: x if "rtjax's graph" in name or not _image(shape)
             else natural_input(x) for name in runs}
-  for name, run in runs.items():
-    np.testing.assert_allclose(run(inputs[name]), reference, atol=atol,
-                               err_msg=f"{name} disagrees with rtjax")
+  for name, run in runs.items():  # torch.compile's first call is here
+    check(name)(run(inputs[name]))
   calls = {"rtjax": lambda: served(x)}
   calls.update({name: (lambda r, v: lambda: r(v))(run, inputs[name])
                 for name, run in runs.items()})

@@ -19,7 +19,7 @@ FAMILIES = ("lenet5", "resnet", "vit")
 
 
 def _tensor(torch, array, transpose=None):
-  array = np.asarray(array, np.float32)
+  array = np.array(array, np.float32)  # a writable copy for torch
   return torch.from_numpy(np.ascontiguousarray(
       array if transpose is None else np.transpose(array, transpose)))
 

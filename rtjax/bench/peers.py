@@ -24,6 +24,7 @@ from flax import nnx
 
 from rtjax.bench import torch_twins
 from rtjax.bench.latency import percentiles
+from rtjax.errors import FlagError
 from rtjax.infer import CompiledModel
 from rtjax.timing import time_calls
 
@@ -188,6 +189,9 @@ def compare_peers(served: CompiledModel, model: nnx.Module, spec: dict,
                   torch_device: str = "cpu") -> dict:
   """{"contenders": {name: p50/p99, throughput, rtjax's ratios to it},
   "details": per peer, "notes": peers that could not run}."""
+  if served.options["dtype"] != "float32":
+    raise FlagError(f"peers run float32 models; rtjax serves this one in "
+                    f"{served.options['dtype']}: drop --dtype to compare")
   shape = served.input_shape
   x = np.random.default_rng(0).normal(size=(batch, *shape)).astype(np.float32)
   reference = served(x)

@@ -18,10 +18,14 @@ from absl import flags
 from etils import epath
 
 from experiments import cli
-from rtjax import compare
 from rtjax.bench import provenance
 from rtjax.infer.cache import enable_compilation_cache
 from rtjax.optimize import BudgetNotMet, Settings, run_search
+
+
+def _defaults(name: str) -> list[str]:
+  return [f"{v:g}" for v in getattr(Settings, name)]
+
 
 _CHECKPOINT = cli.define_checkpoint("The float checkpoint to optimize (workdir, its "
                       "checkpoints/ or a step).")
@@ -46,13 +50,13 @@ _MAX_CANDIDATES = flags.DEFINE_integer("max_candidates", 8, "Most "
                                        "candidates trained at the first rung.")
 _MAX_FINALISTS = flags.DEFINE_integer("max_finalists", 3, "Candidates in "
                                       "the final interleaved run.")
-_KEEP = flags.DEFINE_list("keep_fractions", ["0.75", "0.5", "0.25"], "Keep "
+_KEEP = flags.DEFINE_list("keep_fractions", _defaults("keep_fractions"), "Keep "
                           "fractions of the sensitivity, per group.")
 _GROUPS = flags.DEFINE_string("sensitivity_groups", ".*", "Regex of the "
                               "prunable groups the sensitivity analyzes.")
-_UNIFORM = flags.DEFINE_list("uniform", ["0.75", "0.5", "0.35", "0.25"],
+_UNIFORM = flags.DEFINE_list("uniform", _defaults("uniform"),
                              "Uniformly pruned candidates (keep fractions).")
-_THRESHOLDS = flags.DEFINE_list("thresholds", ["1", "3", "10"], "Per-group "
+_THRESHOLDS = flags.DEFINE_list("thresholds", _defaults("thresholds"), "Per-group "
                                 "candidates: the accuracy (points) each group "
                                 "may lose untuned.")
 _SHALLOW = flags.DEFINE_bool("shallow", True, "Also shallower students.")
@@ -109,8 +113,7 @@ def main(argv):
       thresholds=numbers("thresholds", _THRESHOLDS.value, 0.0, 100.0),
       shallow=_SHALLOW.value, int8=_INT8.value, try_auto_lowering=_AUTO.value,
       measure_seconds=_MEASURE.value, final_seconds=_FINAL.value,
-      rivals=tuple(str(p) for r in _RIVALS.value
-                   for p in compare.stage_checkpoints(r)))
+      rivals=tuple(_RIVALS.value))
   workdir = epath.Path(_WORKDIR.value)
   try:
     run_search(_CHECKPOINT.value, workdir, settings)

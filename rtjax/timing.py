@@ -8,6 +8,7 @@ result is ready (jax callers end it with block_until_ready).
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Callable, Hashable, Mapping
 
@@ -24,7 +25,23 @@ def time_calls(calls: Mapping[Hashable, Callable[[], object]], iters: int,
   spinning threads) lands in the next one's untimed calls. Turns go on
   until each call has at least `iters` timed calls (whole blocks), then, with
   a `budget_s`, while all timed seconds total under it and each call has
-  fewer than `max_iters`."""
+  fewer than `max_iters`.
+
+  Python's garbage collector is off while it times, as in timeit: a
+  collection triggered by allocations anywhere in the process would land
+  in whichever call happened to be running, a tail no model change moves."""
+  collecting = gc.isenabled()
+  gc.collect()
+  gc.disable()
+  try:
+    return _time_calls(calls, iters, warmup, block, settle, budget_s,
+                       max_iters)
+  finally:
+    if collecting:
+      gc.enable()
+
+
+def _time_calls(calls, iters, warmup, block, settle, budget_s, max_iters):
   times = {name: [] for name in calls}
   for _ in range(warmup):
     for call in calls.values():

@@ -126,6 +126,15 @@ def test_halving_spends_time_left_on_longer_finalist_rungs(tmp_path):
   assert store.get("rung3")["steps"] == 8 and finalists == {"a": 3, "b": 3}
 
 
+def test_a_lone_survivor_trains_through_every_rung(tmp_path):
+  trainer = Trainer()
+  finalists = halving.successive_halving(
+      "ab", (1, 2, 4), trainer, SearchStore(tmp_path), trainer.clock,
+      budget_s=1e6, extra_rungs=1)
+  assert trainer.calls == [("a", 0), ("b", 0), ("a", 1), ("a", 2), ("a", 3)]
+  assert finalists == {"a": 3}
+
+
 def test_halving_stops_at_the_time_limit(tmp_path):
   trainer = Trainer()
   store = SearchStore(tmp_path)

@@ -6,7 +6,6 @@ queries sent over the network."""
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -39,17 +39,31 @@ def percentiles(seconds: Sequence[float], batch: int) -> dict[str, float]:
 
 
 def interleaved_latency(served: Sequence[CompiledModel], batch: int,
-                        iters: int = 200, warmup: int = 20,
-                        seed: int = 0) -> list[dict[str, float]]:
-  """Per model: latency percentiles of `batch`-row calls, timed in turns."""
+                        iters: int = 200, warmup: int = 20, seed: int = 0,
+                        seconds: float | None = None, max_iters: int = 3000,
+                        percentile: float | None = None
+                        ) -> list[dict[str, float]]:
+  """Per model: latency percentiles of `batch`-row calls, timed in turns;
+  with `seconds`, as many turns as fit in about that long (at least
+  `iters`, at most `max_iters`: a tail percentile needs hundreds), and with
+  `percentile`, that one too as `p_ms`."""
   calls = {}
   for k, model in enumerate(served):
     images = np.random.default_rng(seed).normal(
         size=(batch, *model.input_shape)).astype(np.float32)
     x = jax.device_put(images, model.input_sharding)
     calls[k] = (lambda m, x: lambda: m.run_bucket(x).block_until_ready())(model, x)
+  if seconds is not None:
+    probe = time_calls(calls, 3, warmup=2)
+    per_round = sum(float(np.median(t)) for t in probe.values())
+    iters = int(np.clip(seconds / max(per_round, 1e-7), iters, max_iters))
   times = time_calls(calls, iters, warmup)
-  return [percentiles(times[k], batch) for k in calls]
+  rows = [percentiles(times[k], batch) for k in calls]
+  if percentile is not None:
+    for row, k in zip(rows, calls):
+      row["p_ms"] = float(np.percentile(np.asarray(times[k]) * 1e3,
+                                        percentile))
+  return rows
 
 
 def host_overhead(model: CompiledModel, iters: int = 500,

@@ -15,6 +15,11 @@ import optax
 from flax import nnx
 
 
+# rtjax's default mix: mostly the teacher's soft targets, softened enough
+# that its ranking of the wrong classes carries information.
+ALPHA, TEMPERATURE = 0.7, 4.0
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillationLoss:
   """A training loss (rtjax.train.step's contract) whose `loss_state` is the

@@ -19,7 +19,7 @@ from rtjax.compress import structured
 from rtjax.optimize import students
 from rtjax.optimize.sensitivity import group_names, shrink_groups
 
-UNIFORM = (0.75, 0.5, 0.35, 0.25)
+UNIFORM = (0.75, 0.5, 0.375, 0.25)  # of a power-of-two width: multiples of 8
 THRESHOLDS = (1.0, 3.0, 10.0)  # points of validation accuracy
 NO_GAIN = 1.02  # a group whose pruning measured under 2% faster is kept
 
@@ -48,7 +48,7 @@ def recipes(spec: dict, sens: dict, uniform=UNIFORM,
 
   for fraction in uniform if groups else ():
     keep = {g: fraction for g in groups}
-    add({"name": f"uniform{round(100 * fraction)}", "kind": "prune",
+    add({"name": f"uniform{100 * fraction:g}", "kind": "prune",
          "keep": keep}, repr(sorted(keep.items())))
   for t in thresholds if groups else ():
     keep = {}

@@ -14,15 +14,12 @@ from flax import nnx
 
 from rtjax import models
 from rtjax.checkpoint import load_checkpoint
-from rtjax.compress.distill import DistillationLoss
+from rtjax.compress.distill import ALPHA, TEMPERATURE, DistillationLoss
 from rtjax.data import Dataset
 from rtjax.pipeline.run import finished_stage
 from rtjax.train import CrossEntropy, Stage, train_model
 
-ALPHA, TEMPERATURE = 0.7, 4.0  # configs/compress*.py's distillation recipe
 FINE_TUNE_LR = 0.3  # of the parent's learning rate, for pruned weights
-
-
 
 
 def train_rung(parent_dir: epath.Path, parent_meta: dict, teacher: nnx.Module,

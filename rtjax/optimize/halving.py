@@ -1,6 +1,8 @@
 """Successive halving under a time limit (Jamieson & Talwalkar 2016): every
 candidate gets a short fine-tune, the better half (by validation accuracy)
-a longer one, and so on; the rung's survivors are the finalists.
+a longer one, and so on; the rung's survivors are the finalists. A lone
+survivor goes on through the remaining rungs: halving picks whom to train,
+never how long the time limit allows.
 
 Time is counted from what the store recorded (seconds of each finished job
 and phase), so a resumed search counts the time already spent, and every
@@ -75,8 +77,7 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
                     sorted(survivors, key=lambda n: n not in ranked))
       else:
         promoted = ranked[:max(1, math.ceil(len(ranked) / eta))]
-      final = (out_of_time or k == planned + extra_rungs - 1
-               or (k < planned - 1 and len(ranked) <= 1))
+      final = out_of_time or k == planned + extra_rungs - 1
       decision = {"trained": trained, "promoted": promoted,
                   "out_of_time": out_of_time, "final": final, "steps": steps}
       store.put(key, decision)

@@ -12,7 +12,7 @@ from rtjax.models import forward_flops
 from rtjax.optimize import audit, candidates, serving
 from rtjax.train.evaluate import evaluate
 
-SCREEN_SLACK = 1.15  # an architecture predicted within 15% of the budget is trained
+SCREEN_SLACK = 1.3  # an architecture predicted within 30% of the budget is trained
 
 
 def cost_row(name, model, spec, compiled, lat, peaks, batch) -> dict:

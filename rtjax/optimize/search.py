@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from rtjax import compare
 from rtjax.bench import breakdown
 from rtjax.checkpoint import checkpoint_dataset, load_checkpoint
 from rtjax.compress import quantize
@@ -68,15 +69,18 @@ class Settings:
   measure_seconds: float = 4.0
   final_seconds: float = 15.0
   try_auto_lowering: bool = True
-  # Checkpoints (e.g. a hand-written pipeline's stages) measured in the final
-  # run and tested against the chosen model, never chosen themselves.
+  # Checkpoints, or runs whose every stage is one (a hand-written pipeline),
+  # measured in the final run and tested against the chosen model, never
+  # chosen themselves.
   rivals: tuple[str, ...] = ()
 
-  def check(self) -> None:
+  def problems(self) -> list[tuple[str, str]]:
+    """[(setting, what is wrong with it)]; empty when the settings are valid."""
+    out = []
     if (self.latency_budget_ms > 0) == (self.budget_of_parent > 0):
-      raise UserError("give exactly one of latency_budget_ms (> 0) and "
-                      "budget_of_parent (> 0, a fraction of the parent's "
-                      "measured latency)")
+      out.append(("latency_budget_ms", "give exactly one of "
+                  "latency_budget_ms (> 0) and budget_of_parent (> 0, a "
+                  "fraction of the parent's measured latency)"))
     for name, ok in (("batch_size", self.batch_size >= 1),
                      ("percentile", 0 < self.percentile <= 100),
                      ("max_accuracy_drop", self.max_accuracy_drop >= 0),
@@ -84,7 +88,12 @@ class Settings:
                      ("rung_steps", all(s >= 1 for s in self.rung_steps)),
                      ("max_finalists", self.max_finalists >= 1)):
       if not ok:
-        raise UserError(f"{name}: invalid value {getattr(self, name)!r}")
+        out.append((name, f"invalid value {getattr(self, name)!r}"))
+    return out
+
+  def check(self) -> None:
+    for name, problem in self.problems()[:1]:
+      raise UserError(f"{name}: {problem}")
 
 
 @dataclasses.dataclass
@@ -98,6 +107,7 @@ class Context:
   parent: object = None
   meta: dict = None
   dataset: object = None
+  rivals: dict = dataclasses.field(default_factory=dict)  # name -> path
 
   @property
   def spec(self) -> dict:
@@ -133,6 +143,8 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
     raise UserError(f"{checkpoint} is a quantized checkpoint; give its float "
                     "parent (the search adds int8 where it pays)")
   ctx.dataset = checkpoint_dataset(ctx.meta)
+  ctx.rivals = {f"rival:{path.name}": str(path) for run in settings.rivals
+                for path in compare.stage_checkpoints(run)}
   parent_options = ctx.phase("parent_options", lambda: serving.choose_options(
       ctx.parent, ctx.spec, ctx.batch, settings.percentile,
       ctx.dataset.val.images, settings.measure_seconds,
@@ -248,7 +260,7 @@ def _reserve_seconds(ctx: Context, trainees: int) -> float:
   interleaved run, estimated from the parent's own option search."""
   per_model = ctx.store.get("phase_seconds", {}).get("parent_options", 10.0)
   models = (min(trainees, ctx.settings.max_finalists) + 1
-            + len(ctx.settings.rivals))
+            + len(ctx.rivals))
   return models * per_model + 4 * ctx.settings.final_seconds
 
 
@@ -303,16 +315,15 @@ def _rivals(ctx: Context, chosen: str, paths: dict,
   model: measured with their own best options in one interleaved run with
   the parent and the chosen model, and tested on the same test examples."""
   s = ctx.settings
-  if not s.rivals:
+  if not ctx.rivals:
     return {}
-  rivals = {f"rival:{epath.Path(r).name}": str(r) for r in s.rivals}
   own = {chosen: paths.get(chosen, str(ctx.parent_dir))}
-  rows = _final(ctx, {**own, **rivals}, parent_options, "rivals_latency")
+  rows = _final(ctx, {**own, **ctx.rivals}, parent_options, "rivals_latency")
   budget_ms = (s.budget_of_parent * rows["parent"]["p_ms"]
                if s.budget_of_parent else s.latency_budget_ms)
   out = {"budget_ms": budget_ms, "chosen": {
       k: rows[chosen][k] for k in ("p50_ms", "p_ms", "test")}, "rows": {}}
-  for name in rivals:
+  for name in ctx.rivals:
     r = rows[name]
     out["rows"][name] = {
         "path": r["path"], "p50_ms": r["p50_ms"], "p_ms": r["p_ms"],

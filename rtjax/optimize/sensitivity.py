@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-import jax
 from etils import epath
 from flax import nnx
 

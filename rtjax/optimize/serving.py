@@ -14,17 +14,15 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-import jax
 import numpy as np
 from flax import nnx
 
-from rtjax.bench.latency import percentiles
+from rtjax.bench.latency import interleaved_latency
 from rtjax.infer import CompiledModel
 from rtjax.infer import lowering as lowering_lib
 from rtjax.infer import options as options_lib
 from rtjax.infer.precision import is_float_model
 from rtjax.models import model_class
-from rtjax.timing import time_calls
 
 MIN_AGREEMENT = 0.99  # of a reduced-precision option's argmax with float32
 # An option replaces a simpler one when it is 3% faster at the percentile
@@ -41,28 +39,11 @@ def compile_with(model: nnx.Module, spec: dict, batch: int,
 
 
 def interleaved(served: Sequence[CompiledModel], batch: int, percentile: float,
-                seconds: float = 4.0, min_iters: int = 100,
-                max_iters: int = 3000, warmup: int = 10) -> list[dict]:
-  """Latency of each model at `batch`, calls in turns (rtjax.timing), as
-  many as fit in about `seconds` (a tail percentile needs hundreds); the
-  keys of rtjax.bench.latency.percentiles plus `p_ms`, the `percentile`-th."""
-  calls = {}
-  for k, model in enumerate(served):
-    x = jax.device_put(np.random.default_rng(0).normal(
-        size=(batch, *model.input_shape)).astype(np.float32),
-        model.input_sharding)
-    calls[k] = (lambda m, x: lambda: m.run_bucket(x).block_until_ready())(
-        model, x)
-  probe = time_calls(calls, 3, warmup=2)
-  per_round = sum(float(np.median(t)) for t in probe.values())
-  iters = int(np.clip(seconds / max(per_round, 1e-7), min_iters, max_iters))
-  times = time_calls(calls, iters, warmup)
-  out = []
-  for k in calls:
-    row = percentiles(times[k], batch)
-    row["p_ms"] = float(np.percentile(np.asarray(times[k]) * 1e3, percentile))
-    out.append(row)
-  return out
+                seconds: float = 4.0) -> list[dict]:
+  """Latency of each model at `batch`, in turns for about `seconds`, with
+  `p_ms` the `percentile`-th (rtjax.bench.latency.interleaved_latency)."""
+  return interleaved_latency(served, batch, iters=100, warmup=10,
+                             seconds=seconds, percentile=percentile)
 
 
 def option_grid(model: nnx.Module, spec: dict) -> list[dict]:

@@ -31,17 +31,8 @@ def settings_of(section) -> Settings:
 
 
 def check(section, require) -> None:
-  require((section.latency_budget_ms > 0) != (section.budget_of_parent > 0),
-          "latency_budget_ms", "give exactly one of latency_budget_ms and "
-          "budget_of_parent (a fraction of the parent's measured latency)")
-  require(section.batch_size >= 1, "batch_size",
-          f"must be >= 1, got {section.batch_size}")
-  require(0 < section.percentile <= 100, "percentile",
-          f"must be in (0, 100], got {section.percentile}")
-  require(section.search_minutes > 0, "search_minutes",
-          f"must be > 0, got {section.search_minutes}")
-  require(section.max_accuracy_drop >= 0, "max_accuracy_drop",
-          f"must be >= 0, got {section.max_accuracy_drop}")
+  for name, problem in settings_of(section).problems():
+    require(False, name, problem)
 
 
 @register("optimize", DEFAULTS, check)

@@ -4,7 +4,7 @@ logits (Hinton et al.); the loss is rtjax.compress.distill's."""
 from flax import nnx
 
 from rtjax import models
-from rtjax.compress.distill import DistillationLoss
+from rtjax.compress.distill import ALPHA, TEMPERATURE, DistillationLoss
 from rtjax.pipeline.registry import Context, register
 from rtjax.pipeline.stages.common import parent
 from rtjax.train import CrossEntropy, Stage
@@ -21,7 +21,8 @@ def check(section, require) -> None:
           f"must be > 0, got {section.temperature}")
 
 
-@register("distill", {"model": {}, "alpha": 0.7, "temperature": 4.0}, check)
+@register("distill", {"model": {}, "alpha": ALPHA, "temperature": TEMPERATURE},
+          check)
 def run(ctx: Context):
   s = ctx.section
   teacher, _ = parent(ctx)

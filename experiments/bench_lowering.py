@@ -52,7 +52,8 @@ def main(argv):
     (_, *in_shape), (_, *out_shape) = shapes[path]
     flops = 2 * np.prod(out_shape) * np.prod(conv.kernel_size) * conv.in_features
     variants = {"xla": conv} | {
-        f"{r}x{c}": lowering.BandedConv(conv, in_shape, (r, c)) for r, c in blocks}
+        lowering.describe({"": b})[1:]: lowering.lowered_conv(conv, in_shape, b)
+        for b in blocks}
     for batch in batches:
       x = jax.numpy.asarray(np.random.default_rng(0).normal(
           size=(batch, *in_shape)).astype(np.float32))

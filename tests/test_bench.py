@@ -1,7 +1,11 @@
 """Latency harness: percentiles from real timed calls, models timed in turns."""
 
+import ctypes
+import gc
 import gzip
 import json
+import sys
+import threading
 import types
 
 import jax
@@ -54,6 +58,27 @@ def test_time_calls_budget(monkeypatch):
   assert len(timing.time_calls(calls, iters=2, budget_s=5)["a"]) == 5
   assert len(timing.time_calls(calls, iters=2, budget_s=5, max_iters=3)["a"]) == 3
   assert len(timing.time_calls(calls, iters=4, budget_s=0.0)["a"]) == 4
+
+
+def test_time_calls_collects_no_garbage_while_timing():
+  seen = []
+  timing.time_calls({"a": lambda: seen.append(gc.isenabled())}, iters=3)
+  assert seen == [False] * 3 and gc.isenabled()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl")
+def test_realtime_threads_reach_the_threads_started_inside():
+  prctl = ctypes.CDLL(None).prctl
+  slack = lambda: prctl(30, 0, 0, 0, 0)  # PR_GET_TIMERSLACK
+  before, interval = slack(), sys.getswitchinterval()
+  seen = []
+  with timing.realtime_threads(switch_interval_s=1e-3):
+    thread = threading.Thread(target=lambda: seen.append(
+        (slack(), sys.getswitchinterval())))
+    thread.start()
+    thread.join()
+  assert seen == [(1, 1e-3)] and before > 1
+  assert (slack(), sys.getswitchinterval()) == (before, interval)
 
 
 @pytest.mark.slow

@@ -39,30 +39,50 @@ def test_banded_conv_equals_the_conv(padding, channels, features, use_bias):
     lowering.BandedConv(conv, x.shape[1:], (1, out_w + 1))
 
 
-def test_candidates_are_the_stride_1_float_convs():
+@pytest.mark.parametrize("kernel,strides,padding,spatial", [
+    ((5,), (2,), "SAME", (40,)), ((3,), (2,), "VALID", (19,)),
+    ((3,), (1,), ((2, 1),), (10,)), ((3, 3), (2, 2), "SAME", (9, 8)),
+    ((5, 5), (1, 1), "VALID", (14, 12))])
+def test_patch_conv_equals_the_conv(kernel, strides, padding, spatial):
+  conv = nnx.Conv(3, 8, kernel, strides=strides, padding=padding,
+                  rngs=nnx.Rngs(0))
+  conv.bias = nnx.Param(jax.random.normal(jax.random.key(1), (8,)))
+  x = images(3, (*spatial, 3))
+  np.testing.assert_allclose(lowering.PatchConv(conv, x.shape[1:])(x),
+                             conv(x), atol=2e-5, rtol=1e-5)
+
+
+def test_candidates_patches_for_every_float_conv_bands_for_stride_1_2d():
   resnet = models.create_model("resnet", {"num_classes": 10,
                                           "input_shape": (8, 8, 1)})
   candidates = lowering.candidate_blocks(resnet, (8, 8, 1))
-  strided = [path for path, m in nnx.iter_graph(resnet)
+  strided = ["/".join(map(str, p)) for p, m in nnx.iter_graph(resnet)
              if isinstance(m, nnx.Conv) and m.strides not in (1, (1, 1), None)]
   assert candidates and strided
-  assert not set("/".join(map(str, p)) for p in strided) & set(candidates)
+  for path, blocks in candidates.items():
+    assert blocks[0] == lowering.PATCHES
+    assert (len(blocks) == 1) == (path in strided), path
   lenet = models.create_model("lenet5", {"num_classes": 10})
   # conv1: 28x28 outputs; 1x28 would cost 6.4x the conv's FLOPs, 7x7 4.8x.
   assert lowering.candidate_blocks(lenet, (32, 32, 3)) == {
-      "conv1": [(1, 2), (1, 4), (1, 7), (1, 14), (2, 2), (4, 4)],
-      "conv2": [(1, 2), (1, 5), (1, 10), (2, 2), (5, 5)]}
+      "conv1": ["patches", (1, 2), (1, 4), (1, 7), (1, 14), (2, 2), (4, 4)],
+      "conv2": ["patches", (1, 2), (1, 5), (1, 10), (2, 2), (5, 5)]}
+  cnn1d = models.create_model("cnn1d", {"num_classes": 10,
+                                        "input_shape": (40, 1)})
+  convs = [m for _, m in nnx.iter_graph(cnn1d) if isinstance(m, nnx.Conv)]
+  assert list(lowering.candidate_blocks(cnn1d, (40, 1)).values()) == [
+      ["patches"]] * len(convs)
   with pytest.raises(ValueError, match="no conv layer 'conv9'.*conv1"):
     lowering.apply_lowering(lenet, (32, 32, 3), {"conv9": 2})
   with pytest.raises(ValueError, match="not a stride-1 float 2D conv"):
-    lowering.apply_lowering(resnet, (8, 8, 1),
-                            {"/".join(map(str, strided[0])): 2})
+    lowering.apply_lowering(resnet, (8, 8, 1), {strided[0]: 2})
 
 
 def test_parse_and_describe_lowering():
   assert lowering.parse_lowering("auto") == "auto"
-  pinned = lowering.parse_lowering("conv1:4x4,stages/0/conv:2")
-  assert pinned == {"conv1": (4, 4), "stages/0/conv": (1, 2)}
+  pinned = lowering.parse_lowering("conv1:4x4,stages/0/conv:2,conv3:patches")
+  assert pinned == {"conv1": (4, 4), "stages/0/conv": (1, 2),
+                    "conv3": "patches"}
   assert lowering.parse_lowering(lowering.describe(pinned)) == pinned
   assert lowering.describe({}) == "xla"
   for bad in ("conv1", "conv1:x", ":4", "conv1:0", "conv1:2x", "conv1:1x2x3"):

@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import statistics
-import sys
 import time
 from typing import Callable
 
@@ -31,13 +30,12 @@ from etils import epath
 from rtjax.bench.remote import Refused, RemoteModel
 from rtjax.infer import CompiledModel
 from rtjax.infer.batcher import DeadlineBatcher, Request, measure_service_times
-from rtjax.timing import time_calls
+from rtjax.timing import realtime_threads, time_calls
 
 SCENARIOS = {"SingleStream": lg.TestScenario.SingleStream,
              "Server": lg.TestScenario.Server,
              "Offline": lg.TestScenario.Offline}
 NO_OUTPUT = np.zeros(0, np.float32)
-SWITCH_INTERVAL_S = 5e-4
 
 
 def _respond_to_loadgen(pairs) -> None:
@@ -198,26 +196,23 @@ def run(model: CompiledModel, samples: np.ndarray, config: LoadGenConfig,
                                        2 * needed_ms))
   if config.min_query_count:
     settings.min_query_count = config.min_query_count
-  issue, stop, stats = (_network_sut(samples, config) if config.server_url
-                        else _in_process_sut(model, samples, config))
-  # LoadGen's threads, the batcher's and the network client's take turns
-  # with the interpreter: at the default 5 ms switch interval one of them
-  # can hold off the others for a whole deadline's worth of time.
-  switch_interval = sys.getswitchinterval()
-  sys.setswitchinterval(SWITCH_INTERVAL_S)
-  sut = lg.ConstructSUT(issue, lambda: None)
-  qsl = lg.ConstructQSL(len(samples), len(samples), lambda _: None,
-                        lambda _: None)
   log = lg.LogSettings()
   log.log_output.outdir = str(output_dir)
   log.log_output.copy_summary_to_stdout = False
-  try:
-    lg.StartTestWithLogSettings(sut, qsl, settings, log)
-  finally:
-    stop()
-    sys.setswitchinterval(switch_interval)
-    lg.DestroyQSL(qsl)
-    lg.DestroySUT(sut)
+  # LoadGen's threads, the batcher's and the network client's are started
+  # inside, with a real-time process's thread settings.
+  with realtime_threads():
+    issue, stop, stats = (_network_sut(samples, config) if config.server_url
+                          else _in_process_sut(model, samples, config))
+    sut = lg.ConstructSUT(issue, lambda: None)
+    qsl = lg.ConstructQSL(len(samples), len(samples), lambda _: None,
+                          lambda _: None)
+    try:
+      lg.StartTestWithLogSettings(sut, qsl, settings, log)
+    finally:
+      stop()
+      lg.DestroyQSL(qsl)
+      lg.DestroySUT(sut)
   results = parse_detail((output_dir / "mlperf_log_detail.txt").read_text())
   results.update(stats())
   if results.get("refused_queries"):  # answered early, not served

@@ -10,6 +10,11 @@ block. That costs (rows + kh - 1)(cols + kw - 1) / (kh kw) times the conv's
 FLOPs and a copy of the tiles, so whether it wins depends on the layer, the
 batch size and the machine: `choose_lowering` times the candidates on the
 hardware at hand.
+
+Any conv (strided, 1D, few channels) can also run as one matmul over its
+input patches ("patches", im2col): the patches are gathered by strided
+slices, no FLOPs are added, and XLA's CPU matmul runs them several times
+faster than its convolution does small strided 1D convs.
 """
 
 from __future__ import annotations
@@ -29,35 +34,53 @@ MAX_FLOP_INFLATION = 4.0
 # Banded matrices above this many float32 entries (16 MB) are not tried.
 MAX_MATRIX_ENTRIES = 4 * 2**20
 
-Block = tuple[int, int]  # output (rows, cols) per matmul row
+PATCHES = "patches"
+# Output (rows, cols) per banded matmul row, or PATCHES.
+Block = tuple[int, int] | str
 Lowering = dict[str, Block]  # conv layer path -> block (absent: XLA's conv)
 
 
 def _explicit_padding(conv: nnx.Conv, spatial: Sequence[int]):
+  """((low, high) per spatial axis) of the conv, or None when its padding
+  cannot be written as such (circular and the like)."""
   padding = conv.padding
   if isinstance(padding, str):
     if padding.upper() not in ("VALID", "SAME"):
       return None
-    return jax.lax.padtype_to_pads(spatial, conv.kernel_size, (1, 1),
-                                   padding.upper())
+    return jax.lax.padtype_to_pads(spatial, conv.kernel_size,
+                                   _strides(conv), padding.upper())
   try:
-    return [tuple(p) for p in nnx.nn.linear.canonicalize_padding(padding, 2)]
+    return [tuple(p) for p in nnx.nn.linear.canonicalize_padding(
+        padding, len(spatial))]
   except (ValueError, TypeError):
     return None
+
+
+def _strides(conv: nnx.Conv) -> tuple[int, ...]:
+  strides = conv.strides
+  if strides is None:
+    return (1,) * len(conv.kernel_size)
+  return tuple(np.broadcast_to(np.atleast_1d(strides), len(conv.kernel_size)))
 
 
 def _all_ones(value) -> bool:
   return value is None or all(v == 1 for v in np.atleast_1d(value))
 
 
-def _is_plain_2d_conv(conv: nnx.Conv) -> bool:
+def _is_plain_conv(conv: nnx.Conv) -> bool:
+  """A float32 conv without dilation, groups or mask: one a matmul can
+  compute."""
   kernel = conv.kernel[...]
-  return (len(conv.kernel_size) == 2 and _all_ones(conv.strides)
-          and _all_ones(conv.input_dilation) and _all_ones(conv.kernel_dilation)
+  return (_all_ones(conv.input_dilation) and _all_ones(conv.kernel_dilation)
           and conv.feature_group_count == 1 and conv.mask is None
           and conv.conv_general_dilated is jax.lax.conv_general_dilated
           and isinstance(kernel, jax.Array)  # not an int8 (qwix) kernel
           and kernel.dtype == jnp.float32 and conv.dtype in (None, jnp.float32))
+
+
+def _is_plain_2d_conv(conv: nnx.Conv) -> bool:
+  return (len(conv.kernel_size) == 2 and _all_ones(conv.strides)
+          and _is_plain_conv(conv))
 
 
 def banded_matrix(kernel: np.ndarray, block: Block) -> np.ndarray:
@@ -116,20 +139,49 @@ class BandedConv(nnx.Module):
     return y + self.bias[...] if self.bias is not None else y
 
 
+class PatchConv(nnx.Module):
+  """An nnx.Conv of any rank and strides as one matmul over its input
+  patches (same outputs): patch (i, ..., c) of output position p is the
+  padded input at p * stride + i, channel c."""
+
+  def __init__(self, conv: nnx.Conv, input_shape: Sequence[int]):
+    """`input_shape`: the conv's (*spatial, C) input."""
+    self.pads = tuple(_explicit_padding(conv, input_shape[:-1]))
+    self.strides = _strides(conv)
+    self.kernel_size = tuple(conv.kernel_size)
+    self.kernel = nnx.Param(conv.kernel[...].reshape(-1, conv.out_features))
+    self.bias = (nnx.Param(conv.bias[...]) if conv.bias is not None
+                 else nnx.data(None))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jnp.pad(x, ((0, 0), *self.pads, (0, 0)))
+    out = [(size - k) // s + 1 for size, k, s in zip(
+        x.shape[1:-1], self.kernel_size, self.strides)]
+    patches = jnp.stack([
+        x[(slice(None), *(slice(i, i + s * (n - 1) + 1, s) for i, s, n in zip(
+            offset, self.strides, out)))]
+        for offset in np.ndindex(*self.kernel_size)], axis=-2)
+    y = patches.reshape(*patches.shape[:-2], -1) @ self.kernel[...]
+    return y + self.bias[...] if self.bias is not None else y
+
+
 def candidate_blocks(model: nnx.Module,
                      input_shape: Sequence[int]) -> dict[str, list[Block]]:
-  """Per stride-1 float conv layer path: the blocks worth timing."""
+  """Per float conv layer path: the lowerings worth timing (patches for
+  every plain conv, banded blocks for stride-1 2D ones)."""
   shapes = layer_shapes(model, input_shape)
   candidates = {}
   for path, module in nnx.iter_graph(model):
     name = "/".join(map(str, path))
     if (not isinstance(module, nnx.Conv) or name not in shapes
-        or not _is_plain_2d_conv(module)):
+        or not _is_plain_conv(module)
+        or _explicit_padding(module, shapes[name][0][1:-1]) is None):
+      continue
+    candidates[name] = [PATCHES]
+    if not _is_plain_2d_conv(module):
       continue
     (_, height, width, _), _ = shapes[name]
     pads = _explicit_padding(module, (height, width))
-    if pads is None:
-      continue
     kh, kw = module.kernel_size
     out_h = height + sum(pads[0]) - kh + 1
     out_w = width + sum(pads[1]) - kw + 1
@@ -141,8 +193,7 @@ def candidate_blocks(model: nnx.Module,
               if (r + kh - 1) * (c + kw - 1) / (kh * kw) <= MAX_FLOP_INFLATION
               and ((r + kh - 1) * (c + kw - 1) * module.in_features * r * c
                    * module.out_features) <= MAX_MATRIX_ENTRIES]
-    if blocks:
-      candidates[name] = blocks
+    candidates[name] += blocks
   return candidates
 
 
@@ -161,14 +212,32 @@ def module_at(model: nnx.Module, path: str) -> nnx.Module:
 
 
 def as_lowering(mapping: Mapping[str, Block | int]) -> Lowering:
-  """{path: (rows, cols) or cols} -> {path: (rows, cols)}."""
-  return {path: (1, int(block)) if isinstance(block, (int, np.integer))
+  """{path: (rows, cols), cols or PATCHES} -> {path: (rows, cols) or
+  PATCHES}."""
+  return {path: PATCHES if isinstance(block, str)
+          else (1, int(block)) if isinstance(block, (int, np.integer))
           else (int(block[0]), int(block[1])) for path, block in mapping.items()}
+
+
+def lowered_conv(conv: nnx.Module, input_shape: Sequence[int], block: Block,
+                 path: str = "the layer") -> nnx.Module:
+  """`conv` (whose input is (*spatial, C) `input_shape`) as a PatchConv or a
+  BandedConv of `block`."""
+  if isinstance(block, str):
+    if not isinstance(conv, nnx.Conv) or not _is_plain_conv(conv):
+      raise ValueError(f"{path!r} is not a float conv without dilation or "
+                       "groups; only those can run as a patch matmul")
+    return PatchConv(conv, input_shape)
+  if not isinstance(conv, nnx.Conv) or not _is_plain_2d_conv(conv):
+    raise ValueError(f"{path!r} is not a stride-1 float 2D conv; only "
+                     f"those can be lowered to a banded matmul")
+  return BandedConv(conv, input_shape, block)
 
 
 def apply_lowering(model: nnx.Module, input_shape: Sequence[int],
                    lowering: Mapping[str, Block | int]) -> nnx.Module:
-  """A copy of `model` whose convs named in `lowering` are BandedConvs."""
+  """A copy of `model` whose convs named in `lowering` are BandedConvs or
+  PatchConvs."""
   if not lowering:
     return model
   shapes = layer_shapes(model, input_shape)
@@ -177,16 +246,13 @@ def apply_lowering(model: nnx.Module, input_shape: Sequence[int],
     if path not in shapes:
       raise ValueError(f"no conv layer {path!r} in the model; its conv "
                        f"layers are {sorted(candidate_blocks(model, input_shape))}")
-    conv = module_at(model, path)
-    if not isinstance(conv, nnx.Conv) or not _is_plain_2d_conv(conv):
-      raise ValueError(f"{path!r} is not a stride-1 float 2D conv; only "
-                       f"those can be lowered to a banded matmul")
-    banded = BandedConv(conv, shapes[path][0][1:], block)
+    lowered = lowered_conv(module_at(model, path), shapes[path][0][1:],
+                           block, path)
     parent, key = _parent_and_key(model, path)
     if isinstance(key, int):
-      parent[key] = banded
+      parent[key] = lowered
     else:
-      setattr(parent, key, banded)
+      setattr(parent, key, lowered)
   return model
 
 
@@ -221,23 +287,30 @@ def choose_lowering(model: nnx.Module, input_shape: Sequence[int],
 
 
 def parse_lowering(text: str) -> str | Lowering:
-  """'xla' | 'auto' | 'conv1:4x4,conv2:1x5' (layer path: rows x cols; a
-  bare number is 1 x cols) -> CompiledModel's conv_lowering."""
+  """'xla' | 'auto' | 'conv1:4x4,conv2:1x5,conv3:patches' (layer path:
+  rows x cols, a bare number being 1 x cols, or patches) -> CompiledModel's
+  conv_lowering."""
   if text in ("xla", "auto"):
     return text
   lowering = {}
   for part in filter(None, text.split(",")):
     path, _, block = part.rpartition(":")
+    if path and block == PATCHES:
+      lowering[path] = PATCHES
+      continue
     sizes = block.split("x") if "x" in block else ["1", block]
     if (not path or len(sizes) != 2
         or not all(s.isdigit() and int(s) >= 1 for s in sizes)):
       raise ValueError(f"bad conv lowering {part!r} in {text!r}: write 'xla', "
-                       f"'auto' or layer:ROWSxCOLS pairs such as "
-                       f"conv1:4x4,conv2:1x5")
+                       f"'auto' or layer:ROWSxCOLS or layer:patches pairs "
+                       f"such as conv1:4x4,conv2:1x5,conv3:patches")
     lowering[path] = (int(sizes[0]), int(sizes[1]))
   return lowering
 
 
 def describe(lowering: Mapping[str, Block]) -> str:
-  """{'conv1': (4, 4)} -> 'conv1:4x4', the form parse_lowering reads."""
-  return ",".join(f"{path}:{r}x{c}" for path, (r, c) in lowering.items()) or "xla"
+  """{'conv1': (4, 4), 'conv2': PATCHES} -> 'conv1:4x4,conv2:patches', the
+  form parse_lowering reads."""
+  return ",".join(f"{path}:{block}" if isinstance(block, str)
+                  else f"{path}:{block[0]}x{block[1]}"
+                  for path, block in lowering.items()) or "xla"

@@ -10,12 +10,12 @@ with the signal's default action.
 from __future__ import annotations
 
 import signal
-import sys
 
 import uvicorn
 
 from rtjax.errors import FlagError
 from rtjax.serve.app import ModelServer
+from rtjax.timing import realtime_threads
 
 
 def uvicorn_server(server: ModelServer, host: str, port: int,
@@ -32,19 +32,16 @@ def uvicorn_server(server: ModelServer, host: str, port: int,
 
 
 def serve(server: ModelServer, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "warning", switch_interval_s: float = 0.0005
-          ) -> None:
+          log_level: str = "warning") -> None:
   """Blocks until a signal stops the server; raises a model's load error.
-
-  `switch_interval_s`: how often Python lets another thread take the
-  interpreter; the default 5 ms would let the event loop hold off the
-  batcher's worker for a whole deadline's worth of time."""
-  sys.setswitchinterval(switch_interval_s)
+  The event loop and the batchers' workers run with a real-time process's
+  thread settings (rtjax.timing.realtime_threads)."""
   runner = uvicorn_server(server, host, port, log_level)
   handled = (signal.SIGTERM, signal.SIGINT)
   previous = {s: signal.signal(s, lambda *_: None) for s in handled}
   try:
-    runner.run()
+    with realtime_threads():
+      runner.run()
   except SystemExit:  # uvicorn exits when it cannot bind
     if runner.started:
       raise

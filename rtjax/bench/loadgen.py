@@ -173,9 +173,11 @@ def _network_sut(samples: np.ndarray, config: LoadGenConfig):
 
 
 def run(model: CompiledModel, samples: np.ndarray, config: LoadGenConfig,
-        output_dir: epath.PathLike) -> dict:
+        output_dir: epath.PathLike,
+        expected: tuple[float, float] | None = None) -> dict:
   """One LoadGen performance run; returns its detail log's results (+ log
-  dir, and over the network the number of queries the server refused)."""
+  dir, and over the network the number of queries the server refused).
+  `expected`: the model's expectations(), when already measured."""
   output_dir = epath.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   settings = lg.TestSettings()
@@ -183,7 +185,8 @@ def run(model: CompiledModel, samples: np.ndarray, config: LoadGenConfig,
   settings.mode = lg.TestMode.PerformanceOnly
   settings.server_target_qps = config.target_qps
   settings.server_target_latency_ns = int(config.target_latency_ms * 1e6)
-  latency_s, throughput = expectations(model, samples, config.max_batch)
+  latency_s, throughput = expected or expectations(model, samples,
+                                                   config.max_batch)
   settings.single_stream_expected_latency_ns = max(int(latency_s * 1e9), 1)
   settings.offline_expected_qps = throughput
   if config.min_duration_ms:
@@ -224,18 +227,20 @@ def run(model: CompiledModel, samples: np.ndarray, config: LoadGenConfig,
 def find_peak_server_qps(model: CompiledModel, samples: np.ndarray,
                          config: LoadGenConfig, output_dir: epath.PathLike,
                          low: float = 0.0, high: float | None = None,
-                         steps: int = 6) -> dict:
+                         steps: int = 6,
+                         expected: tuple[float, float] | None = None) -> dict:
   """Bisects the Server target QPS: the highest VALID one within `steps` runs.
   `high` defaults to the model's throughput at the largest batch, which no
   Server run can exceed."""
   output_dir = epath.Path(output_dir)
-  if high is None:
-    high = expectations(model, samples, config.max_batch)[1]
+  expected = expected or expectations(model, samples, config.max_batch)
+  high = high or expected[1]
   best = None
   for i in range(steps):
     qps = (low + high) / 2
     result = run(model, samples, dataclasses.replace(
-        config, scenario="Server", target_qps=qps), output_dir / f"qps_{i}")
+        config, scenario="Server", target_qps=qps), output_dir / f"qps_{i}",
+                 expected)
     if result.get("result") == "VALID":
       best, low = {**result, "target_qps": qps}, qps
     else:
@@ -253,18 +258,20 @@ def profile(model: CompiledModel, samples: np.ndarray, config: LoadGenConfig,
   repetition when it ran, and a Server run at `low_load` x that peak (the
   latency an idle server adds)."""
   output_dir = epath.Path(output_dir)
+  expected = expectations(model, samples, config.max_batch)
   results = {scenario: run(model, samples, dataclasses.replace(
-      config, scenario=scenario), output_dir / scenario)
+      config, scenario=scenario), output_dir / scenario, expected)
              for scenario in scenarios}
   if find_peak:
     high = high or results.get("Offline", {}).get("samples_per_second")
     results["server_peak"] = find_peak_server_qps(
-        model, samples, config, output_dir / "peak", high=high, steps=steps)
+        model, samples, config, output_dir / "peak", high=high, steps=steps,
+        expected=expected)
     peak = results["server_peak"]["peak_valid_qps"]
     if peak:
       results["server_low_load"] = run(model, samples, dataclasses.replace(
           config, scenario="Server", target_qps=low_load * peak),
-          output_dir / "low_load")
+          output_dir / "low_load", expected)
   return results
 
 

@@ -50,8 +50,7 @@ REJECTION_STATUS = {"deadline": 429, "queue_full": 429, "stopping": 503}
 @dataclasses.dataclass
 class _Loaded:
   servable: Servable
-  batcher: DeadlineBatcher
-  service_s: dict
+  batcher: DeadlineBatcher  # its service_s: the times it decides with
 
 
 class ModelServer:
@@ -124,7 +123,7 @@ class ModelServer:
           on_batch=self._batch_observer(name))
       self.metrics.queue_rows.labels(name).set_function(
           lambda b=batcher: b.queued_rows)
-      self.models[name] = _Loaded(servable, batcher, service_s)
+      self.models[name] = _Loaded(servable, batcher)
       logging.info("model %s ready: buckets %s, service ms %s", name,
                    list(servable.buckets),
                    {b: round(s * 1e3, 3) for b, s in service_s.items()})

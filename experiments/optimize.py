@@ -66,8 +66,11 @@ _AUTO = flags.DEFINE_bool("auto_lowering", True, "Also time banded conv "
                           "lowerings when choosing serving options.")
 _MEASURE = flags.DEFINE_float("measure_seconds", 4.0, "Seconds per "
                               "interleaved screening/sensitivity run.")
-_FINAL = flags.DEFINE_float("final_seconds", 15.0, "Seconds of the final "
-                            "interleaved run.")
+_FINAL = flags.DEFINE_float("final_seconds", Settings.final_seconds,
+                            "Seconds of each final interleaved run.")
+_FINAL_RUNS = flags.DEFINE_integer("final_runs", Settings.final_runs, "Final "
+                                   "interleaved runs (figures: medians).",
+                                   lower_bound=1)
 _RIVALS = flags.DEFINE_list("rivals", [], "Checkpoints (or a pipeline's "
                             "workdir: all its stages) measured in the final "
                             "run and tested against the chosen model.")
@@ -113,6 +116,7 @@ def main(argv):
       thresholds=numbers("thresholds", _THRESHOLDS.value, 0.0, 100.0),
       shallow=_SHALLOW.value, int8=_INT8.value, try_auto_lowering=_AUTO.value,
       measure_seconds=_MEASURE.value, final_seconds=_FINAL.value,
+      final_runs=_FINAL_RUNS.value,
       rivals=tuple(_RIVALS.value))
   workdir = epath.Path(_WORKDIR.value)
   try:

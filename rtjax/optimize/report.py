@@ -114,8 +114,9 @@ def markdown(summary: dict) -> str:
                       for j in r["rungs"]) or "-"
     lines.append(f"| {r['name']} | {r['done']} | {r['screen']['flops']:,.0f} "
                  f"| {r['screen']['p50_ms']:.4f} | {rungs} | {r['fate']} |")
-  lines += ["", f"## Finalists: one interleaved run at batch "
-            f"{s['batch_size']}, test split", "",
+  lines += ["", f"## Finalists: {s['final_runs']} interleaved runs at "
+            f"batch {s['batch_size']} (medians; each run's {p} in brackets), "
+            "test split", "",
             f"| model | serving options | p50 ms | {p} ms | test acc. % "
             "(95% CI) | change vs parent (95% CI) | McNemar p | verdict |",
             "|" + " --- |" * 8]
@@ -127,16 +128,18 @@ def markdown(summary: dict) -> str:
     verdict = summary["verdicts"][name] or (
         "**chosen**" if name == summary["chosen"] else "eligible")
     lines.append(
-        f"| {name} | {opts} | {r['p50_ms']:.4f} | {r['p_ms']:.4f} | "
+        f"| {name} | {opts} | {r['p50_ms']:.4f} | {r['p_ms']:.4f} "
+        f"[{', '.join(f'{v:.4f}' for v in r['p_ms_runs'])}] | "
         f"{_pct(t['accuracy'])} ({_pct(t['ci95'][0])}-{_pct(t['ci95'][1])}) "
         f"| {100 * t['change']:+.2f} ({100 * t['change_ci95'][0]:+.2f} to "
         f"{100 * t['change_ci95'][1]:+.2f}) | {t['p_value']:.3g} | {verdict} |")
   rivals = summary.get("rivals") or {}
   if rivals:
     c = rivals["chosen"]
-    lines += ["", f"## Rivals: one more interleaved run with the parent and "
-              f"the chosen model ({summary['chosen']}: {p} {c['p_ms']:.4f} "
-              f"ms here; budget in this run {rivals['budget_ms']:.4f} ms)", "",
+    lines += ["", f"## Rivals: as many interleaved runs again with the "
+              f"parent and the chosen model ({summary['chosen']}: {p} "
+              f"{c['p_ms']:.4f} ms here; budget in these runs "
+              f"{rivals['budget_ms']:.4f} ms)", "",
               f"| rival | {p} ms | meets the budget | test acc. % | change vs "
               "chosen (95% CI) | McNemar p | significantly more accurate? |",
               "|" + " --- |" * 7]
@@ -153,7 +156,7 @@ def markdown(summary: dict) -> str:
             "Predicted speedups from FLOPs and from XLA's cost model "
             "(t_compute + t_memory + t_comm, rtjax.bench.breakdown) against "
             "the measured p50 speedup over the parent in the same run "
-            f"(screening for candidates, the final run for finalists). "
+            f"(screening for candidates, the final runs for finalists). "
             f"Fixed per-call floor (a trivial jitted call): "
             f"{summary['floor_ms']:.4f} ms.", "",
             "| model | run | predicted (FLOPs) | predicted (roofline) | "

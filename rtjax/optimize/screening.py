@@ -31,10 +31,13 @@ def cost_row(name, model, spec, compiled, lat, peaks, batch) -> dict:
 
 def screen(parent, spec: dict, recipes: list[dict], batch: int,
            percentile: float, parent_options: dict, peaks: dict, val,
-           seconds: float) -> dict:
+           seconds: float, conv_lowering: str = "auto") -> dict:
   """{name: cost row} for the parent and every recipe, served with the
-  parent's options (a conv lowering tuned for the parent's shapes aside)."""
-  options = {**parent_options, "conv_lowering": "xla", "round_widths_to": 0}
+  parent's options, except the conv lowering: `conv_lowering` for each
+  ('auto': chosen per architecture, as its final serving will be; a
+  lowering the parent chose is tuned for the parent's shapes)."""
+  options = {**parent_options, "conv_lowering": conv_lowering,
+             "round_widths_to": 0}
   models = [("parent", parent, spec)]
   for recipe in recipes:
     model, cand_spec = candidates.build(recipe, parent, spec)

@@ -3,7 +3,7 @@ device to the most accurate model that meets it, with the evidence.
 
 Reads top to bottom: the settings; the phases in order (serve the parent at
 its best, sensitivity, candidate recipes, screening of their architectures,
-successive halving, int8 variants, the finalists in one interleaved run and
+successive halving, int8 variants, the finalists in interleaved runs and
 on the test split, the choice); then the outputs. Every phase's result is
 recorded in the workdir's store (rtjax.optimize.store) and every candidate
 rung is a checkpointed stage, so a killed search resumes where it stopped.
@@ -67,7 +67,8 @@ class Settings:
   max_candidates: int = 8
   max_finalists: int = 3
   measure_seconds: float = 4.0
-  final_seconds: float = 15.0
+  final_seconds: float = 10.0  # per run of the final interleaved measurement
+  final_runs: int = 3  # its runs; each figure the median over them
   try_auto_lowering: bool = True
   # Checkpoints, or runs whose every stage is one (a hand-written pipeline),
   # measured in the final run and tested against the chosen model, never
@@ -86,7 +87,8 @@ class Settings:
                      ("max_accuracy_drop", self.max_accuracy_drop >= 0),
                      ("search_minutes", self.search_minutes > 0),
                      ("rung_steps", all(s >= 1 for s in self.rung_steps)),
-                     ("max_finalists", self.max_finalists >= 1)):
+                     ("max_finalists", self.max_finalists >= 1),
+                     ("final_runs", self.final_runs >= 1)):
       if not ok:
         out.append((name, f"invalid value {getattr(self, name)!r}"))
     return out
@@ -162,7 +164,8 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
   screen = ctx.phase("screen", lambda: screening.screen(
       ctx.parent, ctx.spec, recipes, ctx.batch, settings.percentile,
       parent_options["options"], peaks, ctx.dataset.val,
-      settings.measure_seconds))
+      settings.measure_seconds,
+      "auto" if settings.try_auto_lowering else "xla"))
   budget_ms = budget["budget_ms"]
   predicted = {n: screening.screened_p(screen, n, budget.get("parent_p_ms"))
                for n in screen}
@@ -194,7 +197,7 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
     budget = {**budget, "preliminary_ms": budget_ms,
               "budget_ms": settings.budget_of_parent * final["parent"]["p_ms"],
               "from": f"{settings.budget_of_parent:g} x the parent's "
-                      f"p{settings.percentile:g} in the final interleaved run "
+                      f"p{settings.percentile:g} in the final interleaved runs "
                       f"({final['parent']['p_ms']:.4f} ms)"}
     budget_ms = budget["budget_ms"]
   verdict = decide.verdicts(final, budget_ms, settings.max_accuracy_drop,
@@ -261,7 +264,9 @@ def _reserve_seconds(ctx: Context, trainees: int) -> float:
   per_model = ctx.store.get("phase_seconds", {}).get("parent_options", 10.0)
   models = (min(trainees, ctx.settings.max_finalists) + 1
             + len(ctx.rivals))
-  return models * per_model + 4 * ctx.settings.final_seconds
+  # The final runs, then as many again with the rivals.
+  return (models * per_model
+          + 2 * ctx.settings.final_runs * ctx.settings.final_seconds)
 
 
 def _rung_dir(ctx: Context, name: str, k: int) -> epath.Path:
@@ -312,7 +317,7 @@ def _int8_variants(ctx: Context, sens: dict, paths: dict) -> dict:
 def _rivals(ctx: Context, chosen: str, paths: dict,
             parent_options: dict) -> dict:
   """Other checkpoints (a hand-written pipeline's stages) against the chosen
-  model: measured with their own best options in one interleaved run with
+  model: measured with their own best options in interleaved runs with
   the parent and the chosen model, and tested on the same test examples."""
   s = ctx.settings
   if not ctx.rivals:
@@ -335,9 +340,10 @@ def _rivals(ctx: Context, chosen: str, paths: dict,
 
 def _final(ctx: Context, paths: dict, parent_options: dict,
            phase: str) -> dict:
-  """The finalists and the parent, each with its best serving options, in
-  ONE interleaved latency run at the batch size; then the served models'
-  predictions on the test split, paired with the parent's."""
+  """The finalists and the parent, each with its best serving options,
+  timed together (interleaved runs at the batch size, medians over runs);
+  then the served models' predictions on the test split, paired with the
+  parent's."""
   s = ctx.settings
   names = ["parent"] + [n for n in paths if n != "parent"]
   loaded = {"parent": (ctx.parent, ctx.meta)}
@@ -353,9 +359,9 @@ def _final(ctx: Context, paths: dict, parent_options: dict,
   served = {n: serving.compile_with(loaded[n][0], loaded[n][1]["model"],
                                     ctx.batch, options[n]["options"])
             for n in names}
-  latency = ctx.phase(phase, lambda: dict(zip(names,
-      serving.interleaved([served[n] for n in names], ctx.batch,
-                          s.percentile, s.final_seconds))))
+  latency = ctx.phase(phase, lambda: dict(zip(names, serving.repeated(
+      [served[n] for n in names], ctx.batch, s.percentile, s.final_seconds,
+      s.final_runs))))
   test = ctx.dataset.test
   correct = {n: np.argmax(served[n](test.images), -1) == test.labels
              for n in names}
@@ -365,7 +371,8 @@ def _final(ctx: Context, paths: dict, parent_options: dict,
     model, meta = loaded[n]
     row = screening.cost_row(n, model, meta["model"], served[n], latency[n], peaks,
                     ctx.batch)
-    row.update(path=str(ctx.parent_dir) if n == "parent" else paths[n],
+    row.update(p_ms_runs=latency[n]["p_ms_runs"],
+               path=str(ctx.parent_dir) if n == "parent" else paths[n],
                options=options[n]["options"],
                val_accuracy=meta["metrics"]["val"]["accuracy"],
                test=stats.compare_to_reference(correct["parent"], correct[n]),

@@ -46,6 +46,21 @@ def interleaved(served: Sequence[CompiledModel], batch: int, percentile: float,
                              seconds=seconds, percentile=percentile)
 
 
+def repeated(served: Sequence[CompiledModel], batch: int, percentile: float,
+             seconds: float, runs: int) -> list[dict]:
+  """interleaved() `runs` times; each figure the median over the runs (one
+  run's tail percentile is at the mercy of one burst of the machine's
+  noise, and the budget is a fraction of the parent's), with every run's
+  `p_ms` in `p_ms_runs`."""
+  results = [interleaved(served, batch, percentile, seconds)
+             for _ in range(runs)]
+  out = []
+  for rows in zip(*results):
+    out.append({k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+               | {"p_ms_runs": [r["p_ms"] for r in rows]})
+  return out
+
+
 def option_grid(model: nnx.Module, spec: dict) -> list[dict]:
   """The option sets worth timing for this model on this kind of device,
   simplest first (the device's defaults)."""

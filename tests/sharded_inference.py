@@ -50,9 +50,9 @@ def measure(model, shape, meshes):
   reference = CompiledModel(model, shape, batch_sizes=(8,),
                             mesh=one_device)(images)
   result = {}
-  # Float CNNs also data-parallel with every stride-1 conv a banded matmul
-  # and the weights embedded as constants.
-  banded = {path: blocks[0] for path, blocks
+  # Float CNNs also data-parallel with every stride-1 2D conv a banded
+  # matmul, every other conv a patch matmul, the weights embedded.
+  banded = {path: blocks[-1] for path, blocks
             in lowering.candidate_blocks(model, shape).items()}
   variants = {name: (mesh, {}) for name, mesh in meshes.items()}
   if banded:

@@ -193,8 +193,9 @@ def test_lowering_bench_times_every_candidate(family_checkpoints, tmp_path):
       model, metadata["model"]["args"]["input_shape"])
   assert sorted((r["layer"], r["lowering"]) for r in report["layers"]) == sorted(
       [(layer, "xla") for layer in candidates]
-      + [(layer, f"{r}x{c}") for layer, blocks in candidates.items()
-         for r, c in blocks])
+      + [(layer, lowering.describe({"": b})[1:])
+         for layer, blocks in candidates.items() for b in blocks])
+  assert {"patches", "4x4"} <= {r["lowering"] for r in report["layers"]}
   assert all(r["ms"] > 0 and r["gflops"] > 0 for r in report["layers"])
   assert [(r["model"], r["batch"]) for r in report["models"]] == [
       ("xla", 2), ("xla, embedded", 2), ("auto", 2), ("auto, embedded", 2)]

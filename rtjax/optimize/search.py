@@ -164,8 +164,7 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
   screen = ctx.phase("screen", lambda: screening.screen(
       ctx.parent, ctx.spec, recipes, ctx.batch, settings.percentile,
       parent_options["options"], peaks, ctx.dataset.val,
-      settings.measure_seconds,
-      "auto" if settings.try_auto_lowering else "xla"))
+      settings.measure_seconds))
   budget_ms = budget["budget_ms"]
   predicted = {n: screening.screened_p(screen, n, budget.get("parent_p_ms"))
                for n in screen}

@@ -135,6 +135,15 @@ def test_a_lone_survivor_trains_through_every_rung(tmp_path):
   assert finalists == {"a": 3}
 
 
+def test_candidates_predicted_to_fit_rank_first(tmp_path):
+  trainer = Trainer()
+  finalists = halving.successive_halving(
+      "abcd", (1, 2), trainer, SearchStore(tmp_path), trainer.clock,
+      budget_s=1e6, max_finalists=1, extra_rungs=0, fits="d")
+  # d is the least accurate but the only one predicted to meet the budget.
+  assert trainer.calls[4:] == [("d", 1), ("a", 1)] and finalists == {"d": 1}
+
+
 def test_halving_stops_at_the_time_limit(tmp_path):
   trainer = Trainer()
   store = SearchStore(tmp_path)

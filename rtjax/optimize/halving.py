@@ -43,11 +43,17 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
                        train: Callable[[str, int, int], dict],
                        store: SearchStore, clock: Callable[[], float],
                        budget_s: float, eta: int = 2, max_finalists: int = 3,
-                       extra_rungs: int = 2) -> dict[str, int]:
+                       extra_rungs: int = 2,
+                       fits: Sequence[str] = ()) -> dict[str, int]:
   """{finalist: its last trained rung}. `train(name, rung, steps)` returns
   at least {'val_accuracy'}; its duration is measured with `clock`. After
   the planned rungs, while time is left, the finalists train up to
-  `extra_rungs` more rungs of `eta` times the steps each (no halving)."""
+  `extra_rungs` more rungs of `eta` times the steps each (no halving).
+
+  Candidates in `fits` (predicted to meet the latency budget) rank ahead
+  of the others, then by validation accuracy: after a short rung the most
+  pruned candidates, often the only ones fast enough, have not yet
+  recovered their accuracy, and accuracy alone would drop them first."""
   survivors = list(names)
   last_rung = {}
   planned = len(rungs)
@@ -70,8 +76,8 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
         store.put(job, {**result, "steps": steps,
                         "seconds": max(clock() - start, 1e-9)})
       trained = [n for n in survivors if f"job/{n}/rung{k}" in store]
-      ranked = sorted(trained, key=lambda n: -store.get(
-          f"job/{n}/rung{k}")["val_accuracy"])
+      ranked = sorted(trained, key=lambda n: (n not in fits, -store.get(
+          f"job/{n}/rung{k}")["val_accuracy"]))
       if k >= planned - 1:  # the finalists; later rungs only train longer
         promoted = (ranked[:max_finalists] if k == planned - 1 else
                     sorted(survivors, key=lambda n: n not in ranked))

@@ -176,8 +176,10 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
                   key=lambda r: r["p_ms"])
     raise BudgetNotMet(_unmet(rows[0], budget_ms, floor, ctx.batch,
                               settings.percentile, "architecture"))
-  order = sorted(fits, key=lambda n: -screen[n].get("untuned_val_accuracy",
-                                                    -1.0))
+  # Those predicted to meet the budget first (as halving ranks them), then
+  # by accuracy before fine-tuning.
+  order = sorted(fits, key=lambda n: (predicted[n] > budget_ms, -screen[n].get(
+      "untuned_val_accuracy", -1.0)))
   trainees = order[:settings.max_candidates]
   rungs = settings.rung_steps or _default_rungs(ctx.meta)
   reserve = _reserve_seconds(ctx, len(trainees))
@@ -186,7 +188,8 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
       trainees, rungs, lambda name, k, steps: _train(
           ctx, recipe_of[name], k, steps), ctx.store, clock,
       60 * settings.search_minutes - reserve,
-      max_finalists=settings.max_finalists, extra_rungs=settings.extra_rungs)
+      max_finalists=settings.max_finalists, extra_rungs=settings.extra_rungs,
+      fits=[n for n in trainees if predicted[n] <= budget_ms])
   paths = {n: str(_rung_dir(ctx, n, k)) for n, k in finalists.items()}
   paths.update(_int8_variants(ctx, sens, paths))
   if parent_fits:

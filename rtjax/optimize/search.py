@@ -57,7 +57,7 @@ class Settings:
   reject_significant_loss: bool = True  # McNemar p < 0.05 and a loss
   search_minutes: float = 15.0
   rung_steps: tuple[int, ...] = ()
-  extra_rungs: int = 2  # longer rungs for the finalists while time is left
+  extra_rungs: int = 3  # longer rungs for the finalists while time is left
   keep_fractions: tuple[float, ...] = sensitivity.FRACTIONS
   sensitivity_groups: str = ".*"  # regex of the groups analyzed
   uniform: tuple[float, ...] = candidates.UNIFORM
@@ -94,7 +94,9 @@ class Settings:
     return out
 
   def check(self) -> None:
-    for name, problem in self.problems()[:1]:
+    problems = self.problems()
+    if problems:
+      name, problem = problems[0]
       raise UserError(f"{name}: {problem}")
 
 

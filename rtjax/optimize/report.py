@@ -113,8 +113,11 @@ def markdown(summary: dict) -> str:
   for r in summary["candidates"]:
     rungs = ", ".join(f"{j['steps']}: {_pct(j['val_accuracy'])}"
                       for j in r["rungs"]) or "-"
+    lowered = ("" if r["screen"].get("conv_lowering", "xla") == "xla"
+               else " (patches)")
     lines.append(f"| {r['name']} | {r['done']} | {r['screen']['flops']:,.0f} "
-                 f"| {r['screen']['p50_ms']:.4f} | {rungs} | {r['fate']} |")
+                 f"| {r['screen']['p50_ms']:.4f}{lowered} | {rungs} | "
+                 f"{r['fate']} |")
   lines += ["", f"## Finalists: {s['final_runs']} interleaved runs at "
             f"batch {s['batch_size']} (medians; each run's {p} in brackets), "
             "test split", "",

@@ -8,6 +8,7 @@ cannot meet the budget are never trained.
 from __future__ import annotations
 
 from rtjax.bench import breakdown
+from rtjax.infer import lowering as lowering_lib
 from rtjax.models import forward_flops
 from rtjax.optimize import audit, candidates, serving
 from rtjax.train.evaluate import evaluate
@@ -33,21 +34,35 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
            percentile: float, parent_options: dict, peaks: dict, val,
            seconds: float) -> dict:
   """{name: cost row} for the parent and every recipe, served with the
-  parent's options, XLA's convs aside: a lowering is tuned per
-  architecture, and tuning one per candidate here would rank them partly
-  by the noise of the tuning runs. The finalists get theirs; SCREEN_SLACK
-  leaves room for what it gains."""
-  options = {**parent_options, "conv_lowering": "xla", "round_widths_to": 0}
-  models = [("parent", parent, spec)]
-  for recipe in recipes:
-    model, cand_spec = candidates.build(recipe, parent, spec)
-    models.append((recipe["name"], model, cand_spec))
-  pruned = {r["name"] for r in recipes if r["kind"] == "prune"}
-  served = [serving.compile_with(m, s, batch, options) for _, m, s in models]
+  parent's options under two fixed conv lowerings, XLA's convs and every
+  conv as patches (when it has convs), the faster kept: which lowering
+  wins changes with the widths, so one for all would misjudge some
+  candidates, and tuning one per candidate here would rank them partly by
+  the noise of the tuning runs. The finalists get their tuned lowering;
+  SCREEN_SLACK leaves room for it."""
+  base = {**parent_options, "round_widths_to": 0}
+  models, served = [], []
+  for recipe in [None, *recipes]:
+    model, s = ((parent, spec) if recipe is None else
+                candidates.build(recipe, parent, spec))
+    name = "parent" if recipe is None else recipe["name"]
+    patches = lowering_lib.describe({path: lowering_lib.PATCHES for path in
+                                     lowering_lib.candidate_blocks(
+                                         model, s["args"]["input_shape"])})
+    for conv_lowering in dict.fromkeys(("xla", patches)):
+      models.append((name, model, s))
+      served.append(serving.compile_with(model, s, batch, {
+          **base, "conv_lowering": conv_lowering}))
   latency = serving.interleaved(served, batch, percentile, seconds)
-  out = {}
+  fastest = {}
   for (name, model, s), compiled, lat in zip(models, served, latency):
+    if name not in fastest or lat["p50_ms"] < fastest[name][3]["p50_ms"]:
+      fastest[name] = (model, s, compiled, lat)
+  pruned = {r["name"] for r in recipes if r["kind"] == "prune"}
+  out = {}
+  for name, (model, s, compiled, lat) in fastest.items():
     row = cost_row(name, model, s, compiled, lat, peaks, batch)
+    row["conv_lowering"] = lowering_lib.describe(compiled.conv_lowering[batch])
     if name == "parent" or name in pruned:
       row["untuned_val_accuracy"] = evaluate(model, val, 512)["accuracy"]
     out[name] = row

@@ -99,7 +99,7 @@ class Trainer:
 def test_halving_resumes_without_redoing_and_decides_the_same(tmp_path):
   run = lambda directory, trainer: halving.successive_halving(
       "abcd", (1, 2, 4), trainer, SearchStore(directory), trainer.clock,
-      budget_s=1e6, max_finalists=2, extra_rungs=0)
+      budget_s=1e6, max_finalists=1, extra_rungs=0)
   reference = Trainer()
   expected = run(tmp_path / "whole", reference)
   assert expected == {"a": 2}  # 4 -> 2 -> 1 survivor at the last rung
@@ -130,7 +130,7 @@ def test_a_lone_survivor_trains_through_every_rung(tmp_path):
   trainer = Trainer()
   finalists = halving.successive_halving(
       "ab", (1, 2, 4), trainer, SearchStore(tmp_path), trainer.clock,
-      budget_s=1e6, extra_rungs=1)
+      budget_s=1e6, max_finalists=1, extra_rungs=1)
   assert trainer.calls == [("a", 0), ("b", 0), ("a", 1), ("a", 2), ("a", 3)]
   assert finalists == {"a": 3}
 
@@ -142,6 +142,14 @@ def test_candidates_predicted_to_fit_rank_first(tmp_path):
       budget_s=1e6, max_finalists=1, extra_rungs=0, fits="d")
   # d is the least accurate but the only one predicted to meet the budget.
   assert trainer.calls[4:] == [("d", 1), ("a", 1)] and finalists == {"d": 1}
+
+
+def test_halving_keeps_as_many_as_the_finalists(tmp_path):
+  trainer = Trainer()
+  finalists = halving.successive_halving(
+      "abcd", (1, 2, 4), trainer, SearchStore(tmp_path), trainer.clock,
+      budget_s=1e6, max_finalists=3, extra_rungs=0)
+  assert finalists == {"a": 2, "b": 2, "c": 2}  # 4 -> 3 -> 3, not 4 -> 2 -> 1
 
 
 def test_halving_stops_at_the_time_limit(tmp_path):

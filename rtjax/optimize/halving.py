@@ -82,7 +82,8 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
         promoted = (ranked[:max_finalists] if k == planned - 1 else
                     sorted(survivors, key=lambda n: n not in ranked))
       else:
-        promoted = ranked[:max(1, math.ceil(len(ranked) / eta))]
+        # Never fewer than the finalists the last rung will keep.
+        promoted = ranked[:max(max_finalists, math.ceil(len(ranked) / eta))]
       final = out_of_time or k == planned + extra_rungs - 1
       decision = {"trained": trained, "promoted": promoted,
                   "out_of_time": out_of_time, "final": final, "steps": steps}

@@ -197,6 +197,11 @@ def candidate_blocks(model: nnx.Module,
   return candidates
 
 
+def all_patches(model: nnx.Module, input_shape: Sequence[int]) -> Lowering:
+  """Every conv that can be lowered, as patches ({} when there is none)."""
+  return {path: PATCHES for path in candidate_blocks(model, input_shape)}
+
+
 def _parent_and_key(model: nnx.Module, path: str):
   parts = [int(p) if p.isdigit() else p for p in path.split("/")]
   parent = model
@@ -290,9 +295,9 @@ def choose_lowering(model: nnx.Module, input_shape: Sequence[int],
   for path, blocks in candidates.items():
     for block in blocks:
       consider(chosen | {path: block})
-  all_patches = {path: PATCHES for path in candidates}
-  if len(candidates) > 1 and chosen != all_patches:
-    consider(all_patches)
+  every = {path: PATCHES for path in candidates}
+  if len(candidates) > 1 and chosen != every:
+    consider(every)
   return chosen, trials
 
 

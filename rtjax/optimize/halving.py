@@ -1,6 +1,7 @@
 """Successive halving under a time limit (Jamieson & Talwalkar 2016): every
-candidate gets a short fine-tune, the better half (by validation accuracy)
-a longer one, and so on; the rung's survivors are the finalists. A lone
+candidate gets a short fine-tune, the better half (by validation accuracy;
+never fewer than the finalists to be measured) a longer one, and so on; the
+last planned rung's survivors are the finalists. A lone
 survivor goes on through the remaining rungs: halving picks whom to train,
 never how long the time limit allows.
 

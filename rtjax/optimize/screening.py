@@ -46,9 +46,8 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
     model, s = ((parent, spec) if recipe is None else
                 candidates.build(recipe, parent, spec))
     name = "parent" if recipe is None else recipe["name"]
-    patches = lowering_lib.describe({path: lowering_lib.PATCHES for path in
-                                     lowering_lib.candidate_blocks(
-                                         model, s["args"]["input_shape"])})
+    patches = lowering_lib.describe(lowering_lib.all_patches(
+        model, s["args"]["input_shape"]))
     for conv_lowering in dict.fromkeys(("xla", patches)):
       models.append((name, model, s))
       served.append(serving.compile_with(model, s, batch, {

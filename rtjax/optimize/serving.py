@@ -63,16 +63,21 @@ def repeated(served: Sequence[CompiledModel], batch: int, percentile: float,
 
 def option_grid(model: nnx.Module, spec: dict) -> list[dict]:
   """The option sets worth timing for this model on this kind of device,
-  simplest first (the device's defaults)."""
+  simplest first (the device's defaults). Convs run as XLA's or all as
+  patches: a fixed lowering timed side by side with the rest, which the
+  per-layer tuning ('auto', sequential timings) may then refine."""
   floating = is_float_model(model) and not spec.get("quantization")
   cls = model_class(spec["name"])
   ragged = floating and hasattr(cls, "prunable_groups") and any(
       g.width % 8 for g in cls.prunable_groups(spec["args"]))
+  patches = lowering_lib.describe(lowering_lib.all_patches(
+      model, spec["args"]["input_shape"])) if floating else "xla"
   grid = []
-  for embed, dtype, widths in itertools.product(
-      (False, True), ("float32", "bfloat16") if floating else ("float32",),
+  for lowering, embed, dtype, widths in itertools.product(
+      dict.fromkeys(("xla", patches)), (False, True),
+      ("float32", "bfloat16") if floating else ("float32",),
       (0, 8) if ragged else (0,)):
-    grid.append({"conv_lowering": "xla", "embed_weights": embed,
+    grid.append({"conv_lowering": lowering, "embed_weights": embed,
                  "dtype": dtype, "round_widths_to": widths})
   defaults = options_lib.DEFAULTS.get(options_lib.device_kind(),
                                       options_lib.DEFAULTS["cpu"])

@@ -36,7 +36,6 @@ def time_calls(calls: Mapping[Hashable, Callable[[], object]], iters: int,
   collection triggered by allocations anywhere in the process would land
   in whichever call happened to be running, a tail no model change moves."""
   collecting = gc.isenabled()
-  gc.collect()
   gc.disable()
   try:
     return _time_calls(calls, iters, warmup, block, settle, budget_s,

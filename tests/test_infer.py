@@ -71,7 +71,9 @@ def test_meshes_on_8_devices_match_single_device_float_and_int8(
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert len(report) == 2 * len(paths)  # float and int8 of each family
-  cnn_floats = {f"{family_checkpoints[f]}:float" for f in ("lenet5", "resnet")}
+  # Every float model with a conv (the ViT's patch embedding is one).
+  conv_floats = {f"{family_checkpoints[f]}:float"
+                 for f in ("lenet5", "resnet", "vit")}
   for key, meshes in report.items():
     for mesh, numbers in meshes.items():
       assert numbers["shape"] == [24, 10]
@@ -87,7 +89,7 @@ def test_meshes_on_8_devices_match_single_device_float_and_int8(
     # Tensor parallelism really splits weights: XLA had to add collectives.
     assert meshes["tensor_parallel"]["collectives"] > 0
     assert meshes["data_parallel"]["collectives"] == 0
-    assert ("banded_embedded" in meshes) == (key in cnn_floats)
+    assert ("banded_embedded" in meshes) == (key in conv_floats)
 
 
 @pytest.mark.slow

@@ -199,7 +199,9 @@ def test_offline_run_is_read_from_the_detail_log(tmp_path):
       result["p99_latency_ns"])
   assert set(result) == set(loadgen.DETAIL_KEYS) - {
       "scheduled_samples_per_second", "completed_samples_per_second"} | {
-      "log_dir"}
+      "log_dir", "sut_p50_ms", "sut_p99_ms"}
+  # Inside the SUT a query cannot take longer than LoadGen measured.
+  assert 0 < result["sut_p50_ms"] <= result["p50_latency_ns"] / 1e6
 
 
 @pytest.mark.slow

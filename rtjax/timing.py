@@ -75,8 +75,8 @@ def realtime_threads(switch_interval_s: float = 5e-4) -> Iterator[None]:
     event loop, LoadGen's issuer) hold off the model's for a deadline;
   * on Linux, a timer slack of 1 ns: a sleeping thread wakes when asked
     instead of up to 50 us later (the default lets the kernel batch wakeups;
-    measured here, a 1 ms sleep overshot by 74 us at p50 with it, 25 us
-    without). LoadGen sleeps until each query's scheduled time and counts
+    in a one-off probe on the 2-core CPU, a 1 ms sleep overshot by 74 us
+    at p50 with it, 25 us without). LoadGen sleeps until each query's scheduled time and counts
     the overshoot in the query's latency."""
   interval = sys.getswitchinterval()
   sys.setswitchinterval(switch_interval_s)

@@ -17,7 +17,7 @@ planned rungs trains the finalists longer.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -45,7 +45,7 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
                        store: SearchStore, clock: Callable[[], float],
                        budget_s: float, eta: int = 2, max_finalists: int = 3,
                        extra_rungs: int = 2,
-                       fits: Sequence[str] = ()) -> dict[str, int]:
+                       fits: Collection[str] = ()) -> dict[str, int]:
   """{finalist: its last trained rung}. `train(name, rung, steps)` returns
   at least {'val_accuracy'}; its duration is measured with `clock`. After
   the planned rungs, while time is left, the finalists train up to

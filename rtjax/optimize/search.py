@@ -170,18 +170,19 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
   budget_ms = budget["budget_ms"]
   predicted = {n: screening.screened_p(screen, n, budget.get("parent_p_ms"))
                for n in screen}
-  fits = [r["name"] for r in recipes
-          if predicted[r["name"]] <= budget_ms * screening.SCREEN_SLACK]
+  screened_in = [r["name"] for r in recipes
+                 if predicted[r["name"]] <= budget_ms * screening.SCREEN_SLACK]
   parent_fits = predicted["parent"] <= budget_ms * screening.SCREEN_SLACK
-  if not fits and not parent_fits:
+  if not screened_in and not parent_fits:
     rows = sorted(({**r, "p_ms": predicted[n]} for n, r in screen.items()),
                   key=lambda r: r["p_ms"])
     raise BudgetNotMet(_unmet(rows[0], budget_ms, floor, ctx.batch,
                               settings.percentile, "architecture"))
+  under_budget = {n for n in screened_in if predicted[n] <= budget_ms}
   # Those predicted to meet the budget first (as halving ranks them), then
   # by accuracy before fine-tuning.
-  order = sorted(fits, key=lambda n: (predicted[n] > budget_ms, -screen[n].get(
-      "untuned_val_accuracy", -1.0)))
+  order = sorted(screened_in, key=lambda n: (n not in under_budget, -screen[
+      n].get("untuned_val_accuracy", -1.0)))
   trainees = order[:settings.max_candidates]
   rungs = settings.rung_steps or _default_rungs(ctx.meta)
   reserve = _reserve_seconds(ctx, len(trainees))
@@ -191,7 +192,7 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
           ctx, recipe_of[name], k, steps), ctx.store, clock,
       60 * settings.search_minutes - reserve,
       max_finalists=settings.max_finalists, extra_rungs=settings.extra_rungs,
-      fits=[n for n in trainees if predicted[n] <= budget_ms])
+      fits=under_budget)
   paths = {n: str(_rung_dir(ctx, n, k)) for n, k in finalists.items()}
   paths.update(_int8_variants(ctx, sens, paths))
   if parent_fits:

@@ -20,14 +20,15 @@ _PR_SET_TIMERSLACK, _PR_GET_TIMERSLACK = 29, 30  # linux/prctl.h
 
 def time_calls(calls: Mapping[Hashable, Callable[[], object]], iters: int,
                warmup: int = 0, block: int = 1, settle: int = 0,
-               budget_s: float | None = None,
-               max_iters: int = 200) -> dict[Hashable, list[float]]:
+               budget_s: float | None = None, max_iters: int = 200,
+               settle_s: float = 0.0) -> dict[Hashable, list[float]]:
   """Seconds of each call, timed with time.perf_counter.
 
   After `warmup` untimed calls of each (in turns: A, B, A, B, ...), the
-  calls take turns by blocks of `settle` untimed then `block` timed calls, so
-  machine noise hits them alike and a call's leftover work (a runtime's
-  spinning threads) lands in the next one's untimed calls. Turns go on
+  calls take turns by blocks of untimed calls (at least `settle` of them
+  and `settle_s` seconds) then `block` timed calls, so machine noise hits
+  them alike and a call's leftover work (a runtime's spinning threads)
+  lands in the next one's untimed calls. Turns go on
   until each call has at least `iters` timed calls (whole blocks), then, with
   a `budget_s`, while all timed seconds total under it and each call has
   fewer than `max_iters`.
@@ -39,13 +40,14 @@ def time_calls(calls: Mapping[Hashable, Callable[[], object]], iters: int,
   gc.disable()
   try:
     return _time_calls(calls, iters, warmup, block, settle, budget_s,
-                       max_iters)
+                       max_iters, settle_s)
   finally:
     if collecting:
       gc.enable()
 
 
-def _time_calls(calls, iters, warmup, block, settle, budget_s, max_iters):
+def _time_calls(calls, iters, warmup, block, settle, budget_s, max_iters,
+                settle_s):
   times = {name: [] for name in calls}
   for _ in range(warmup):
     for call in calls.values():
@@ -54,13 +56,16 @@ def _time_calls(calls, iters, warmup, block, settle, budget_s, max_iters):
   while timed < iters or (budget_s is not None and spent < budget_s
                           and timed < max_iters):
     for name, call in calls.items():
-      for k in range(settle + block):
+      untimed, until = 0, time.perf_counter() + settle_s
+      while untimed < settle or time.perf_counter() < until:
+        call()
+        untimed += 1
+      for _ in range(block):
         start = time.perf_counter()
         call()
         seconds = time.perf_counter() - start
-        if k >= settle:
-          times[name].append(seconds)
-          spent += seconds
+        times[name].append(seconds)
+        spent += seconds
     timed += block
   return times
 

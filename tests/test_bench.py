@@ -52,6 +52,15 @@ def test_time_calls_in_turns_untimed_warmup_and_settle(monkeypatch):
   assert times == {"a": [4, 5, 10, 11], "b": [7, 8, 13, 14]}
 
 
+def test_time_calls_settles_for_seconds_too(monkeypatch):
+  # Each call lasts 1 s on the fake clock: 2.5 s of settling is 3 calls,
+  # more than settle=1 asks; the timed ones come after.
+  calls, order = fake_calls(monkeypatch, "ab", seconds=1.0)
+  times = timing.time_calls(calls, iters=1, block=1, settle=1, settle_s=2.5)
+  assert "".join(order) == "aaaabbbb"
+  assert times == {"a": [1.0], "b": [1.0]}
+
+
 def test_time_calls_budget(monkeypatch):
   calls, _ = fake_calls(monkeypatch, "a", seconds=1.0)
   assert len(timing.time_calls(calls, iters=2)["a"]) == 2

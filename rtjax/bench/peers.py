@@ -34,6 +34,12 @@ ORT_THREADS = (1, os.cpu_count() or 1)
 ORT_SPINNING = (True, False)
 # PyTorch's intra-op threads tried (OpenMP workers; process-wide).
 TORCH_THREADS = (1, os.cpu_count() or 1)
+# Untimed seconds before each contender's block of timed calls. Spinning
+# workers slow the next contender for tens of milliseconds (one-off probe,
+# LeNet-5 at batch 256 in turns with ONNX Runtime's 2 spinning threads:
+# rtjax's p50 3.75 ms after 3 untimed calls, 8 ms; 3.01 after 10; 2.62
+# after 30, 80 ms; 2.77 in turns with rtjax models only).
+SETTLE_S = 0.1
 
 
 def _first_line(error: BaseException) -> str:
@@ -81,7 +87,7 @@ def onnxruntime_best(proto, x: np.ndarray, check: Callable[[np.ndarray], None],
     check(run(x))
   times = time_calls({label: (lambda r: lambda: r(x))(run)
                       for label, run in runs.items()}, trial_calls,
-                     warmup=3, block=5, settle=2)
+                     warmup=3, block=5, settle=2, settle_s=SETTLE_S)
   medians = {label: float(np.median(t)) for label, t in times.items()}
   best = min(medians, key=medians.get)
   return best, runs[best], medians
@@ -208,11 +214,11 @@ def compare_peers(served: CompiledModel, model: nnx.Module, spec: dict,
   calls = {"rtjax": lambda: served(x)}
   calls.update({name: (lambda r, v: lambda: r(v))(run, inputs[name])
                 for name, run in runs.items()})
-  # Contenders take turns by blocks of calls, each block's first `settle`
-  # calls untimed: a runtime's worker threads keep spinning a while after
-  # its call (ONNX Runtime's do by default) and would slow the next call of
-  # whoever runs right after.
-  times = time_calls(calls, iters, warmup, block=block, settle=settle)
+  # Contenders take turns by blocks of calls, each block after untimed
+  # calls (`settle` and SETTLE_S): a runtime's worker threads keep spinning
+  # after its call (ONNX Runtime's do by default) and slow whoever runs next.
+  times = time_calls(calls, iters, warmup, block=block, settle=settle,
+                     settle_s=SETTLE_S)
   results = {name: percentiles(t, batch) for name, t in times.items()}
   for result in results.values():
     result["rtjax_p50_ratio"] = results["rtjax"]["p50_ms"] / result["p50_ms"]

@@ -241,3 +241,19 @@ def test_peak_server_qps_bisects_between_its_bounds(trained, tmp_path):
   low, top = result["searched"]
   assert result["peak_valid_qps"] == low >= high / 2
   assert top in (high, 0.75 * high)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["Offline", "Server"])
+def test_every_query_gets_its_own_rows(tmp_path, scenario):
+  # Queries LoadGen issues together go to the batcher as one request; each
+  # answer must still be its own sample's output (LoadGen's accuracy log).
+  samples = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
+  config = loadgen.LoadGenConfig(scenario=scenario, accuracy=True,
+                                 target_qps=20_000, max_batch=8)
+  loadgen.run(lambda rows: 2 * rows, samples, config, tmp_path)
+  logged = json.loads((tmp_path / "mlperf_log_accuracy.json").read_text())
+  assert sorted(e["qsl_idx"] for e in logged) == list(range(64))
+  for entry in logged:
+    answer = np.frombuffer(bytes.fromhex(entry["data"]), np.float32)
+    np.testing.assert_array_equal(answer, 2 * samples[entry["qsl_idx"]])

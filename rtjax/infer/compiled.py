@@ -57,17 +57,17 @@ class CompiledModel:
     to a multiple of it: the same outputs on hardware-friendly widths.
 
     `conv_lowering`: "xla" (XLA's convolutions), "auto" (per batch size, time
-    each stride-1 conv as XLA's conv and as banded matmuls over output blocks
-    of several shapes and keep the fastest; see rtjax.infer.lowering) or
-    {layer path: (rows, cols)} for every batch size (what "auto" chose, to
-    pin it). The choice per batch size is kept
+    each conv as XLA's, as one patch matmul and, stride-1 2D ones, as banded
+    matmuls over output blocks of several shapes, and keep the fastest; see
+    rtjax.infer.lowering.choose_lowering: a compile and about 0.5 s of timing
+    per candidate) or {layer path: (rows, cols) or "patches"} for every batch
+    size (what "auto" chose, to pin it). The choice per batch size is kept
     in `.conv_lowering`, the timings in `.lowering_trials`.
 
     `embed_weights` compiles the weights into each executable as constants
     (host copies): XLA folds their layout work at compile time and a call
     passes one array, not every weight (experiments.bench_lowering measures
-    it). For small models; a `model` mesh axis could not split them. "auto" costs a compile and ~0.25 s of timing per
-    candidate, once per batch size.
+    it). For small models; a `model` mesh axis could not split them.
 
     `dtype` "bfloat16" serves a float model in bf16 (rtjax.infer.precision):
     inputs and outputs stay float32 host arrays, cast inside the program."""
@@ -126,7 +126,8 @@ class CompiledModel:
     for batch in self.batch_sizes:
       if conv_lowering == "auto":
         lowering, self.lowering_trials[batch] = lowering_lib.choose_lowering(
-            served, self.input_shape, lambda m: self._time(m, batch))
+            served, self.input_shape, lambda m: self._blocking_call(m, batch),
+            self._time_pair)
       else:
         lowering = ({} if conv_lowering == "xla"
                     else lowering_lib.as_lowering(conv_lowering))
@@ -162,20 +163,26 @@ class CompiledModel:
   def _input_spec(self, batch: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((batch, *self.input_shape), jnp.float32)
 
-  def _time(self, model: nnx.Module, batch: int) -> float:
-    """Seconds per call of `model` on `batch` rows, compiled as served. Every
-    process runs the same calls and takes process 0's time, so all of them
-    make the same choices."""
+  def _blocking_call(self, model: nnx.Module, batch: int):
+    """`model` compiled as served for `batch` rows: a call on zeros that
+    blocks until done (a conv lowering candidate)."""
     jitted, state = self._place(model)
     compiled = jitted.lower(state, self._input_spec(batch)).compile()
     images = jax.make_array_from_process_local_data(
         self.input_sharding, np.zeros((batch // self.num_processes,
                                        *self.input_shape), np.float32))
+    return lambda: compiled(state, images).block_until_ready()
+
+  def _time_pair(self, a, b) -> tuple[float, float]:
+    """Seconds per call of two candidates timed side by side. Every process
+    runs the same calls and takes process 0's times, so all of them make
+    the same choices."""
     if self.num_processes == 1:
-      return lowering_lib.median_seconds(lambda: compiled(state, images))
-    seconds = lowering_lib.median_seconds(lambda: compiled(state, images),
-                                          min_calls=20, budget_s=0.0)
-    return float(multihost_utils.broadcast_one_to_all(np.float64(seconds)))
+      return lowering_lib.median_seconds_in_turns(a, b)
+    seconds = lowering_lib.median_seconds_in_turns(a, b, min_calls=20,
+                                                   budget_s=0.0)
+    return tuple(float(s) for s in multihost_utils.broadcast_one_to_all(
+        np.asarray(seconds, np.float64)))
 
   @classmethod
   def from_checkpoint(cls, path: epath.PathLike, **kwargs) -> "CompiledModel":

@@ -261,37 +261,48 @@ def apply_lowering(model: nnx.Module, input_shape: Sequence[int],
   return model
 
 
-def median_seconds(call: Callable[[], jax.Array], min_calls: int = 5,
-                   budget_s: float = 0.25) -> float:
-  """Median of timed calls after 2 warmups: at least `min_calls`, more while
-  within budget (at most 200)."""
-  times = time_calls({"call": lambda: call().block_until_ready()}, min_calls,
-                     warmup=2, budget_s=budget_s)
-  return float(np.median(times["call"]))
+def median_seconds_in_turns(a: Callable[[], object], b: Callable[[], object],
+                           min_calls: int = 5, budget_s: float = 0.5
+                           ) -> tuple[float, float]:
+  """Median seconds of two blocking calls timed in turns of 5 after 2
+  warmups each: at least `min_calls` each, more while the timed seconds
+  total under `budget_s` (at most 200). Side by side, a burst of machine
+  noise lands on both rather than on whichever ran then."""
+  times = time_calls({0: a, 1: b}, min_calls, warmup=2, block=5, settle=1,
+                     budget_s=budget_s)
+  return float(np.median(times[0])), float(np.median(times[1]))
 
 
 def choose_lowering(model: nnx.Module, input_shape: Sequence[int],
-                    time_model: Callable[[nnx.Module], float],
+                    compile_model: Callable[[nnx.Module], Callable[[], object]],
+                    time_pair: Callable[[Callable, Callable], tuple[float, float]],
                     margin: float = 0.05) -> tuple[Lowering, list[dict]]:
   """Greedy per layer, in model order: keep a layer's fastest block when the
   whole model runs `margin` faster than with the best choice so far; then
   every conv as patches at once, which can pay where no single layer does
   by `margin`.
 
-  `time_model(model) -> seconds` compiles and times one candidate; the trials
-  (lowering tried, seconds) come back with the choice."""
+  `compile_model(model)` compiles a candidate into a blocking call;
+  `time_pair(best, trial)` gives both calls' seconds, timed side by side
+  (median_seconds_in_turns): each trial is judged against the choice so
+  far in the same run. The trials come back with the choice: the first is
+  XLA's convs, then each lowering tried with its seconds and those of the
+  choice it was timed `against`. A model without convs is not timed."""
+  candidates = candidate_blocks(model, input_shape)
   chosen: Lowering = {}
-  best = time_model(model)
-  trials = [{"lowering": {}, "seconds": best}]
+  best = compile_model(model) if candidates else None
+  trials: list[dict] = []
 
   def consider(trial: Lowering) -> None:
     nonlocal best, chosen
-    seconds = time_model(apply_lowering(model, input_shape, trial))
-    trials.append({"lowering": trial, "seconds": seconds})
-    if seconds < best * (1 - margin):
-      best, chosen = seconds, trial
+    call = compile_model(apply_lowering(model, input_shape, trial))
+    against, seconds = time_pair(best, call)
+    if not trials:
+      trials.append({"lowering": {}, "seconds": against})
+    trials.append({"lowering": trial, "seconds": seconds, "against": against})
+    if seconds < against * (1 - margin):
+      best, chosen = call, trial
 
-  candidates = candidate_blocks(model, input_shape)
   for path, blocks in candidates.items():
     for block in blocks:
       consider(chosen | {path: block})

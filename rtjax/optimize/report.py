@@ -108,16 +108,18 @@ def markdown(summary: dict) -> str:
       "size, one interleaved run)", "",
       sensitivity.markdown(summary["sensitivity"], s["percentile"]),
       "![sensitivity](sensitivity.png)", "", "## Candidates", "",
-      "| candidate | what was done | FLOPs | screened p50 ms | rungs: val "
-      "acc. | fate |", "|" + " --- |" * 6]
+      f"| candidate | what was done | FLOPs | screened p50 / {p} ms "
+      "| rungs: val acc. | fate |", "|" + " --- |" * 6]
   for r in summary["candidates"]:
     rungs = ", ".join(f"{j['steps']}: {_pct(j['val_accuracy'])}"
                       for j in r["rungs"]) or "-"
-    lowered = ("" if r["screen"].get("conv_lowering", "xla") == "xla"
-               else " (patches)")
+    served = [w for w, on in (
+        ("patches", r["screen"].get("conv_lowering", "xla") != "xla"),
+        ("embedded", r["screen"].get("embed_weights"))) if on]
     lines.append(f"| {r['name']} | {r['done']} | {r['screen']['flops']:,.0f} "
-                 f"| {r['screen']['p50_ms']:.4f}{lowered} | {rungs} | "
-                 f"{r['fate']} |")
+                 f"| {r['screen']['p50_ms']:.4f} / {r['screen']['p_ms']:.4f}"
+                 f"{' (' + ', '.join(served) + ')' if served else ''} "
+                 f"| {rungs} | {r['fate']} |")
   lines += ["", f"## Finalists: {s['final_runs']} interleaved runs at "
             f"batch {s['batch_size']} (medians; each run's {p} in brackets), "
             "test split", "",

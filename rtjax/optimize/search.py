@@ -57,7 +57,7 @@ class Settings:
   reject_significant_loss: bool = True  # McNemar p < 0.05 and a loss
   search_minutes: float = 15.0
   rung_steps: tuple[int, ...] = ()
-  extra_rungs: int = 3  # longer rungs for the finalists while time is left
+  extra_rungs: int = 6  # longer rungs for the finalists while time is left
   keep_fractions: tuple[float, ...] = sensitivity.FRACTIONS
   sensitivity_groups: str = ".*"  # regex of the groups analyzed
   uniform: tuple[float, ...] = candidates.UNIFORM
@@ -166,7 +166,7 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
   screen = ctx.phase("screen", lambda: screening.screen(
       ctx.parent, ctx.spec, recipes, ctx.batch, settings.percentile,
       parent_options["options"], peaks, ctx.dataset.val,
-      settings.measure_seconds))
+      settings.measure_seconds, settings.final_runs))
   budget_ms = budget["budget_ms"]
   predicted = {n: screening.screened_p(screen, n, budget.get("parent_p_ms"))
                for n in screen}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from rtjax.optimize import audit, finetune, halving, stats
+from rtjax.optimize import audit, finetune, halving, screening, stats
 from rtjax.optimize.search import Settings, run_search
 from rtjax.optimize.store import SearchStore
 from tests.conftest import run_module
@@ -346,3 +346,13 @@ def test_optimize_stage_ends_a_pipeline(trained, tiny_search, tmp_path):
       "checkpoints"
   again = run_pipeline(config, workdir)  # finished: skipped
   assert again["optimize"].step == results["optimize"].step
+
+
+def test_screening_predicts_from_the_percentile_ratio():
+  # A small model whose tail sits closer to its median than the parent's:
+  # half the parent's p99, though 0.6 of its p50.
+  rows = {"parent": {"p50_ms": 1.0, "p_ms": 2.0},
+          "small": {"p50_ms": 0.6, "p_ms": 1.0}}
+  assert screening.screened_p(rows, "small") == pytest.approx(1.0)
+  # Scaled to the parent's latency the budget was set from.
+  assert screening.screened_p(rows, "small", parent_p_ms=3.0) == pytest.approx(1.5)

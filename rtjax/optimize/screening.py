@@ -34,20 +34,18 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
            percentile: float, parent_options: dict, peaks: dict, val,
            seconds: float, runs: int = 3) -> dict:
   """{name: cost row} for the parent and every recipe. First every
-  candidate architecture in one interleaved run under each fixed serving variant
-  (XLA's convs or every conv as patches, weights passed or embedded: which
-  wins changes with the widths, and tuning one per candidate here would rank
-  them partly by the noise of the tuning runs), the fastest at p50 kept;
-  then the parent as it is served and each architecture in its fastest
-  variant, `runs` interleaved runs (medians), which give the latencies the
-  search predicts from. The finalists get their tuned options; SCREEN_SLACK
-  leaves room for them."""
+  candidate architecture in one interleaved run under each fixed serving
+  variant (XLA's convs or every conv as patches, weights passed or
+  embedded: which wins changes with the widths, and tuning one per
+  candidate here would rank them partly by the noise of the tuning runs),
+  the fastest at p50 kept; then the parent as it is served and each
+  architecture in its fastest variant, `runs` interleaved runs (medians),
+  which give the latencies the search predicts from. The finalists get
+  their tuned options; SCREEN_SLACK leaves room for them."""
   base = {**parent_options, "round_widths_to": 0}
-  built = {"parent": (parent, spec)}
-  for recipe in recipes:
-    built[recipe["name"]] = candidates.build(recipe, parent, spec)
+  built = {r["name"]: candidates.build(r, parent, spec) for r in recipes}
   variants, served = [], []
-  for name, (model, s) in list(built.items())[1:]:  # the parent is served
+  for name, (model, s) in built.items():
     patches = lowering_lib.describe(lowering_lib.all_patches(
         model, s["args"]["input_shape"]))
     for conv_lowering in dict.fromkeys(("xla", patches)):
@@ -70,7 +68,7 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
   pruned = {r["name"] for r in recipes if r["kind"] == "prune"}
   out = {}
   for (name, (options, compiled)), lat in zip(chosen.items(), latency):
-    model, s = built[name]
+    model, s = (parent, spec) if name == "parent" else built[name]
     row = cost_row(name, model, s, compiled, lat, peaks, batch)
     row["conv_lowering"] = lowering_lib.describe(compiled.conv_lowering[batch])
     row["embed_weights"] = options["embed_weights"]

@@ -28,10 +28,10 @@ def time_calls(calls: Mapping[Hashable, Callable[[], object]], iters: int,
   calls take turns by blocks of untimed calls (at least `settle` of them
   and `settle_s` seconds) then `block` timed calls, so machine noise hits
   them alike and a call's leftover work (a runtime's spinning threads)
-  lands in the next one's untimed calls. Turns go on
-  until each call has at least `iters` timed calls (whole blocks), then, with
-  a `budget_s`, while all timed seconds total under it and each call has
-  fewer than `max_iters`.
+  lands in the next one's untimed calls. Turns go on until each call has
+  at least `iters` timed calls (whole blocks), then, with a `budget_s`,
+  while all timed seconds total under it and each call has fewer than
+  `max_iters`.
 
   Python's garbage collector is off while it times, as in timeit: a
   collection triggered by allocations anywhere in the process would land
@@ -81,8 +81,8 @@ def realtime_threads(switch_interval_s: float = 5e-4) -> Iterator[None]:
   * on Linux, a timer slack of 1 ns: a sleeping thread wakes when asked
     instead of up to 50 us later (the default lets the kernel batch wakeups;
     in a one-off probe on the 2-core CPU, a 1 ms sleep overshot by 74 us
-    at p50 with it, 25 us without). LoadGen sleeps until each query's scheduled time and counts
-    the overshoot in the query's latency."""
+    at p50 with it, 25 us without). LoadGen sleeps until each query's
+    scheduled time and counts the overshoot in the query's latency."""
   interval = sys.getswitchinterval()
   sys.setswitchinterval(switch_interval_s)
   prctl = (ctypes.CDLL(None, use_errno=True).prctl

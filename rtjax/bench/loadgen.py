@@ -159,8 +159,9 @@ def _in_process_sut(model, samples: np.ndarray, config: LoadGenConfig):
   def issue(queries):
     # Queries LoadGen issues together (Offline's all, the Server's coalesced
     # when due at once) go as requests of up to max_batch rows: fewer Python
-    # calls per query (with it, LeNet-5's Server peak went from 58% to 75%
-    # of Offline, medians of 3 runs of the README's serving command).
+    # calls per query (with this and server_coalesce_queries, LeNet-5's
+    # Server peak went from 58% to 75% of Offline, medians of 3 runs of the
+    # README's serving command).
     now = time.perf_counter()
     for first in range(0, len(queries), config.max_batch):
       group = queries[first:first + config.max_batch]

@@ -38,7 +38,7 @@ TORCH_THREADS = (1, os.cpu_count() or 1)
 # workers slow the next contender for tens of milliseconds (one-off probe,
 # LeNet-5 at batch 256 in turns with ONNX Runtime's 2 spinning threads:
 # rtjax's p50 3.75 ms after 3 untimed calls, 8 ms; 3.01 after 10; 2.62
-# after 30, 80 ms; 2.77 in turns with rtjax models only).
+# after 30, 80 ms; 2.77 in experiments.bench's own table, rtjax only).
 SETTLE_S = 0.1
 
 

@@ -64,8 +64,8 @@ def repeated(served: Sequence[CompiledModel], batch: int, percentile: float,
 def option_grid(model: nnx.Module, spec: dict) -> list[dict]:
   """The option sets worth timing for this model on this kind of device,
   simplest first (the device's defaults). Convs run as XLA's or all as
-  patches: a fixed lowering timed side by side with the rest, which the
-  per-layer tuning ('auto', sequential timings) may then refine."""
+  patches, timed side by side with the other options; choose_options may
+  then refine the winner per layer ('auto')."""
   floating = is_float_model(model) and not spec.get("quantization")
   cls = model_class(spec["name"])
   ragged = floating and hasattr(cls, "prunable_groups") and any(

@@ -152,6 +152,11 @@ class ServingFlags:
         "holds weights and activations in bf16 and accumulates in f32. "
         "Default: the checkpoint's choice for this kind of device, else "
         "float32.")
+    self.dot_kernels = flags.DEFINE_enum(
+        "dot_kernels", None, ["ynnpack", "xla"], "What runs the matmuls on a "
+        "CPU: ynnpack (jax's default there) or XLA's own kernels. Default: "
+        "the checkpoint's choice for this kind of device, else ynnpack on "
+        "CPU, xla elsewhere.")
     self.async_dispatch = flags.DEFINE_bool(
         "cpu_async_dispatch", False, "Keep jax's asynchronous CPU dispatch. "
         "Off by default here: handing each call to a worker thread costs "
@@ -172,7 +177,7 @@ class ServingFlags:
       except ValueError as e:
         raise FlagError(f"--conv_lowering: {e}") from None
     return {"conv_lowering": lowering, "embed_weights": self.embed_weights.value,
-            "dtype": self.dtype.value}
+            "dtype": self.dtype.value, "dot_kernels": self.dot_kernels.value}
 
 
 # ---- logs -----------------------------------------------------------------

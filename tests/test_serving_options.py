@@ -22,7 +22,8 @@ def test_flag_beats_checkpoint_beats_device_default():
   assert on_cpu["dtype"] == "float32"  # None is "not given": the default
   assert on_cpu["source"] == {"embed_weights": "flag",
                               "conv_lowering": "checkpoint",
-                              "dtype": "default", "round_widths_to": "default"}
+                              "dtype": "default", "round_widths_to": "default",
+                              "dot_kernels": "default"}
   # A CPU-tuned lowering never reaches a TPU or GPU: their own record or
   # default applies there.
   on_tpu = options.resolve({}, RECORDED, "tpu")
@@ -44,6 +45,24 @@ def test_compiled_model_applies_the_rule():
   assert served.embed_weights and served.dtype == jnp.bfloat16
   with pytest.raises(Exception, match="serving dtype 'float16'"):
     CompiledModel(model, (16, 16, 1), batch_sizes=(2,), dtype="float16")
+
+
+def test_dot_kernels_xla_takes_ynnpack_out_of_the_executable():
+  """dot_kernels is a per-executable compiler option: "xla" leaves no
+  YNNPACK fusion in the program, with the same outputs."""
+  model = create_model("cnn1d", {"num_classes": 10, "input_shape": [40, 1],
+                                 "channels": [16, 16, 16]})
+  x = np.random.default_rng(0).normal(size=(8, 40, 1)).astype(np.float32)
+  library = CompiledModel(model, (40, 1), batch_sizes=(8,))
+  own = CompiledModel(model, (40, 1), batch_sizes=(8,), dot_kernels="xla")
+  if "__ynn_fusion" not in library.executables[8].as_text():
+    pytest.skip("this jaxlib's CPU compiler does not use YNNPACK")
+  assert library.options["dot_kernels"] == "ynnpack"  # the CPU default
+  assert "__ynn_fusion" not in own.executables[8].as_text()
+  np.testing.assert_allclose(own(x), library(x), atol=1e-5)
+  assert options.compiler_options("xla", "tpu") == {}
+  with pytest.raises(ValueError, match="dot_kernels 'ynnpack' on tpu"):
+    options.compiler_options("ynnpack", "tpu")
 
 
 FAMILIES = {  # small members of every family

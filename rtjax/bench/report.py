@@ -16,12 +16,14 @@ def latency_markdown(rows: list[dict]) -> str:
 
 
 def serving_summary(model) -> str:
-  """How a CompiledModel serves: dtype, conv lowering per batch, weights."""
+  """How a CompiledModel serves: dtype, conv lowering per batch, weights,
+  dot kernels."""
   from rtjax.infer.lowering import describe  # jax: only when serving
   lowering = "; ".join(f"{b}: {describe(l)}"
                        for b, l in model.conv_lowering.items())
   return (f"{model.options['dtype']}, conv lowering {lowering}, weights "
-          f"{'embedded' if model.options['embed_weights'] else 'passed'}")
+          f"{'embedded' if model.options['embed_weights'] else 'passed'}, "
+          f"{model.options['dot_kernels']} dots")
 
 
 def peers_markdown(peers: dict[str, dict]) -> str:

@@ -47,7 +47,7 @@ class CompiledModel:
                spec: dict | None = None, round_widths_to: int | None = None,
                conv_lowering: str | Mapping[str, tuple[int, int]] | None = None,
                embed_weights: bool | None = None, dtype: str | None = None,
-               metadata: dict | None = None):
+               dot_kernels: str | None = None, metadata: dict | None = None):
     """Serving options left None follow rtjax.infer.options.resolve: what
     `metadata` (the checkpoint's) recorded for this kind of device, else that
     kind's default; the result is kept in `.options`.
@@ -70,15 +70,21 @@ class CompiledModel:
     it). For small models; a `model` mesh axis could not split them.
 
     `dtype` "bfloat16" serves a float model in bf16 (rtjax.infer.precision):
-    inputs and outputs stay float32 host arrays, cast inside the program."""
+    inputs and outputs stay float32 host arrays, cast inside the program.
+
+    `dot_kernels` "xla" runs the matmuls with XLA's own kernels on a CPU
+    instead of the YNNPACK library ("ynnpack", jax's CPU default); see
+    rtjax.infer.options."""
     self.options = options_lib.resolve(
         {"dtype": dtype, "conv_lowering": conv_lowering,
-         "embed_weights": embed_weights, "round_widths_to": round_widths_to},
-        metadata)
+         "embed_weights": embed_weights, "round_widths_to": round_widths_to,
+         "dot_kernels": dot_kernels}, metadata)
     dtype, conv_lowering, embed_weights, round_widths_to = (
         self.options[k] for k in ("dtype", "conv_lowering", "embed_weights",
                                   "round_widths_to"))
     try:
+      self.compiler_options = options_lib.compiler_options(
+          self.options["dot_kernels"])
       self.dtype = jnp.dtype(precision.parse_dtype(dtype))
       if isinstance(conv_lowering, str):
         conv_lowering = lowering_lib.parse_lowering(conv_lowering)
@@ -139,7 +145,8 @@ class CompiledModel:
       jitted, self.states[batch] = placed[key]
       start = time.perf_counter()
       self.executables[batch] = jitted.lower(
-          self.states[batch], self._input_spec(batch)).compile()
+          self.states[batch], self._input_spec(batch)).compile(
+              compiler_options=self.compiler_options)
       self.compile_seconds[batch] = time.perf_counter() - start
 
   def _place(self, model: nnx.Module):
@@ -167,7 +174,8 @@ class CompiledModel:
     """`model` compiled as served for `batch` rows: a call on zeros that
     blocks until done (a conv lowering candidate)."""
     jitted, state = self._place(model)
-    compiled = jitted.lower(state, self._input_spec(batch)).compile()
+    compiled = jitted.lower(state, self._input_spec(batch)).compile(
+        compiler_options=self.compiler_options)
     images = jax.make_array_from_process_local_data(
         self.input_sharding, np.zeros((batch // self.num_processes,
                                        *self.input_shape), np.float32))

@@ -115,7 +115,8 @@ def markdown(summary: dict) -> str:
                       for j in r["rungs"]) or "-"
     served = [w for w, on in (
         ("patches", r["screen"].get("conv_lowering", "xla") != "xla"),
-        ("embedded", r["screen"].get("embed_weights"))) if on]
+        ("embedded", r["screen"].get("embed_weights")),
+        ("xla dots", r["screen"].get("dot_kernels") == "xla")) if on]
     lines.append(f"| {r['name']} | {r['done']} | {r['screen']['flops']:,.0f} "
                  f"| {r['screen']['p50_ms']:.4f} / {r['screen']['p_ms']:.4f}"
                  f"{' (' + ', '.join(served) + ')' if served else ''} "
@@ -130,7 +131,8 @@ def markdown(summary: dict) -> str:
     t = r["test"]
     o = r["options"]
     opts = (f"{o['conv_lowering']}, embed {o['embed_weights']}, "
-            f"{o['dtype']}, widths {o['round_widths_to'] or '-'}")
+            f"{o['dtype']}, widths {o['round_widths_to'] or '-'}, "
+            f"{o['dot_kernels']} dots")
     verdict = summary["verdicts"][name] or (
         "**chosen**" if name == summary["chosen"] else "eligible")
     lines.append(

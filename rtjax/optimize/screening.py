@@ -7,8 +7,11 @@ cannot meet the budget are never trained.
 
 from __future__ import annotations
 
+import itertools
+
 from rtjax.bench import breakdown
 from rtjax.infer import lowering as lowering_lib
+from rtjax.infer import options as options_lib
 from rtjax.models import forward_flops
 from rtjax.optimize import audit, candidates, serving
 from rtjax.train.evaluate import evaluate
@@ -36,7 +39,8 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
   """{name: cost row} for the parent and every recipe. First every
   candidate architecture in one interleaved run under each fixed serving
   variant (XLA's convs or every conv as patches, weights passed or
-  embedded: which wins changes with the widths, and tuning one per
+  embedded, each kind of dot kernels this device has: which wins changes
+  with the widths, and tuning one per
   candidate here would rank them partly by the noise of the tuning runs),
   the fastest at p50 kept; then the parent as it is served and each
   architecture in its fastest variant, `runs` interleaved runs (medians),
@@ -44,16 +48,18 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
   their tuned options; SCREEN_SLACK leaves room for them."""
   base = {**parent_options, "round_widths_to": 0}
   built = {r["name"]: candidates.build(r, parent, spec) for r in recipes}
+  dot_kernels = options_lib.DOT_KERNELS.get(options_lib.device_kind(),
+                                            ("xla",))
   variants, served = [], []
   for name, (model, s) in built.items():
     patches = lowering_lib.describe(lowering_lib.all_patches(
         model, s["args"]["input_shape"]))
-    for conv_lowering in dict.fromkeys(("xla", patches)):
-      for embed in (False, True):
-        options = {**base, "conv_lowering": conv_lowering,
-                   "embed_weights": embed}
-        variants.append((name, options))
-        served.append(serving.compile_with(model, s, batch, options))
+    for conv_lowering, embed, dots in itertools.product(
+        dict.fromkeys(("xla", patches)), (False, True), dot_kernels):
+      options = {**base, "conv_lowering": conv_lowering,
+                 "embed_weights": embed, "dot_kernels": dots}
+      variants.append((name, options))
+      served.append(serving.compile_with(model, s, batch, options))
   fastest = {}
   for (name, options), compiled, lat in zip(
       variants, served, serving.interleaved(served, batch, percentile,
@@ -72,6 +78,7 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
     row = cost_row(name, model, s, compiled, lat, peaks, batch)
     row["conv_lowering"] = lowering_lib.describe(compiled.conv_lowering[batch])
     row["embed_weights"] = options["embed_weights"]
+    row["dot_kernels"] = options["dot_kernels"]
     if name == "parent" or name in pruned:
       row["untuned_val_accuracy"] = evaluate(model, val, 512)["accuracy"]
     out[name] = row

@@ -4,7 +4,8 @@ Every model in a search (the parent included, so that the budget is won by
 changing the model and not by serving the parent badly) is served with the
 options that measured fastest for it at the search's batch size: weights
 embedded or passed, float32 or bfloat16, widths padded to a multiple of 8,
-and XLA's convolutions or banded matmuls ("auto", pinned to what it chose).
+XLA's convolutions or banded matmuls ("auto", pinned to what it chose), and
+on a CPU the YNNPACK library's dot kernels or XLA's own.
 Options that change the predictions (bf16) must agree with float32 on 99%
 of the validation inputs to be considered.
 """
@@ -72,15 +73,16 @@ def option_grid(model: nnx.Module, spec: dict) -> list[dict]:
       g.width % 8 for g in cls.prunable_groups(spec["args"]))
   patches = lowering_lib.describe(lowering_lib.all_patches(
       model, spec["args"]["input_shape"])) if floating else "xla"
+  kind = options_lib.device_kind()
   grid = []
-  for lowering, embed, dtype, widths in itertools.product(
+  for lowering, embed, dtype, widths, dots in itertools.product(
       dict.fromkeys(("xla", patches)), (False, True),
       ("float32", "bfloat16") if floating else ("float32",),
-      (0, 8) if ragged else (0,)):
+      (0, 8) if ragged else (0,), options_lib.DOT_KERNELS.get(kind, ("xla",))):
     grid.append({"conv_lowering": lowering, "embed_weights": embed,
-                 "dtype": dtype, "round_widths_to": widths})
-  defaults = options_lib.DEFAULTS.get(options_lib.device_kind(),
-                                      options_lib.DEFAULTS["cpu"])
+                 "dtype": dtype, "round_widths_to": widths,
+                 "dot_kernels": dots})
+  defaults = options_lib.DEFAULTS.get(kind, options_lib.DEFAULTS["cpu"])
   grid.sort(key=lambda o: sum(o[k] != defaults[k] for k in o))
   return grid
 

@@ -144,6 +144,17 @@ def test_candidates_predicted_to_fit_rank_first(tmp_path):
   assert trainer.calls[4:] == [("d", 1), ("a", 1)] and finalists == {"d": 1}
 
 
+def test_candidates_over_budget_rank_by_predicted_latency(tmp_path):
+  trainer = Trainer()
+  finalists = halving.successive_halving(
+      "abcd", (1, 2), trainer, SearchStore(tmp_path), trainer.clock,
+      budget_s=1e6, max_finalists=1, extra_rungs=0,
+      predicted={"a": 3.0, "b": 2.0, "c": 1.0, "d": 4.0})
+  # None predicted to fit: the closest to the budget go on, not the most
+  # accurate (a, then b).
+  assert trainer.calls[4:] == [("c", 1), ("b", 1)] and finalists == {"c": 1}
+
+
 def test_halving_keeps_as_many_as_the_finalists(tmp_path):
   trainer = Trainer()
   finalists = halving.successive_halving(

@@ -62,16 +62,21 @@ def resolve(explicit: Mapping[str, object] | None = None,
   return chosen | {"source": source}
 
 
-def compiler_options(dot_kernels: str, kind: str | None = None
+def dot_kernels(kind: str | None = None) -> tuple[str, ...]:
+  """The dot kernels this kind of device can run (jax's default first)."""
+  return DOT_KERNELS.get(device_kind(kind), ("xla",))
+
+
+def compiler_options(dot_kernel: str, kind: str | None = None
                      ) -> dict[str, str]:
   """XLA compiler options (jax's `.compile(compiler_options=...)`, one
-  executable's, unlike XLA_FLAGS) that give `dot_kernels` on `kind`; a
+  executable's, unlike XLA_FLAGS) that give `dot_kernel` on `kind`; a
   ValueError names the choices when that kind has no such kernels."""
   kind = device_kind(kind)
-  known = DOT_KERNELS.get(kind, ("xla",))
-  if dot_kernels not in known:
-    raise ValueError(f"dot_kernels {dot_kernels!r} on {kind}: use one of "
+  known = dot_kernels(kind)
+  if dot_kernel not in known:
+    raise ValueError(f"dot_kernels {dot_kernel!r} on {kind}: use one of "
                      f"{', '.join(known)}")
-  if kind == "cpu" and dot_kernels == "xla":
+  if kind == "cpu" and dot_kernel == "xla":
     return {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusions
   return {}

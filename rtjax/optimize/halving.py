@@ -17,7 +17,7 @@ planned rungs trains the finalists longer.
 from __future__ import annotations
 
 import math
-from typing import Callable, Collection, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -44,17 +44,21 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
                        train: Callable[[str, int, int], dict],
                        store: SearchStore, clock: Callable[[], float],
                        budget_s: float, eta: int = 2, max_finalists: int = 3,
-                       extra_rungs: int = 2,
-                       fits: Collection[str] = ()) -> dict[str, int]:
+                       extra_rungs: int = 2, fits: Collection[str] = (),
+                       predicted: Mapping[str, float] | None = None
+                       ) -> dict[str, int]:
   """{finalist: its last trained rung}. `train(name, rung, steps)` returns
   at least {'val_accuracy'}; its duration is measured with `clock`. After
   the planned rungs, while time is left, the finalists train up to
   `extra_rungs` more rungs of `eta` times the steps each (no halving).
 
   Candidates in `fits` (predicted to meet the latency budget) rank ahead
-  of the others, then by validation accuracy: after a short rung the most
+  of the others, by validation accuracy: after a short rung the most
   pruned candidates, often the only ones fast enough, have not yet
-  recovered their accuracy, and accuracy alone would drop them first."""
+  recovered their accuracy, and accuracy alone would drop them first. The
+  others rank by their `predicted` latency, closest to the budget first
+  (then by accuracy): the likeliest to fit when measured again."""
+  predicted = predicted or {}
   survivors = list(names)
   last_rung = {}
   planned = len(rungs)
@@ -77,8 +81,9 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
         store.put(job, {**result, "steps": steps,
                         "seconds": max(clock() - start, 1e-9)})
       trained = [n for n in survivors if f"job/{n}/rung{k}" in store]
-      ranked = sorted(trained, key=lambda n: (n not in fits, -store.get(
-          f"job/{n}/rung{k}")["val_accuracy"]))
+      ranked = sorted(trained, key=lambda n: (
+          n not in fits, 0.0 if n in fits else predicted.get(n, 0.0),
+          -store.get(f"job/{n}/rung{k}")["val_accuracy"]))
       if k >= planned - 1:  # the finalists; later rungs only train longer
         promoted = (ranked[:max_finalists] if k == planned - 1 else
                     sorted(survivors, key=lambda n: n not in ranked))

@@ -60,8 +60,9 @@ def summarize(settings, budget: dict, sens: dict, recipes: list[dict],
               * SCREEN_SLACK else
               "not trained: more candidates fitted than max_candidates")
     elif trained:
-      fate = (f"dropped after rung {len(trained) - 1} (ranked by predicted "
-              "fit to the budget, then validation accuracy)")
+      fate = (f"dropped after rung {len(trained) - 1} (ranked: predicted "
+              "to fit the budget first, by validation accuracy, then the "
+              "others by predicted latency)")
     else:
       fate = "not trained: out of search time"
     rows.append({**recipe, "done": _describe(recipe), "screen": screen[name],

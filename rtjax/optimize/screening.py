@@ -35,27 +35,28 @@ def cost_row(name, model, spec, compiled, lat, peaks, batch) -> dict:
 
 def screen(parent, spec: dict, recipes: list[dict], batch: int,
            percentile: float, parent_options: dict, peaks: dict, val,
-           seconds: float, runs: int = 3) -> dict:
+           seconds: float, runs: int = 3,
+           run_seconds: float | None = None) -> dict:
   """{name: cost row} for the parent and every recipe. First every
   candidate architecture in one interleaved run under each fixed serving
   variant (XLA's convs or every conv as patches, weights passed or
   embedded, each kind of dot kernels this device has: which wins changes
-  with the widths, and tuning one per
-  candidate here would rank them partly by the noise of the tuning runs),
-  the fastest at p50 kept; then the parent as it is served and each
-  architecture in its fastest variant, `runs` interleaved runs (medians),
-  which give the latencies the search predicts from. The finalists get
-  their tuned options; SCREEN_SLACK leaves room for them."""
+  with the widths, and tuning one per candidate here would rank them
+  partly by the noise of the tuning runs), the fastest at p50 kept; then
+  the parent as it is served and each architecture in its fastest variant,
+  `runs` interleaved runs of `run_seconds` (default `seconds`; medians),
+  which give the latencies the search predicts from: their tail
+  percentile needs hundreds of calls per model. The finalists get their
+  tuned options; SCREEN_SLACK leaves room for them."""
   base = {**parent_options, "round_widths_to": 0}
   built = {r["name"]: candidates.build(r, parent, spec) for r in recipes}
-  dot_kernels = options_lib.DOT_KERNELS.get(options_lib.device_kind(),
-                                            ("xla",))
   variants, served = [], []
   for name, (model, s) in built.items():
     patches = lowering_lib.describe(lowering_lib.all_patches(
         model, s["args"]["input_shape"]))
     for conv_lowering, embed, dots in itertools.product(
-        dict.fromkeys(("xla", patches)), (False, True), dot_kernels):
+        dict.fromkeys(("xla", patches)), (False, True),
+        options_lib.dot_kernels()):
       options = {**base, "conv_lowering": conv_lowering,
                  "embed_weights": embed, "dot_kernels": dots}
       variants.append((name, options))
@@ -70,7 +71,7 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
       parent, spec, batch, parent_options))}
   chosen.update({n: fastest[n][:2] for n in fastest})
   latency = serving.repeated([c for _, c in chosen.values()], batch,
-                             percentile, seconds, runs)
+                             percentile, run_seconds or seconds, runs)
   pruned = {r["name"] for r in recipes if r["kind"] == "prune"}
   out = {}
   for (name, (options, compiled)), lat in zip(chosen.items(), latency):

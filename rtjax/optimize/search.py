@@ -166,7 +166,8 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
   screen = ctx.phase("screen", lambda: screening.screen(
       ctx.parent, ctx.spec, recipes, ctx.batch, settings.percentile,
       parent_options["options"], peaks, ctx.dataset.val,
-      settings.measure_seconds, settings.final_runs))
+      settings.measure_seconds, settings.final_runs,
+      settings.final_seconds))
   budget_ms = budget["budget_ms"]
   predicted = {n: screening.screened_p(screen, n, budget.get("parent_p_ms"))
                for n in screen}
@@ -179,10 +180,12 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
     raise BudgetNotMet(_unmet(rows[0], budget_ms, floor, ctx.batch,
                               settings.percentile, "architecture"))
   under_budget = {n for n in screened_in if predicted[n] <= budget_ms}
-  # Those predicted to meet the budget first (as halving ranks them), then
-  # by accuracy before fine-tuning.
-  order = sorted(screened_in, key=lambda n: (n not in under_budget, -screen[
-      n].get("untuned_val_accuracy", -1.0)))
+  # As halving ranks them: those predicted to meet the budget first, by
+  # accuracy before fine-tuning; then the others, closest to the budget
+  # first (a student trained from scratch has no accuracy yet to rank by).
+  order = sorted(screened_in, key=lambda n: (
+      n not in under_budget, 0.0 if n in under_budget else predicted[n],
+      -screen[n].get("untuned_val_accuracy", -1.0)))
   trainees = order[:settings.max_candidates]
   rungs = settings.rung_steps or _default_rungs(ctx.meta)
   reserve = _reserve_seconds(ctx, len(trainees))
@@ -192,7 +195,7 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
           ctx, recipe_of[name], k, steps), ctx.store, clock,
       60 * settings.search_minutes - reserve,
       max_finalists=settings.max_finalists, extra_rungs=settings.extra_rungs,
-      fits=under_budget)
+      fits=under_budget, predicted=predicted)
   paths = {n: str(_rung_dir(ctx, n, k)) for n, k in finalists.items()}
   paths.update(_int8_variants(ctx, sens, paths))
   if parent_fits:

@@ -78,7 +78,7 @@ def option_grid(model: nnx.Module, spec: dict) -> list[dict]:
   for lowering, embed, dtype, widths, dots in itertools.product(
       dict.fromkeys(("xla", patches)), (False, True),
       ("float32", "bfloat16") if floating else ("float32",),
-      (0, 8) if ragged else (0,), options_lib.DOT_KERNELS.get(kind, ("xla",))):
+      (0, 8) if ragged else (0,), options_lib.dot_kernels(kind)):
     grid.append({"conv_lowering": lowering, "embed_weights": embed,
                  "dtype": dtype, "round_widths_to": widths,
                  "dot_kernels": dots})

@@ -199,7 +199,11 @@ def candidate_blocks(model: nnx.Module,
 
 def all_patches(model: nnx.Module, input_shape: Sequence[int]) -> Lowering:
   """Every conv that can be lowered, as patches ({} when there is none)."""
-  return {path: PATCHES for path in candidate_blocks(model, input_shape)}
+  return _as_patches(candidate_blocks(model, input_shape))
+
+
+def _as_patches(candidates: dict[str, list[Block]]) -> Lowering:
+  return {path: PATCHES for path in candidates}
 
 
 def _parent_and_key(model: nnx.Module, path: str):
@@ -306,7 +310,7 @@ def choose_lowering(model: nnx.Module, input_shape: Sequence[int],
   for path, blocks in candidates.items():
     for block in blocks:
       consider(chosen | {path: block})
-  every = {path: PATCHES for path in candidates}
+  every = _as_patches(candidates)
   if len(candidates) > 1 and chosen != every:
     consider(every)
   return chosen, trials

@@ -1,8 +1,10 @@
 """Model families: shapes, exact parameter counts, FLOPs, registry errors."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from rtjax import models
 from rtjax.errors import ConfigError
@@ -106,3 +108,61 @@ def test_inference_view_is_per_example_training_view_is_not():
   np.testing.assert_allclose(infer(x[:1]), infer(x)[:1], atol=1e-6)
   train = models.training_view(model)
   assert not np.allclose(train(x[:2])[:1], train(x)[:1], atol=1e-3)
+
+
+# One small instance of each family and the input it takes.
+SMALL = {
+    "resnet": ({"stem_width": 4, "stage_widths": [4, 8],
+                "blocks_per_stage": [2, 1], "stage_strides": [1, 2]}, [8, 8, 1]),
+    "lenet5": ({}, [16, 16, 1]),
+    "vit": ({"embed_dim": 8, "depth": 2, "num_heads": [2, 1], "head_dim": 4,
+             "mlp_dim": [8, 4]}, [8, 8, 1]),
+    "cnn1d": ({"channels": [4, 4, 4]}, [40, 1]),
+    "mlp": ({"hidden": [8, 8]}, [40, 1]),
+    "gru": ({"hidden": [4, 4]}, [6, 1]),
+    "lstm": ({"hidden": [4, 4]}, [6, 1]),
+    "transformer1d": ({"embed_dim": 8, "depth": 2, "num_heads": 2,
+                       "head_dim": 4, "mlp_dim": 8}, [6, 1]),
+}
+
+
+def test_every_family_is_in_the_depth_table():
+  assert sorted(SMALL) == models.model_names()
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_shallower_members_build_with_fewer_layers(name):
+  """Each family declares its depth rule beside its class, or why it has
+  none; every member the rule gives builds with fewer parameter arrays (a
+  flattening head may grow, so not always fewer parameters)."""
+  own, shape = SMALL[name]
+  args = {**own, "num_classes": 3, "input_shape": shape}
+  students = models.shallower(name, args)
+  reason = models.no_shallower_reason(name)
+  assert bool(students) != bool(reason), (students, reason)
+  arrays = lambda a: len(jax.tree.leaves(nnx.state(
+      models.abstract_model(name, a), nnx.Param)))
+  for student in students:
+    assert student["input_shape"] == shape and student["num_classes"] == 3
+    assert arrays(student) < arrays(args)
+
+
+def test_resnet_depth_rule_drops_a_block_and_a_stage():
+  own, shape = SMALL["resnet"]
+  fewer_blocks, fewer_stages = models.shallower(
+      "resnet", {**own, "num_classes": 3, "input_shape": shape})
+  assert fewer_blocks["blocks_per_stage"] == [1, 1]
+  assert fewer_stages["stage_widths"] == [4]
+  assert fewer_stages["blocks_per_stage"] == [2]
+  assert "inner_widths" not in fewer_blocks  # follows from the new layout
+
+
+def test_a_family_must_declare_its_depth_rule_or_why_not():
+  from rtjax.models import registry
+
+  class Undeclared(nnx.Module):
+    pass
+
+  with pytest.raises(ValueError, match="shallower.*no_shallower"):
+    registry.register("undeclared")(Undeclared)
+  assert "undeclared" not in models.model_names()

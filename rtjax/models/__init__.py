@@ -3,6 +3,7 @@
 # Importing the family modules registers them.
 from rtjax.models import lenet, resnet, vit  # noqa: F401
 from rtjax.models import cnn1d, mlp, recurrent, transformer1d  # noqa: F401
+from rtjax.models.depth import no_shallower_reason, shallower
 from rtjax.models.modes import inference_view, training_view
 from rtjax.models.registry import (DATASET_ARGS, abstract_model, create_model,
                                    model_arg_names, model_class, model_names)
@@ -11,5 +12,6 @@ from rtjax.models.stats import cost_analysis, forward_flops, param_count
 __all__ = [
     "DATASET_ARGS", "abstract_model", "cost_analysis", "create_model",
     "forward_flops", "inference_view", "model_arg_names", "model_class",
-    "model_names", "param_count", "training_view",
+    "model_names", "no_shallower_reason", "param_count", "shallower",
+    "training_view",
 ]

@@ -16,6 +16,7 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from rtjax.models.depth import trim
 from rtjax.models.groups import Axis, Group, batchnorm_axes, per_block
 from rtjax.models.registry import full_args, register
 
@@ -62,12 +63,22 @@ def _with_widths(args: dict, widths: dict) -> dict:
   return {**args, "channels": [widths[f"conv{i}"] for i in range(1, depth + 1)]}
 
 
+def _shallower(args: dict) -> list[dict]:
+  """The last conv layer removed."""
+  depth = len(args["channels"]) - 1
+  if depth < 1:
+    return []
+  return [{**args, **{k: trim(args[k], depth) for k in (
+      "channels", "kernel_size", "strides")}}]
+
+
 @register("cnn1d")
 class CNN1D(nnx.Module):
   """[conv_i (-> BatchNorm) -> ReLU] -> flatten or time-mean -> head."""
 
   prunable_groups = staticmethod(_prunable_groups)
   with_widths = staticmethod(_with_widths)
+  shallower = staticmethod(_shallower)
 
   def __init__(self,
                num_classes: int,

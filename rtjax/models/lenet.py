@@ -24,6 +24,9 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
 class LeNet5(nnx.Module):
   """Widths are arguments so structured pruning can rebuild it narrower."""
 
+  no_shallower = ("LeNet-5 is two convs and three dense layers by definition: "
+                  "its constructor takes widths, not a depth")
+
   def __init__(self,
                num_classes: int,
                input_shape: Sequence[int] = (32, 32, 3),

@@ -59,6 +59,12 @@ def _with_widths(args: dict, widths: dict) -> dict:
   return {**args, "hidden": hidden}
 
 
+def _shallower(args: dict) -> list[dict]:
+  """The last hidden layer removed."""
+  hidden = list(args["hidden"])
+  return [{**args, "hidden": hidden[:-1]}] if len(hidden) > 1 else []
+
+
 @register("mlp")
 class MLP(nnx.Module):
   """Flatten -> [fc_i -> ReLU] -> head. Widths are arguments so structured
@@ -66,6 +72,7 @@ class MLP(nnx.Module):
 
   prunable_groups = staticmethod(_prunable_groups)
   with_widths = staticmethod(_with_widths)
+  shallower = staticmethod(_shallower)
 
   def __init__(self,
                num_classes: int,

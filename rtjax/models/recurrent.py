@@ -211,6 +211,14 @@ class _Recurrent(nnx.Module):
     depth = len(full_args(cls, args)["hidden"])
     return {**args, "hidden": [widths[f"layer{i}"] for i in range(depth)]}
 
+  # ---- depth (rtjax.models.depth) ----------------------------------------
+
+  @staticmethod
+  def shallower(args: dict) -> list[dict]:
+    """The last stacked layer removed."""
+    hidden = list(args["hidden"])
+    return [{**args, "hidden": hidden[:-1]}] if len(hidden) > 1 else []
+
 
 @register("gru")
 class GRU(_Recurrent):

@@ -26,11 +26,18 @@ DEFAULT_TENSOR_PARALLEL_RULES: tuple[tuple[str, int | None], ...] = (
 
 
 def register(name: str) -> Callable[[type[nnx.Module]], type[nnx.Module]]:
-  """Class decorator: makes a model family constructible by `name`."""
+  """Class decorator: makes a model family constructible by `name`. The
+  class declares its depth rule, `shallower`, or why it has none,
+  `no_shallower` (rtjax.models.depth)."""
 
   def wrap(cls: type[nnx.Module]) -> type[nnx.Module]:
     if name in _REGISTRY:
       raise ValueError(f"model name {name!r} registered twice")
+    if (getattr(cls, "shallower", None) is None) == (
+        getattr(cls, "no_shallower", None) is None):
+      raise ValueError(f"model family {name!r} must declare exactly one of "
+                       "`shallower` (its depth rule) and `no_shallower` (why "
+                       "it has none): rtjax.models.depth")
     _REGISTRY[name] = cls
     return cls
 

@@ -110,6 +110,21 @@ def _with_widths(args: dict, widths: dict) -> dict:
           "projections": [bool(p) for _, p in layout]}
 
 
+def _shallower(args: dict) -> list[dict]:
+  """One block fewer in every stage that has more than one; one stage fewer.
+  The per-block widths and projections follow from the new layout."""
+  out = []
+  blocks = list(args["blocks_per_stage"])
+  base = {k: v for k, v in args.items()
+          if k not in ("inner_widths", "projections")}
+  if any(b > 1 for b in blocks):
+    out.append({**base, "blocks_per_stage": [max(1, b - 1) for b in blocks]})
+  if len(blocks) > 1:
+    out.append({**base, **{k: list(args[k])[:-1] for k in (
+        "stage_widths", "blocks_per_stage", "stage_strides")}})
+  return out
+
+
 @register("resnet")
 class ResNet(nnx.Module):
   """Stem conv, stages of basic blocks, global average pool, dense head."""
@@ -117,6 +132,7 @@ class ResNet(nnx.Module):
   batchnorm_pairs = (("stem", "stem_bn"),)  # folded away for serving
   prunable_groups = staticmethod(_prunable_groups)
   with_widths = staticmethod(_with_widths)
+  shallower = staticmethod(_shallower)
 
   def __init__(self,
                num_classes: int,

@@ -102,6 +102,8 @@ class Transformer1D(nnx.Module):
   def with_widths(args: dict, widths: dict) -> dict:
     return ViT.with_widths(full_args(Transformer1D, args), widths)
 
+  shallower = staticmethod(ViT.shallower)  # the same encoder blocks
+
   def __init__(self,
                num_classes: int,
                input_shape: Sequence[int],

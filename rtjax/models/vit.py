@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rtjax.models.depth import trim
 from rtjax.models.groups import Axis, Group, per_block
 from rtjax.models.registry import (DEFAULT_TENSOR_PARALLEL_RULES, KERNEL,
                                    register)
@@ -96,6 +97,15 @@ def _with_widths(args: dict, widths: dict) -> dict:
           "mlp_dim": [widths[f"blocks/{i}/mlp"] for i in range(depth)]}
 
 
+def _shallower(args: dict) -> list[dict]:
+  """The last encoder block removed (its per-block widths with it)."""
+  depth = args["depth"] - 1
+  if depth < 1:
+    return []
+  return [{**args, "depth": depth, "num_heads": trim(args["num_heads"], depth),
+           "mlp_dim": trim(args["mlp_dim"], depth)}]
+
+
 @register("vit")
 class ViT(nnx.Module):
   """Patches -> linear embedding + learned positions -> encoder -> mean pool -> head."""
@@ -115,6 +125,7 @@ class ViT(nnx.Module):
   )
   prunable_groups = staticmethod(_prunable_groups)
   with_widths = staticmethod(_with_widths)
+  shallower = staticmethod(_shallower)
 
   def __init__(self,
                num_classes: int,

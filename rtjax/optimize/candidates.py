@@ -5,18 +5,19 @@ rebuilds exactly the same ones) and the models they start from.
   sens<t>      per-group keep fractions from the sensitivity: each group as
                small as it goes while losing at most t points without
                fine-tuning; groups whose pruning measured no speedup are kept
-  shallow<i>   a shallower member of the family (rtjax.optimize.students),
+  shallow<i>   a shallower member of the family (its depth rule,
+               rtjax.models.depth; a family without one is logged),
                and shallow<i>_half at half its widths, trained from scratch
 Every candidate is fine-tuned (or trained) by distillation from the parent.
 """
 
 from __future__ import annotations
 
+from absl import logging
 from flax import nnx
 
 from rtjax import models
 from rtjax.compress import structured
-from rtjax.optimize import students
 from rtjax.optimize.sensitivity import group_names, shrink_groups
 
 UNIFORM = (0.75, 0.5, 0.375, 0.25)  # of a power-of-two width: multiples of 8
@@ -59,7 +60,10 @@ def recipes(spec: dict, sens: dict, uniform=UNIFORM,
     if any(f < 1.0 for f in keep.values()):
       add({"name": f"sens{t:g}", "kind": "prune", "keep": keep},
           repr(sorted(keep.items())))
-  for i, args in enumerate(students.shallower(spec["name"], spec["args"])
+  reason = models.no_shallower_reason(spec["name"])
+  if shallow and reason:
+    logging.info("no shallower students of %s: %s", spec["name"], reason)
+  for i, args in enumerate(models.shallower(spec["name"], spec["args"])
                            if shallow else ()):
     add({"name": f"shallow{i}", "kind": "student", "args": args},
         repr(sorted(args.items())))

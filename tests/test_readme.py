@@ -3,11 +3,16 @@
 * The plain-orbax snippet of the README (the ```python block after the line
   `<!-- plain-orbax-snippet -->`) runs as written, in a fresh process that
   never imports rtjax, on a real checkpoint.
-* Every repository path, `python -m experiments.X` command and dotted
-  `rtjax.x.y` name the two documents mention exists.
+* Every repository path, `make` target, `python -m experiments.X` command
+  and dotted `rtjax.x.y` name the two documents mention exists, and every
+  relative markdown link in them and in docs/ resolves inside the repository.
+* The README is a map: at most README_MAX_LINES lines, one row per entry
+  point in its entry-point table, and no sentence about how the project was
+  developed (no commit-like token, no earlier runs or probes).
 """
 
 import ast
+import glob
 import os
 import re
 import shutil
@@ -74,8 +79,8 @@ def test_plain_orbax_snippet_runs_without_rtjax(trained, tmp_path, how):
 
 # Repository paths: a top-level directory name not preceded by a path or word
 # character (so gs://bucket/rtjax/... and workdirs/... are not taken).
-PATH = re.compile(r"(?<![\w./-])((?:experiments|rtjax|configs|docs|tests)"
-                  r"/[\w./-]*)")
+PATH = re.compile(r"(?<![\w./-])((?:experiments|rtjax|configs|docs|tests|\.ci)"
+                  r"/[\w./-]*|Makefile|pyproject\.toml)")
 PYTHON_M = re.compile(r"python -m ([\w.]+)")
 EXPERIMENT = re.compile(r"(?<![\w./-])experiments\.(\w+)")
 DOTTED = re.compile(r"(?<![\w./-])rtjax(?:\.\w+)+")
@@ -155,6 +160,101 @@ def test_every_dotted_rtjax_name_exists():
   assert not bad, "names that do not exist:\n  " + "\n  ".join(bad)
 
 
+MAKE = re.compile(r"(?<![\w-])make ([\w-]+)")
+
+
+def test_every_make_target_exists():
+  makefile = _read("Makefile")
+  targets = [(doc, t) for doc, t in _mentions(MAKE)]
+  assert targets
+  missing = [f"{doc}: make {t}" for doc, t in targets
+             if not re.search(rf"^{re.escape(t)}:", makefile, re.M)]
+  assert not missing, "no such Makefile target:\n  " + "\n  ".join(missing)
+
+
 def test_nothing_outside_the_repository():
   for doc in DOCS:
     assert "../" not in _read(doc), f"{doc} points outside the repository"
+
+
+README_MAX_LINES = 220
+TABLE_HEADER = "| entry point |"
+ENTRY_CELL = re.compile(r"^`(experiments\.\w+|experiments/[\w.]+\.sh)`$")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# A hex run as long as a short commit name, with a letter and a digit in it
+# (so neither a word like "defaced" nor a plain number is taken).
+COMMIT_LIKE = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b")
+HISTORY_WORDS = ("one-off", "earlier run", "previous recording", "issue")
+
+
+def _entry_points():
+  """What the tree offers: experiments/*.py with a main (cli.py is the shared
+  flags, not a command) and every experiments/*.sh."""
+  found = set()
+  for path in glob.glob(os.path.join(REPO, "experiments", "*.py")):
+    name = os.path.basename(path)[:-3]
+    with open(path, encoding="utf-8") as f:
+      if name != "cli" and re.search(r"^def main\(", f.read(), re.M):
+        found.add(f"experiments.{name}")
+  found.update(f"experiments/{os.path.basename(p)}"
+               for p in glob.glob(os.path.join(REPO, "experiments", "*.sh")))
+  return found
+
+
+def _entry_table():
+  """{entry point: its row's cells} of the README's entry-point table."""
+  lines = _read("README.md").splitlines()
+  starts = [i for i, line in enumerate(lines) if line.startswith(TABLE_HEADER)]
+  assert len(starts) == 1, f"README.md needs one table headed {TABLE_HEADER!r}"
+  rows = {}
+  for line in lines[starts[0] + 2:]:
+    if not line.startswith("|"):
+      break
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    match = ENTRY_CELL.match(cells[0])
+    assert match, f"first cell names no entry point: {line}"
+    assert match.group(1) not in rows, f"two rows for {match.group(1)}"
+    rows[match.group(1)] = cells
+  return rows
+
+
+def test_readme_is_short():
+  lines = len(_read("README.md").splitlines())
+  assert lines <= README_MAX_LINES, f"README.md has {lines} lines"
+
+
+def test_every_entry_point_has_its_row():
+  expected, rows = _entry_points(), _entry_table()
+  assert "experiments.main" in expected and "experiments/device_check.sh" in expected
+  assert set(rows) == expected, (
+      f"no row: {sorted(expected - set(rows))}; "
+      f"no such entry point: {sorted(set(rows) - expected)}")
+  for name, cells in rows.items():
+    assert len(cells) == 4, f"{name}: want 4 cells, got {cells}"
+    runs = f"bash {name}" if name.endswith(".sh") else f"python -m {name}"
+    assert runs in cells[2], f"{name}: its command cell does not run it"
+    assert cells[3] == "-" or LINK.search(cells[3]), (
+        f"{name}: results cell is neither '-' nor links")
+
+
+def test_every_relative_link_resolves():
+  docs = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in
+                                glob.glob(os.path.join(REPO, "docs", "*.md")))
+  bad = []
+  for doc in docs:
+    for target in LINK.findall(_read(doc)):
+      if re.match(r"[a-z]+:", target) or target.startswith("#"):
+        continue
+      path = os.path.normpath(os.path.join(REPO, os.path.dirname(doc),
+                                           target.split("#")[0]))
+      if not path.startswith(REPO + os.sep) or not os.path.exists(path):
+        bad.append(f"{doc}: {target}")
+  assert not bad, "links that do not resolve:\n  " + "\n  ".join(bad)
+
+
+def test_readme_tells_no_history():
+  readme = _read("README.md")
+  tokens = COMMIT_LIKE.findall(readme)
+  assert not tokens, f"commit-like tokens in README.md: {tokens}"
+  words = [w for w in HISTORY_WORDS if w in readme.lower()]
+  assert not words, f"README.md tells how the project was developed: {words}"

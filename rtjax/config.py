@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from rtjax.data import DATASET_NAMES
+from rtjax.data import check_dataset, dataset_spec
 from rtjax.errors import ConfigError
 from rtjax.models import DATASET_ARGS, model_arg_names, model_names
 
@@ -36,16 +36,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "digits"
   c.data.dir = ""  # cifar10: local or gs:// directory of the python batches
   c.data.val_fraction = 0.1
-  # digits only; cifar10 (test_batch) and mnist1d (the generator's test
-  # part) have their own test split.
+  # digits only (checked by rtjax.data.digits); cifar10 (test_batch) and
+  # mnist1d (the generator's test part) have their own test split.
   c.data.test_fraction = 0.2
   # Random translation, pixels (images) or time steps (sequences); the flip
   # is of the width (images) or time (sequences).
   c.data.max_shift = 1
   c.data.random_flip = False
-  # mnist1d: the generator's own arguments (mnist1d.data.get_dataset_args);
-  # these defaults give the package's default dataset, 4,000 train-part and
-  # 1,000 test examples (train part 80%; val is carved from it by seed).
+  # mnist1d: the generator's own arguments (mnist1d.data.get_dataset_args,
+  # checked by rtjax.data.mnist1d); these defaults give the package's default
+  # dataset, 4,000 train-part and 1,000 test examples (train part 80%; val is
+  # carved from it by seed).
   c.data.mnist1d = ml_collections.ConfigDict()
   c.data.mnist1d.num_samples = 5000  # num_samples // 10 per class
   c.data.mnist1d.seed = 42  # the generator's, not the split seed (c.seed)
@@ -100,45 +101,52 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first bad key; cheap, runs before compiling."""
+  """Raises ConfigError naming the first bad key; cheap (no data is read),
+  runs before compiling."""
+  _check_keys(config)
+  _check_model(config.model)
+  _check_data(config.data)
+  _check_train_sizes(config.train)
+  _check_optimizer(config.train)
+  _check_checkpoint(config.checkpoint)
+
+
+def _check_keys(config) -> None:
   unknown = _unknown_keys(config, base_config())
   if unknown:
     raise ConfigError(
         f"unknown config key(s): {', '.join(unknown)}. Known keys are those "
         "of rtjax.config.base_config(); check the spelling.")
 
-  _require(config.model.name in model_names(), "model.name",
-           f"unknown model {config.model.name!r}; known: "
-           f"{', '.join(model_names())}")
-  allowed = model_arg_names(config.model.name)
-  for arg in config.model.args:
+
+def _check_model(model) -> None:
+  """A known family, and only constructor arguments it takes from a config."""
+  _require(model.name in model_names(), "model.name",
+           f"unknown model {model.name!r}; known: {', '.join(model_names())}")
+  allowed = model_arg_names(model.name)
+  for arg in model.args:
     if arg in DATASET_ARGS:
       raise ConfigError(f"config.model.args.{arg} is set from the dataset; "
                         "remove it")
     _require(arg in allowed, f"model.args.{arg}",
-             f"not an argument of {config.model.name!r}; its arguments are "
+             f"not an argument of {model.name!r}; its arguments are "
              f"{', '.join(allowed)}")
 
-  data = config.data
-  _require(data.name in DATASET_NAMES, "data.name",
-           f"unknown dataset {data.name!r}; known: {', '.join(DATASET_NAMES)}")
+
+def _check_data(data) -> None:
+  """A registered dataset (rtjax.data: an unknown name lists them), the keys
+  every dataset reads, then the dataset's own check of its keys."""
+  dataset_spec(data)
   _require(0.0 <= data.val_fraction < 1.0, "data.val_fraction",
            f"must be in [0, 1), got {data.val_fraction}")
-  _require(0.0 < data.test_fraction < 1.0, "data.test_fraction",
-           f"must be in (0, 1), got {data.test_fraction}")
-  _require(data.val_fraction + data.test_fraction < 1.0, "data.val_fraction",
-           "val_fraction + test_fraction must leave training data")
   _require(data.max_shift >= 0, "data.max_shift",
            f"must be >= 0, got {data.max_shift}")
-  generator = data.mnist1d
-  _require(generator.num_samples >= 100 and generator.num_samples % 10 == 0,
-           "data.mnist1d.num_samples",
-           "must be a multiple of 10 (num_samples // 10 per class) and "
-           f">= 100, got {generator.num_samples}")
-  _require(0 <= generator.seed < 2**32, "data.mnist1d.seed",
-           f"must be in [0, 2**32), got {generator.seed}")
+  check_dataset(data, lambda ok, key, message: _require(
+      ok, f"data.{key}", message))
 
-  train = config.train
+
+def _check_train_sizes(train) -> None:
+  """Steps and batch sizes, the batches divisible over the devices."""
   _require(train.num_steps > 0, "train.num_steps",
            f"must be > 0, got {train.num_steps}")
   _require(train.batch_size > 0, "train.batch_size",
@@ -151,6 +159,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "train.eval_batch_size",
            f"must be a positive multiple of the {devices} devices, "
            f"got {train.eval_batch_size}")
+  _require(0 <= train.warmup_steps < train.num_steps, "train.warmup_steps",
+           f"must be in [0, num_steps), got {train.warmup_steps}")
+  _require(train.seed >= -1, "train.seed",
+           f"must be >= 0, or -1 for config.seed; got {train.seed}")
+  for key in ("log_every", "eval_every"):
+    _require(train[key] > 0, f"train.{key}", f"must be > 0, got {train[key]}")
+
+
+def _check_optimizer(train) -> None:
+  """The optimizer, its schedule and its hyperparameters."""
   _require(train.learning_rate > 0, "train.learning_rate",
            f"must be > 0, got {train.learning_rate}")
   _require(train.optimizer in OPTIMIZERS, "train.optimizer",
@@ -158,10 +176,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{', '.join(OPTIMIZERS)}")
   _require(train.schedule in SCHEDULES, "train.schedule",
            f"unknown schedule {train.schedule!r}; known: {', '.join(SCHEDULES)}")
-  _require(0 <= train.warmup_steps < train.num_steps, "train.warmup_steps",
-           f"must be in [0, num_steps), got {train.warmup_steps}")
-  _require(train.seed >= -1, "train.seed",
-           f"must be >= 0, or -1 for config.seed; got {train.seed}")
   _require(train.weight_decay >= 0, "train.weight_decay",
            f"must be >= 0, got {train.weight_decay}")
   _require(0.0 <= train.momentum < 1.0, "train.momentum",
@@ -170,10 +184,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"must be >= 0, got {train.grad_clip_norm}")
   _require(0.0 <= train.label_smoothing < 1.0, "train.label_smoothing",
            f"must be in [0, 1), got {train.label_smoothing}")
-  for key in ("log_every", "eval_every"):
-    _require(train[key] > 0, f"train.{key}", f"must be > 0, got {train[key]}")
 
-  _require(config.checkpoint.every_steps > 0, "checkpoint.every_steps",
-           f"must be > 0, got {config.checkpoint.every_steps}")
-  _require(config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep",
-           f"must be >= 1, got {config.checkpoint.max_to_keep}")
+
+def _check_checkpoint(checkpoint) -> None:
+  _require(checkpoint.every_steps > 0, "checkpoint.every_steps",
+           f"must be > 0, got {checkpoint.every_steps}")
+  _require(checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep",
+           f"must be >= 1, got {checkpoint.max_to_keep}")

@@ -8,7 +8,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rtjax.data import TrainBatches, cifar10, eval_batches, load_dataset
+from rtjax import config as config_lib
+from rtjax.checkpoint import checkpoint_dataset
+from rtjax.data import (TrainBatches, cifar10, dataset_names, dataset_spec,
+                        eval_batches, load_dataset)
 from rtjax.data.batches import shift_and_flip
 from rtjax.data.dataset import Split
 from rtjax.errors import ConfigError, DataError
@@ -243,5 +246,39 @@ def test_cifar10_corrupt_batch_is_a_data_error_naming_the_file(
 
 
 def test_unknown_dataset_is_a_config_error():
-  with pytest.raises(ConfigError, match=r"data.name: unknown dataset 'mnist'"):
+  with pytest.raises(ConfigError, match=r"data.name: unknown dataset 'mnist'; "
+                     r"set --config.data.name to one of cifar10, digits, "
+                     r"digits32, mnist1d$"):
     load_dataset(data_config(name="mnist"), seed=0)
+  with pytest.raises(ConfigError, match="unknown dataset 'mnist'"):
+    dataset_spec(data_config(name="mnist"))
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("digits", (8, 8, 1)), ("digits32", (32, 32, 3)), ("cifar10", (32, 32, 3)),
+    ("mnist1d", (40, 1))])
+def test_every_dataset_declares_its_spec_without_reading_data(name, shape):
+  """A cifar10 directory that does not exist is not read to learn its shape."""
+  spec = dataset_spec(data_config(name=name, dir="gs://nowhere/cifar"))
+  assert (spec.name, spec.input_shape, spec.num_classes, spec.dtype) == (
+      name, shape, 10, "float32")
+  assert name in dataset_names()
+
+
+@pytest.mark.parametrize("name", ["digits", "digits32", "cifar10"])
+def test_a_loaded_dataset_is_what_it_declared(name, tmp_path):
+  write_cifar_batches(tmp_path)
+  config = data_config(name=name, dir=str(tmp_path), val_fraction=0.25)
+  assert load_dataset(config, seed=0).spec == dataset_spec(config)
+
+
+def test_a_checkpoint_refuses_a_dataset_its_model_cannot_take_unread():
+  metadata = {"config": config_lib.base_config().to_dict(),
+              "model": {"name": "resnet",
+                        "args": {"input_shape": [8, 8, 1], "num_classes": 10}}}
+  with pytest.raises(ConfigError, match=r"mnist1d gives \(40, 1\) inputs with "
+                     r"10 classes, but the checkpoint's model takes \(8, 8, "
+                     r"1\)"):
+    checkpoint_dataset(metadata, {"name": "mnist1d"})
+  with pytest.raises(ConfigError, match="cifar10 gives"):  # dir never read
+    checkpoint_dataset(metadata, {"name": "cifar10", "dir": "/nonexistent"})

@@ -12,8 +12,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rtjax.checkpoint import stamp
 from rtjax.checkpoint.store import ITEMS, READ_ERRORS, absolute
-from rtjax.data import Dataset, load_dataset
-from rtjax.errors import CheckpointError
+from rtjax.data import Dataset, dataset_spec, load_dataset
+from rtjax.errors import CheckpointError, ConfigError
 from rtjax.models import abstract_model, create_model
 from rtjax.models.quantized import rebuild
 
@@ -123,11 +123,19 @@ def load_checkpoint(path: epath.PathLike) -> tuple[nnx.Module, dict]:
 def checkpoint_dataset(metadata: dict, data_overrides: dict | None = None
                        ) -> Dataset:
   """The dataset (and split seed) a checkpoint was trained on, optionally
-  with config.data keys replaced (e.g. a new data.dir on another machine)."""
+  with config.data keys replaced (e.g. a new data.dir on another machine);
+  one the model cannot take is refused before any data is read."""
   config = ml_collections.ConfigDict(metadata["config"])
   if data_overrides:
     with config.unlocked():
       config.data.update(data_overrides)
+  spec, args = dataset_spec(config.data), metadata["model"]["args"]
+  if ((tuple(spec.input_shape), spec.num_classes)
+      != (tuple(args["input_shape"]), args["num_classes"])):
+    raise ConfigError(
+        f"data.name: {spec.name} gives {spec.input_shape} inputs with "
+        f"{spec.num_classes} classes, but the checkpoint's model takes "
+        f"{tuple(args['input_shape'])} with {args['num_classes']}")
   return load_dataset(config.data, config.seed)
 
 

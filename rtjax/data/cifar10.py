@@ -7,7 +7,8 @@ import pickle
 import numpy as np
 from etils import epath
 
-from rtjax.data.dataset import Dataset, Split, split_by_seed
+from rtjax.data.dataset import Dataset, DatasetSpec, Split, split_by_seed
+from rtjax.data.registry import register
 from rtjax.errors import DataError
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -65,8 +66,11 @@ def _read_split(directory: epath.Path, names) -> Split:
                np.concatenate([p[1] for p in parts]))
 
 
-def load(directory: str, val_fraction: float, seed: int) -> Dataset:
-  """Train/val from data_batch_1..5 (val held out by seed), test from test_batch."""
+@register(DatasetSpec("cifar10", (32, 32, 3), 10))
+def load(data_config, seed: int) -> Dataset:
+  """Train/val from data_batch_1..5 (val held out by seed), test from
+  test_batch, in data.dir."""
+  directory, val_fraction = data_config.dir, data_config.val_fraction
   expected = (*TRAIN_FILES, TEST_FILE)
   if not directory:
     raise DataError(

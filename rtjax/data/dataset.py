@@ -21,6 +21,17 @@ class Split:
 
 
 @dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What a dataset declares without loading: one example's shape and dtype
+  and the number of classes (of a token dataset: its vocabulary size). It
+  has the attributes a model is built from, as a loaded Dataset has."""
+  name: str
+  input_shape: tuple[int, ...]
+  num_classes: int
+  dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
 class Dataset:
   name: str
   train: Split
@@ -32,6 +43,11 @@ class Dataset:
   def input_shape(self) -> tuple[int, ...]:
     """One example's shape: (H, W, C) for images, (T, C) for sequences."""
     return tuple(int(d) for d in self.train.images.shape[1:])
+
+  @property
+  def spec(self) -> DatasetSpec:
+    return DatasetSpec(self.name, self.input_shape, self.num_classes,
+                       str(self.train.images.dtype))
 
   def describe(self) -> dict:
     """What a checkpoint records so a consumer can rebuild the same data."""

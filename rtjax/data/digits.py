@@ -6,7 +6,8 @@ import jax
 import numpy as np
 from sklearn.datasets import load_digits
 
-from rtjax.data.dataset import Dataset, split_by_seed
+from rtjax.data.dataset import Dataset, DatasetSpec, split_by_seed
+from rtjax.data.registry import register
 
 
 def _digit_images() -> tuple[np.ndarray, np.ndarray]:
@@ -22,13 +23,32 @@ def _to_32x32x3(images: np.ndarray) -> np.ndarray:
   return np.repeat(np.asarray(resized, np.float32), 3, axis=-1)
 
 
-def load(name: str, val_fraction: float, test_fraction: float,
-         seed: int) -> Dataset:
-  """`digits` (8x8x1) or `digits32` (32x32x3); test split first, then val from the rest."""
-  images, labels = _digit_images()
-  if name == "digits32":
-    images = _to_32x32x3(images)
+def check(data_config, require) -> None:
+  """The bundled digits have no test split of their own: test_fraction."""
+  test = data_config.test_fraction
+  require(0.0 < test < 1.0, "test_fraction", f"must be in (0, 1), got {test}")
+  require(data_config.val_fraction + test < 1.0, "val_fraction",
+          "val_fraction + test_fraction must leave training data")
+
+
+def _split(name: str, images: np.ndarray, labels: np.ndarray, data_config,
+           seed: int) -> Dataset:
+  """Test split first, then val from the rest."""
+  test_fraction = data_config.test_fraction
   rest, test = split_by_seed(images, labels, test_fraction, seed)
-  val_of_rest = val_fraction / (1.0 - test_fraction)
+  val_of_rest = data_config.val_fraction / (1.0 - test_fraction)
   train, val = split_by_seed(rest.images, rest.labels, val_of_rest, seed + 1)
   return Dataset(name, train, val, test, num_classes=10)
+
+
+@register(DatasetSpec("digits", (8, 8, 1), 10), check)
+def load(data_config, seed: int) -> Dataset:
+  """The 8x8 grey digits as bundled."""
+  return _split("digits", *_digit_images(), data_config, seed)
+
+
+@register(DatasetSpec("digits32", (32, 32, 3), 10), check)
+def load32(data_config, seed: int) -> Dataset:
+  """CIFAR-shaped digits: the same images and splits at 32x32x3."""
+  images, labels = _digit_images()
+  return _split("digits32", _to_32x32x3(images), labels, data_config, seed)

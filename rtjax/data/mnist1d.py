@@ -8,7 +8,8 @@ import random
 
 import numpy as np
 
-from rtjax.data.dataset import Dataset, Split, split_by_seed
+from rtjax.data.dataset import Dataset, DatasetSpec, Split, split_by_seed
+from rtjax.data.registry import register
 from rtjax.errors import ConfigError, DataError
 
 NUM_CLASSES = 10
@@ -53,19 +54,31 @@ def _inputs(x: np.ndarray) -> np.ndarray:
   return np.asarray(x, np.float32)[..., None]
 
 
-def load(val_fraction: float, seed: int, num_samples: int = NUM_SAMPLES,
-         generator_seed: int = GENERATOR_SEED) -> Dataset:
+def _generator_args(data_config) -> tuple[int, int]:
+  """(num_samples, generator seed); a hand-made data config may lack the
+  `mnist1d` section: the package's defaults."""
+  generator = data_config.get("mnist1d") or {}
+  return (generator.get("num_samples", NUM_SAMPLES),
+          generator.get("seed", GENERATOR_SEED))
+
+
+def check(data_config, require) -> None:
+  num_samples, generator_seed = _generator_args(data_config)
+  require(num_samples >= MIN_SAMPLES and num_samples % NUM_CLASSES == 0,
+          "mnist1d.num_samples",
+          f"must be a multiple of {NUM_CLASSES} (the generator makes "
+          f"num_samples // {NUM_CLASSES} per class) and >= {MIN_SAMPLES}, "
+          f"got {num_samples}")
+  require(0 <= generator_seed < 2**32, "mnist1d.seed",  # numpy's legacy range
+          f"must be in [0, 2**32), got {generator_seed}")
+
+
+@register(DatasetSpec("mnist1d", (40, 1), NUM_CLASSES), check)
+def load(data_config, seed: int) -> Dataset:
   """Train/val from the package's train part (val held out by `seed`), test
   from its test part; inputs float32 (N, 40, 1), labels int32."""
-  if num_samples < MIN_SAMPLES or num_samples % NUM_CLASSES:
-    raise ConfigError(
-        f"data.mnist1d.num_samples: must be a multiple of {NUM_CLASSES} (the "
-        f"generator makes num_samples // {NUM_CLASSES} per class) and >= "
-        f"{MIN_SAMPLES}, got {num_samples}")
-  if not 0 <= generator_seed < 2**32:  # numpy's legacy seeding range
-    raise ConfigError(f"data.mnist1d.seed: must be in [0, 2**32), got "
-                      f"{generator_seed}")
-  raw = generate(num_samples, generator_seed)
+  val_fraction = data_config.val_fraction
+  raw = generate(*_generator_args(data_config))
   try:
     train, val = split_by_seed(_inputs(raw["x"]), raw["y"].astype(np.int32),
                                val_fraction, seed)

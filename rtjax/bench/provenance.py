@@ -57,9 +57,17 @@ def header(command: list[str] | None = None) -> str:
       f"XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`", "", ""])
 
 
+NOTES = "\n## Notes\n"
+
+
 def write_results(path: epath.PathLike, markdown: str) -> epath.Path:
-  """`markdown` under its provenance header, at `path` (experiments/results)."""
+  """`markdown` under its provenance header, at `path` (experiments/results).
+  A `## Notes` section closing the file it replaces is kept at the end: it
+  holds what earlier runs of the command measured, which a rerun must not
+  erase."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(header() + markdown)
+  old = path.read_text() if path.exists() else ""
+  notes = old[old.index(NOTES):] if NOTES in old else ""
+  path.write_text(header() + markdown.rstrip("\n") + "\n" + notes)
   return path

@@ -9,7 +9,7 @@ machine noise hits them alike and their ratio is meaningful.
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -72,6 +72,22 @@ def interleaved_latency(served: Sequence[CompiledModel], batch: int,
   return rows
 
 
+def trivial_call(x: jax.Array) -> Callable[[], jax.Array]:
+  """The call floor: a trivial jitted function of device-resident `x`,
+  blocking. Its time is the per-call cost no model change removes
+  (dispatch, the transfer of nothing); not the memory bandwidth probe of
+  rtjax.bench.breakdown."""
+  trivial = jax.jit(lambda v: v + 1)
+  return lambda: trivial(x).block_until_ready()
+
+
+def call_floor_ms(batch: int, iters: int = 300, warmup: int = 20) -> float:
+  """p50 of the call floor on a (batch, 1) input, timed alone."""
+  x = jax.device_put(np.zeros((batch, 1), np.float32))
+  times = time_calls({"floor": trivial_call(x)}, iters, warmup)
+  return float(np.median(times["floor"]) * 1e3)
+
+
 def host_overhead(model: CompiledModel, iters: int = 500,
                   warmup: int = 50) -> dict[str, float]:
   """p50 of three batch-1 paths, timed in turns: a trivial jitted call (the
@@ -81,8 +97,7 @@ def host_overhead(model: CompiledModel, iters: int = 500,
   bucket = model.bucket_for(1)
   on_device = jax.device_put(np.zeros((bucket, *model.input_shape), np.float32),
                              model.input_sharding)
-  trivial = jax.jit(lambda x: x + 1)
-  paths = {"trivial_jit": lambda: trivial(on_device).block_until_ready(),
+  paths = {"trivial_jit": trivial_call(on_device),
            "device_call": lambda: model.run_bucket(on_device).block_until_ready(),
            "request": lambda: model(images)}
   times = time_calls(paths, iters, warmup)

@@ -12,7 +12,8 @@ import numpy as np
 import qwix
 from flax import nnx
 
-from rtjax.models.quantized import ptq_shell, rules, sample_input
+from rtjax.models.quantized import (ptq_shell, quantization_spec, rules,
+                                    sample_input)
 
 
 def calibrate(model: nnx.Module, spec: dict, input_shape,
@@ -40,3 +41,18 @@ def int8_model(model: nnx.Module, spec: dict, input_shape,
   nnx.replace_by_pure_dict(state, quantized)
   nnx.update(shell, state)
   return shell
+
+
+def ptq(model: nnx.Module, input_shape, scheme: str = "w8a8",
+        module_path: str = ".*",
+        calibration: Iterable[np.ndarray] | None = None
+        ) -> tuple[nnx.Module, dict]:
+  """(serving model, its quantization spec): post-training quantization of a
+  float model in the layers `module_path` matches; with `calibration`
+  batches, static activation scales from them, else dynamic ones. The one
+  conversion the int8 stage and the optimizer's int8 variants share."""
+  qspec = quantization_spec(scheme, module_path, calibration is not None,
+                            mode="ptq")
+  stats = (calibrate(model, qspec, input_shape, calibration)
+           if calibration is not None else None)
+  return int8_model(model, qspec, input_shape, stats), qspec

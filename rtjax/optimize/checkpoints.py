@@ -1,32 +1,19 @@
-"""Checkpoints a search writes besides its candidates' rungs: int8 variants
-of finalists, the parent and the chosen model with the serving options they
-were measured with. Each is a normal rtjax checkpoint (one step, complete,
-lineage in its metadata) that experiments.bench, compare, predict, serve and
-export take; the options sit in metadata['serving'][device kind], which
+"""The metadata of checkpoints a search writes besides its candidates'
+rungs: int8 variants of finalists, the parent and the chosen model with the
+serving options they were measured with. Each is written by
+rtjax.checkpoint.save_complete_step as one complete step, lineage in its
+metadata, that experiments.bench, compare, predict, serve and export take;
+the options sit in metadata['serving'][device kind], which
 rtjax.infer.options applies by default on that kind of device only.
 """
 
 from __future__ import annotations
 
 import jax
-from etils import epath
 from flax import nnx
 
-from rtjax.checkpoint import RunCheckpoints
 from rtjax.infer import options as options_lib
 from rtjax.models import forward_flops, param_count
-
-
-def save(model: nnx.Module, metadata: dict, directory: epath.PathLike) -> None:
-  """One complete step (0) at `<directory>/checkpoints`, host arrays."""
-  checkpoints = RunCheckpoints(epath.Path(directory) / "checkpoints", 1)
-  try:
-    checkpoints.save(0, nnx.state(model), None,
-                     {**metadata, "step": 0, "complete": True},
-                     host_arrays=True)
-    checkpoints.wait()
-  finally:
-    checkpoints.close()
 
 
 def served_metadata(metadata: dict, *, stage: str, stage_type: str,

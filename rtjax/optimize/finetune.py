@@ -13,10 +13,9 @@ from etils import epath
 from flax import nnx
 
 from rtjax import models
-from rtjax.checkpoint import load_checkpoint
+from rtjax.checkpoint import finished_stage, load_checkpoint
 from rtjax.compress.distill import ALPHA, TEMPERATURE, DistillationLoss
 from rtjax.data import Dataset
-from rtjax.pipeline.run import finished_stage
 from rtjax.train import CrossEntropy, Stage, train_model
 
 FINE_TUNE_LR = 0.3  # of the parent's learning rate, for pruned weights

@@ -16,22 +16,19 @@ import re
 import time
 from typing import Callable
 
-import jax
 import numpy as np
 from absl import logging
 from etils import epath
 
 from rtjax import compare
-from rtjax.bench import breakdown
-from rtjax.checkpoint import checkpoint_dataset, load_checkpoint
+from rtjax.bench import breakdown, latency
+from rtjax.checkpoint import (checkpoint_dataset, finished_stage,
+                              load_checkpoint, save_complete_step)
 from rtjax.compress import quantize
 from rtjax.errors import UserError
-from rtjax.models.quantized import quantization_spec
 from rtjax.optimize import (candidates, checkpoints, decide, finetune, halving,
                             report, screening, sensitivity, serving, stats)
 from rtjax.optimize.store import SearchStore
-from rtjax.pipeline.run import finished_stage
-from rtjax.timing import time_calls
 from rtjax.train.evaluate import evaluate
 
 INT8_GAIN = 1.05  # a layer's int8 must measure 5% faster to be used
@@ -162,7 +159,7 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
       ctx.spec, sens, settings.uniform, settings.thresholds,
       settings.shallow))
   peaks = ctx.phase("peaks", lambda: breakdown.measure_peaks(1024, 64, 3))
-  floor = ctx.phase("floor_ms", lambda: _floor_ms(ctx.batch))
+  floor = ctx.phase("floor_ms", lambda: latency.call_floor_ms(ctx.batch))
   screen = ctx.phase("screen", lambda: screening.screen(
       ctx.parent, ctx.spec, recipes, ctx.batch, settings.percentile,
       parent_options["options"], peaks, ctx.dataset.val,
@@ -252,15 +249,6 @@ def _budget(ctx: Context, parent_options: dict) -> dict:
                   f"({row['p_ms']:.4f} ms)", "parent_p_ms": row["p_ms"]}
 
 
-def _floor_ms(batch: int) -> float:
-  """p50 of a trivial jitted call on a batch of this size: the per-call cost
-  no model change removes (dispatch, the transfer of nothing)."""
-  x = jax.device_put(np.zeros((batch, 1), np.float32))
-  trivial = jax.jit(lambda v: v + 1)
-  times = time_calls({"t": lambda: trivial(x).block_until_ready()}, 300, 20)
-  return float(np.median(times["t"]) * 1e3)
-
-
 def _default_rungs(meta: dict) -> list[int]:
   base = max(20, int(meta["train"]["num_steps"]) // 20)
   return [base, 3 * base, 9 * base]
@@ -304,18 +292,17 @@ def _int8_variants(ctx: Context, sens: dict, paths: dict) -> dict:
             if e["speedup_p50"] >= INT8_GAIN and e["accuracy_drop"] <= 0.5]
   if not layers:
     return {}
-  qspec = quantization_spec("w8a8", "|".join(map(re.escape, layers)),
-                            mode="ptq")
+  module_path = "|".join(map(re.escape, layers))
   out = {}
   for name, path in paths.items():
     directory = ctx.workdir / "candidates" / f"{name}+int8"
     if finished_stage(directory) is None:
       model, meta = load_checkpoint(path)
-      served = quantize.int8_model(model, qspec,
-                                   meta["model"]["args"]["input_shape"])
+      served, qspec = quantize.ptq(
+          model, meta["model"]["args"]["input_shape"], "w8a8", module_path)
       metrics = {split: evaluate(served, getattr(ctx.dataset, split), 512)
                  for split in ("val", "test")}
-      checkpoints.save(served, checkpoints.int8_metadata(
+      save_complete_step(served, checkpoints.int8_metadata(
           meta, served, qspec, stage=f"{name}+int8", parent=path,
           metrics=metrics), directory)
     out[f"{name}+int8"] = str(directory)
@@ -424,7 +411,7 @@ def _write_best(ctx: Context, final: dict, chosen: str, budget: dict,
     measured = {"batch_size": ctx.batch, "percentile": s.percentile,
                 "p_ms": row["p_ms"], "p50_ms": row["p50_ms"],
                 "budget_ms": budget["budget_ms"]}
-    checkpoints.save(model, checkpoints.served_metadata(
+    save_complete_step(model, checkpoints.served_metadata(
         meta, stage=stage, stage_type="optimize", parent=row["path"],
         options=row["options"], measured=measured,
         done={"candidate": name, "test": row["test"]}), directory)

@@ -16,9 +16,8 @@ from etils import epath
 from flax import nnx
 
 from rtjax import config as config_lib
-from rtjax.checkpoint import RunCheckpoints, load_checkpoint, model_bytes
+from rtjax.checkpoint import finished_stage, load_checkpoint, model_bytes
 from rtjax.data import Dataset, load_dataset
-from rtjax.errors import CheckpointError
 from rtjax.models.stats import layer_stats
 from rtjax.pipeline import registry
 from rtjax.train import TrainResult
@@ -61,24 +60,6 @@ def write_report(stage_dir: epath.Path, parent_dir, dataset: Dataset) -> dict:
   if jax.process_index() == 0:
     (stage_dir / "report.json").write_text(json.dumps(report, indent=1))
   return report
-
-
-def finished_stage(stage_dir: epath.Path) -> dict | None:
-  """The metadata of a stage's last step when that step completed it (also
-  how rtjax.optimize skips a finished candidate)."""
-  if not (stage_dir / "checkpoints").exists():
-    return None
-  checkpoints = RunCheckpoints(stage_dir / "checkpoints", read_only=True)
-  try:
-    step = checkpoints.latest_step()
-    metadata = checkpoints.metadata(step) if step is not None else None
-  except CheckpointError:
-    raise
-  except (ValueError, OSError):
-    return None  # damaged: the stage resumes (and handles it) when it runs
-  finally:
-    checkpoints.close()
-  return metadata if metadata and metadata.get("complete") else None
 
 
 def run_pipeline(config, workdir) -> dict[str, TrainResult]:

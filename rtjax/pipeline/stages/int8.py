@@ -1,9 +1,9 @@
 """`int8`: the serving model of a float or QAT parent (qwix PtqProvider +
 quantize_params: int8 values and scales); evaluated, not trained."""
 
-from flax import nnx
+import itertools
 
-from rtjax.checkpoint import RunCheckpoints
+from rtjax.checkpoint import save_complete_step
 from rtjax.compress import quantize
 from rtjax.data import eval_batches
 from rtjax.models import quantized
@@ -30,28 +30,21 @@ def run(ctx: Context) -> TrainResult:
   model, metadata = parent(ctx)
   spec = {k: v for k, v in metadata["model"].items() if k != "quantization"}
   inherited = (metadata["model"].get("quantization") or {}).get("scheme")
-  qspec = quantized.quantization_spec(s.scheme or inherited or "w8a8",
-                                      s.module_path, s.static_activations,
-                                      mode="ptq")
-  plain = float_copy(model, spec)
-  stats = None
   batch = ctx.config.train.eval_batch_size
+  calibration = None
   if s.static_activations:
-    batches = [images for images, _, _ in eval_batches(dataset.train, batch)]
-    stats = quantize.calibrate(plain, qspec, dataset.input_shape,
-                               batches[:s.calibration_batches])
-  served = quantize.int8_model(plain, qspec, dataset.input_shape, stats)
+    calibration = [images for images, _, _ in itertools.islice(
+        eval_batches(dataset.train, batch), s.calibration_batches)]
+  served, qspec = quantize.ptq(float_copy(model, spec), dataset.input_shape,
+                               s.scheme or inherited or "w8a8", s.module_path,
+                               calibration)
   metrics = {"val": evaluate(served, dataset.val, batch),
              "test": evaluate(served, dataset.test, batch)}
   stage = Stage(served, {**spec, "quantization": qspec}, ctx.name, "int8",
                 str(ctx.parent_dir), done={"quantization": qspec,
-                                           "calibrated": bool(stats)})
-  checkpoints = RunCheckpoints(ctx.stage_dir / "checkpoints", 1)
-  checkpoints.save(0, nnx.state(served), None, stage_metadata(
+                                           "calibrated": calibration is not None})
+  directory = save_complete_step(served, stage_metadata(
       ctx.config, ctx.train_cfg, stage, dataset, 0, metrics,
-      model_size(served, dataset.input_shape), complete=True),
-                   host_arrays=True)
-  checkpoints.wait()
-  checkpoints.close()
+      model_size(served, dataset.input_shape), complete=True), ctx.stage_dir)
   return TrainResult(step=0, preempted=False, metrics=metrics,
-                     checkpoint_dir=checkpoints.directory)
+                     checkpoint_dir=directory)

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 
 from rtjax import distributed
-from rtjax.errors import ConfigError, FlagError, UserError  # noqa: F401 (re-exported)
+from rtjax.errors import ConfigError, FlagError, RunError, UserError  # noqa: F401 (re-exported)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -47,13 +47,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """app.run(main) where a UserError ends as one line and exit code 2;
-  anything else keeps its traceback."""
+  """app.run(main) where a UserError ends as one line and exit code 2, a
+  RunError (a failed run) as one line and exit code 1; anything else keeps
+  its traceback."""
   def guarded(argv):
     try:
       return main(argv)
     except UserError as e:
       fail(str(e))
+    except RunError as e:
+      fail(str(e), code=1)
   app.run(guarded, flags_parser=_parse_flags)
 
 

@@ -3,6 +3,10 @@ path or a file. Entry points print them as one line and exit with code 2;
 anything else (a bug in rtjax, jax or a library) keeps its traceback.
 
 Each message names the offending thing and what to do about it.
+
+A RunError is not the user's mistake but a run that could not finish for a
+reason outside rtjax (a full disk, training that diverged): entry points print
+it as one line too, and exit with code 1.
 """
 
 
@@ -32,3 +36,8 @@ class InputError(UserError):
 
 class LaunchError(UserError):
   """A launch argument is wrong or a remote command failed."""
+
+
+class RunError(Exception):
+  """A run stopped for a reason outside rtjax that the message explains
+  (what failed, what was kept, how to go on); exit code 1."""

@@ -1,9 +1,13 @@
 """Damaged and foreign checkpoints: a damaged newest step is moved aside and
 the run resumes from the newest intact one; corruption and checkpoints from
-a newer rtjax are refused with a clear message; the stamp is recorded."""
+a newer rtjax are refused with a clear message; a step that cannot be written
+(a full disk) stops the run with one line and the rerun resumes; the stamp is
+recorded."""
 
+import errno
 import json
 import shutil
+import subprocess
 
 import jax
 import numpy as np
@@ -11,6 +15,7 @@ import pytest
 from flax import nnx
 
 from rtjax.checkpoint import CheckpointError, SCHEMA_VERSION, load_checkpoint
+from rtjax.checkpoint.store import CheckpointWriteError
 from rtjax.train import train_and_evaluate
 from tests.conftest import run_module
 
@@ -110,6 +115,68 @@ def test_checkpoint_of_a_newer_rtjax_is_refused_and_left_alone(trained,
     train_and_evaluate(config, run)
   assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
       "100", "150"]
+
+
+def test_a_step_that_cannot_be_written_stops_the_run_and_keeps_the_rest(
+    trained, tmp_path, monkeypatch):
+  """The disk fills while step 150's metadata is written (in orbax's
+  background thread); the failure surfaces at the next save (200)."""
+  import orbax.checkpoint as ocp
+  config, workdir, _ = trained
+  config = config.copy_and_resolve_references()
+  config.train.num_steps = 200
+  run = copy_run(workdir, tmp_path / "run")
+  shutil.rmtree(run / "checkpoints" / "150")
+  write = ocp.JsonCheckpointHandler._save_fn
+
+  async def disk_full_at_150(self, x, directory):
+    if str(directory).startswith(str(run / "checkpoints" / "150.")):
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return await write(self, x, directory)
+
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", disk_full_at_150)
+  with pytest.raises(CheckpointWriteError, match=(
+      r"step 150 could not be written to .*checkpoints: no space left on "
+      r"device.*rerun the same command: it resumes from step 100")):
+    train_and_evaluate(config, run)
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["100"]
+  monkeypatch.undo()
+  assert train_and_evaluate(config, run).step == 200
+  assert load_checkpoint(run)[1]["step"] == 200
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 600 KiB tmpfs: room for one step of the tiny run, not for two."""
+  mount = tmp_path / "small_disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs",
+                     str(mount)], capture_output=True).returncode:
+    pytest.skip("mounting a small tmpfs needs root")
+  yield mount
+  subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_ends_with_one_line_and_the_rerun_resumes(trained,
+                                                            small_disk):
+  config, workdir, _ = trained
+  run = small_disk
+  shutil.copytree(workdir / "checkpoints" / "100", run / "checkpoints" / "100")
+  result = run_module("experiments.main", "--config=configs/default.py:tiny",
+                      f"--workdir={run}", "--noreport")
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.splitlines()[-1] == (
+      f"error: checkpoint step 150 could not be written to {run}/checkpoints: "
+      "no space left on device (its partial files were removed). Free some "
+      "space and rerun the same command: it resumes from step 100, the "
+      "newest intact one")
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["100"]
+  subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)],
+                 check=True)
+  assert train_and_evaluate(config, run).step == 150
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               params_of(run), params_of(workdir))
 
 
 @pytest.mark.slow

@@ -10,11 +10,15 @@ A run's checkpoints live in `<dir>/<step>/` with three items:
 Orbax decides which steps are finished (a temporary directory locally, a
 commit marker on gs://), when a step is due (save_interval_steps) and which
 to keep. A newest step that cannot be restored is moved aside and the run
-resumes from the newest intact one.
+resumes from the newest intact one. A step that cannot be written for want of
+space stops the run with one CheckpointWriteError; its temporary directory is
+removed and the steps written before it stay.
 """
 
 from __future__ import annotations
 
+import errno
+import logging as std_logging
 import os
 import time
 from typing import Any, Callable
@@ -27,12 +31,50 @@ from etils import epath
 from flax import nnx
 
 from rtjax.checkpoint import stamp
-from rtjax.errors import CheckpointError
+from rtjax.errors import CheckpointError, RunError
 
 ITEMS = ("model", "opt_state", "metadata")
 # What reading a step's files may raise when they are missing, truncated or
 # garbled: orbax and tensorstore raise plain Exceptions, json ValueErrors.
 READ_ERRORS = (Exception,)
+
+
+# What an exhausted disk or quota looks like in the errors orbax passes on:
+# Python's OSError, or tensorstore's RESOURCE_EXHAUSTED ValueError that
+# quotes the OS error.
+OUT_OF_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+OUT_OF_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded")
+
+
+class CheckpointWriteError(RunError):
+  """A step could not be written for want of space; the run stops there."""
+
+
+def out_of_space(error: BaseException | None) -> bool:
+  """True when `error`, or an error it was raised from, is a full disk."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in OUT_OF_SPACE_ERRNOS:
+      return True
+    if any(text in str(error) for text in OUT_OF_SPACE_TEXTS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _DropOrbaxOutOfSpace(std_logging.Filter):
+  """Orbax logs a failed background write with its traceback from each
+  thread it passes through; RunCheckpoints reports a full disk once, as a
+  CheckpointWriteError, so those records are dropped (others are kept)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if "orbax" not in record.pathname:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not (out_of_space(error) or any(
+        text in record.getMessage() for text in OUT_OF_SPACE_TEXTS))
+
+
+_ORBAX_OUT_OF_SPACE = _DropOrbaxOutOfSpace()
 
 
 def absolute(path: epath.PathLike) -> epath.Path:
@@ -76,6 +118,9 @@ class RunCheckpoints:
             save_every or 1),
         enable_should_save_is_saving_in_progress_check=False)
     self._manager = self._open()
+    self._writing: int | None = None  # the step orbax may still be writing
+    # absl's logger, which orbax logs through (adding it again is a no-op).
+    std_logging.getLogger("absl").addFilter(_ORBAX_OUT_OF_SPACE)
 
   def _open(self) -> ocp.CheckpointManager:
     return _Manager(self.directory, options=self._options, item_names=ITEMS)
@@ -93,11 +138,14 @@ class RunCheckpoints:
 
   def save(self, step: int, model_state: nnx.State, opt_state: Any,
            metadata: dict, host_arrays: bool = False) -> None:
-    """Asynchronous: returns once arrays are copied off the device.
+    """Asynchronous: returns once arrays are copied off the device, after
+    the previous step is written (a CheckpointWriteError names that step
+    when the disk filled up while writing it).
 
     `host_arrays` saves the model as plain numpy arrays (no per-array
     sharding records): the lean form of serving-only checkpoints.
     """
+    self.wait()
     model = nnx.to_pure_dict(model_state)
     if host_arrays:
       model = jax.device_get(model)
@@ -105,7 +153,12 @@ class RunCheckpoints:
              "metadata": ocp.args.JsonSave({**metadata, **stamp.stamp(model)})}
     if opt_state is not None:  # serving-only checkpoints (int8) have none
       items["opt_state"] = ocp.args.StandardSave(opt_state)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # noqa: BLE001 (only a full disk is handled)
+      self._raise_if_out_of_space(step, e)
+      raise
+    self._writing = step
 
   def metadata(self, step: int) -> dict:
     restored = self._manager.restore(
@@ -181,10 +234,41 @@ class RunCheckpoints:
     self._manager = self._open()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Until the step being written is finished; a CheckpointWriteError
+    when the disk filled up while writing it."""
+    step, self._writing = self._writing, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 (only a full disk is handled)
+      if step is not None:
+        self._raise_if_out_of_space(step, e)
+      raise
+
+  def _raise_if_out_of_space(self, step: int, error: BaseException) -> None:
+    """For a full disk: the unfinished step's temporary directory removed,
+    a fresh manager (orbax's keeps re-raising the failure), and one
+    CheckpointWriteError that says what was kept and how to go on."""
+    if not out_of_space(error):
+      return
+    if jax.process_index() == 0:
+      suffix = ocp.path.atomicity.TMP_DIR_SUFFIX
+      for partial in self.directory.glob(f"{step}{suffix}*"):
+        partial.rmtree()
+    self._manager = self._open()
+    kept = self.steps()
+    resume = (f"it resumes from step {kept[-1]}, the newest intact one"
+              if kept else "no step was written, so it starts from step 0")
+    raise CheckpointWriteError(
+        f"checkpoint step {step} could not be written to {self.directory}: "
+        f"no space left on device (its partial files were removed). Free "
+        f"some space and rerun the same command: {resume}") from None
 
   def close(self) -> None:
-    self._manager.close()
+    """Waits for the step being written (see wait), then closes."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def _reason(error: BaseException) -> str:

@@ -10,6 +10,7 @@ hands this module a model, a loss and an optimizer wrapper.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,7 +29,7 @@ from rtjax import config as config_lib
 from rtjax import models
 from rtjax.checkpoint import RunCheckpoints
 from rtjax.data import Dataset, Split, TrainBatches, load_dataset
-from rtjax.errors import CheckpointError, ConfigError
+from rtjax.errors import CheckpointError, ConfigError, RunError
 from rtjax.train.evaluate import evaluate
 from rtjax.train.metrics import MetricWriter, TrainMetrics
 from rtjax.train.optim import make_optimizer
@@ -36,7 +37,7 @@ from rtjax.train.preemption import Preemption
 from rtjax.train.step import CrossEntropy, train_step
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
   """Loss or gradients became NaN/inf; the last good checkpoint is kept."""
 
 
@@ -149,98 +150,133 @@ class _Placement:
         self.rows, np.array_split(a, count)[index]) for a in arrays)
 
 
+class _Run:
+  """One run's arrays on the mesh (params, the rest of the model state,
+  optimizer state, the metric window) and what is done with them: a step,
+  an evaluation, a checkpoint."""
+
+  def __init__(self, config, train_cfg, dataset: Dataset, stage: Stage,
+               size: dict):
+    self.config, self.train_cfg, self.dataset = config, train_cfg, dataset
+    self.stage, self.size, self.model = stage, size, stage.model
+    self.place = _Placement()
+    self.tx = stage.wrap_optimizer(make_optimizer(train_cfg))
+    self.loss = stage.loss or CrossEntropy(dataset.num_classes,
+                                           train_cfg.label_smoothing)
+    self.graphdef, self.params, self.rest = nnx.split(
+        models.training_view(self.model), nnx.Param, ...)
+    self.opt_state = self.tx.init(self.params)
+    self.batches = TrainBatches(dataset.train, train_cfg.batch_size,
+                                config_lib.init_seed(config, train_cfg),
+                                config.data.max_shift, config.data.random_flip)
+    self.window = TrainMetrics()
+    self.metrics: dict[str, dict[str, float]] = {}
+
+  def resume(self, checkpoints: RunCheckpoints) -> int:
+    """The newest intact step's state (0: none yet), placed on the mesh."""
+    start_step, state, opt_state = checkpoints.restore_latest(
+        nnx.state(self.model), self.opt_state,
+        _check_same_model(self.stage.spec, checkpoints.directory),
+        self.place.replicated)
+    if start_step:
+      nnx.update(self.model, state)
+      _, self.params, self.rest = nnx.split(self.model, nnx.Param, ...)
+      self.opt_state = opt_state
+      logging.info("resuming from step %d in %s", start_step,
+                   checkpoints.directory)
+    self.params, self.rest, self.opt_state, self.loss_state = jax.device_put(
+        (self.params, self.rest, self.opt_state, self.stage.loss_state),
+        self.place.replicated)
+    return start_step
+
+  def step(self, step: int) -> None:
+    """Trains on batch `step` (counted from 1)."""
+    self.params, self.rest, self.opt_state, self.window.state = train_step(
+        self.graphdef, self.tx, self.loss, self.window.graphdef, self.params,
+        self.rest, self.opt_state, self.window.state,
+        *self.place.feed(*self.batches.batch(step - 1)), self.loss_state)
+    self.window.steps += 1
+
+  def evaluate(self, split: Split) -> dict[str, float]:
+    nnx.update(self.model, self.params, self.rest)
+    return evaluate(self.model, split, self.train_cfg.eval_batch_size,
+                    self.place.feed)
+
+  def save(self, checkpoints: RunCheckpoints, step: int) -> None:
+    nnx.update(self.model, self.params, self.rest)
+    checkpoints.save(step, nnx.state(self.model), self.opt_state,
+                     stage_metadata(self.config, self.train_cfg, self.stage,
+                                    self.dataset, step, self.metrics,
+                                    self.size, complete=step ==
+                                    self.train_cfg.num_steps))
+
+
 def train_model(config, train_cfg, workdir: epath.PathLike, dataset: Dataset,
                 stage: Stage) -> TrainResult:
   """Trains `stage.model` on `dataset` with `train_cfg`, checkpointing into
   `workdir`; resumes from the newest intact checkpoint there."""
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  model = stage.model
-  size = model_size(model, dataset.input_shape)
+  size = model_size(stage.model, dataset.input_shape)
   logging.info("stage %s (%s): model %s: %d parameters, %.3g FLOPs/example",
                stage.name, stage.type, stage.spec, size["param_count"],
                size["flops_per_example"])
-  place = _Placement()
-  tx = stage.wrap_optimizer(make_optimizer(train_cfg))
-  loss = stage.loss or CrossEntropy(dataset.num_classes,
-                                    train_cfg.label_smoothing)
-  graphdef, params, rest = nnx.split(models.training_view(model), nnx.Param,
-                                     ...)
+  run = _Run(config, train_cfg, dataset, stage, size)
   checkpoints = RunCheckpoints(workdir / "checkpoints",
                                config.checkpoint.max_to_keep,
                                save_every=config.checkpoint.every_steps)
-  start_step, state, opt_state = checkpoints.restore_latest(
-      nnx.state(model), tx.init(params),
-      _check_same_model(stage.spec, checkpoints.directory), place.replicated)
-  if start_step:
-    nnx.update(model, state)
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    logging.info("resuming from step %d in %s", start_step,
-                 checkpoints.directory)
-  params, rest, opt_state, loss_state = jax.device_put(
-      (params, rest, opt_state, stage.loss_state), place.replicated)
-
-  def evaluate_split(split: Split) -> dict[str, float]:
-    nnx.update(model, params, rest)
-    return evaluate(model, split, train_cfg.eval_batch_size, place.feed)
-
-  def save(step: int) -> None:
-    nnx.update(model, params, rest)
-    checkpoints.save(step, nnx.state(model), opt_state, stage_metadata(
-        config, train_cfg, stage, dataset, step, metrics, size,
-        complete=step == train_cfg.num_steps))
-
-  batches = TrainBatches(dataset.train, train_cfg.batch_size,
-                         config_lib.init_seed(config, train_cfg),
-                         config.data.max_shift, config.data.random_flip)
+  start_step = run.resume(checkpoints)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  window = TrainMetrics()
-  metrics: dict[str, dict[str, float]] = {}
-  step, preempted, last_saved = start_step, False, start_step
+  # Closed last to first, each even when another raised: a step still being
+  # written is finished (or its failure raised) before anything else.
   with Preemption() as preemption, tqdm(
       total=train_cfg.num_steps, initial=start_step, desc="train",
-      disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
-    try:
-      for step in range(start_step + 1, train_cfg.num_steps + 1):
-        params, rest, opt_state, window.state = train_step(
-            graphdef, tx, loss, window.graphdef, params, rest, opt_state,
-            window.state, *place.feed(*batches.batch(step - 1)), loss_state)
-        window.steps += 1
-        bar.update(1)
-        last = step == train_cfg.num_steps
-        stopping = preemption.reached() and not last
-        saving = last or stopping or checkpoints.should_save(step)
-        if step % train_cfg.log_every == 0 or saving:
-          metrics["train"] = _log_window(window, step, last_saved, writer,
-                                         bar, checkpoints.directory)
-        if (step % train_cfg.eval_every == 0 or last) and len(dataset.val.labels):
-          metrics["val"] = evaluate_split(dataset.val)  # none: val_fraction=0
-          writer.write(step, "val", metrics["val"])
-        if last:
-          metrics["test"] = evaluate_split(dataset.test)
-          writer.write(step, "test", metrics["test"])
-        if saving:
-          save(step)
-          last_saved = step
-        if stopping:
-          preempted = True
-          logging.warning("preempted: checkpoint saved at step %d in %s; "
-                          "rerun the same command to resume", step,
-                          checkpoints.directory)
-          break
-      if start_step >= train_cfg.num_steps:
-        logging.info("run already complete at step %d", start_step)
-        metrics.update(checkpoints.metadata(start_step)["metrics"])
-    finally:
-      checkpoints.wait()
-      checkpoints.close()
-      writer.close()
-
-  if "test" in metrics:
+      disable=jax.process_index() != 0, dynamic_ncols=True) as bar, \
+      contextlib.closing(writer), contextlib.closing(checkpoints):
+    step, preempted = _train_steps(run, start_step, checkpoints, writer, bar,
+                                   preemption)
+    if start_step >= train_cfg.num_steps:
+      logging.info("run already complete at step %d", start_step)
+      run.metrics.update(checkpoints.metadata(start_step)["metrics"])
+  if "test" in run.metrics:
     logging.info("step %d: test accuracy %.4f, loss %.4f", step,
-                 metrics["test"]["accuracy"], metrics["test"]["loss"])
+                 run.metrics["test"]["accuracy"], run.metrics["test"]["loss"])
   return TrainResult(step=max(step, start_step), preempted=preempted,
-                     metrics=metrics, checkpoint_dir=checkpoints.directory)
+                     metrics=run.metrics, checkpoint_dir=checkpoints.directory)
+
+
+def _train_steps(run: _Run, start_step: int, checkpoints: RunCheckpoints,
+                 writer: MetricWriter, bar, preemption: Preemption
+                 ) -> tuple[int, bool]:
+  """The loop: step, log, evaluate, save when orbax says so or at
+  preemption. Returns (last step taken, whether preempted)."""
+  train_cfg, metrics = run.train_cfg, run.metrics
+  step, last_saved = start_step, start_step
+  for step in range(start_step + 1, train_cfg.num_steps + 1):
+    run.step(step)
+    bar.update(1)
+    last = step == train_cfg.num_steps
+    stopping = preemption.reached() and not last
+    saving = last or stopping or checkpoints.should_save(step)
+    if step % train_cfg.log_every == 0 or saving:
+      metrics["train"] = _log_window(run.window, step, last_saved, writer,
+                                     bar, checkpoints.directory)
+    if ((step % train_cfg.eval_every == 0 or last)
+        and len(run.dataset.val.labels)):  # none: val_fraction=0
+      metrics["val"] = run.evaluate(run.dataset.val)
+      writer.write(step, "val", metrics["val"])
+    if last:
+      metrics["test"] = run.evaluate(run.dataset.test)
+      writer.write(step, "test", metrics["test"])
+    if saving:
+      run.save(checkpoints, step)
+      last_saved = step
+    if stopping:
+      logging.warning("preempted: checkpoint saved at step %d in %s; rerun "
+                      "the same command to resume", step,
+                      checkpoints.directory)
+      return step, True
+  return step, False
 
 
 def _log_window(window: TrainMetrics, step: int, last_saved: int,

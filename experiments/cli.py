@@ -5,12 +5,15 @@ one line and exit code 2, the flags several commands take, and log filtering.
   cli.config(flag)              a --config flag's value; load errors are user errors
   cli.batch_sizes(flag)         positive ints from a --batch_sizes list
   cli.ServingFlags()            the serving options bench, predict, compare share
+  cli.DataclassFlags(cls)       a flag per field of a dataclass (one declaration)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging as std_logging
 import sys
+import typing
 from typing import Callable
 
 import jax
@@ -106,6 +109,52 @@ def define_batch_sizes(default: list[str], help: str = "Batch sizes."):
 def batch_sizes(flag) -> list[int]:
   """A batch-size list flag's values, validated."""
   return positive_ints(flag.name, flag.value)
+
+
+class DataclassFlags:
+  """One flag per field of a dataclass, named as the field, with its
+  default and the help in its metadata ('help'): bool, int, float, str, and
+  tuples of numbers or strings as comma-separated lists. value() builds the
+  dataclass back from the parsed flags, checked by its problems() when it
+  has one; a bad value is a FlagError naming the flag."""
+
+  def __init__(self, cls: type, flag_values: flags.FlagValues = flags.FLAGS):
+    self._cls, self._types = cls, typing.get_type_hints(cls)
+    self._holders = {}
+    for field in dataclasses.fields(cls):
+      if field.default is dataclasses.MISSING:
+        raise TypeError(f"{cls.__name__}.{field.name} has no default")
+      self._holders[field.name] = _define(
+          field.name, self._types[field.name], field.default,
+          field.metadata.get("help", ""), flag_values)
+
+  def value(self):
+    out = self._cls(**{name: _parsed(name, self._types[name], holder.value)
+                       for name, holder in self._holders.items()})
+    for name, problem in getattr(out, "problems", list)()[:1]:
+      raise FlagError(f"--{name}: {problem}")
+    return out
+
+
+def _define(name: str, kind, default, help: str, flag_values):
+  if typing.get_origin(kind) is tuple:
+    shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in default]
+    return flags.DEFINE_list(name, shown, help, flag_values=flag_values)
+  define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+            float: flags.DEFINE_float, str: flags.DEFINE_string}[kind]
+  return define(name, default, help, flag_values=flag_values)
+
+
+def _parsed(name: str, kind, value):
+  """A list flag's strings as the field's tuple; other values as parsed."""
+  if typing.get_origin(kind) is not tuple:
+    return value
+  element = typing.get_args(kind)[0]
+  try:
+    return tuple(element(v) for v in value)
+  except ValueError:
+    raise FlagError(f"--{name}={','.join(value)}: give {element.__name__} "
+                    "values separated by commas") from None
 
 
 class MultihostFlags:

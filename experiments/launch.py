@@ -22,22 +22,29 @@ _PROJECT = flags.DEFINE_string("project", None, "GCP project.", required=True)
 _ACCELERATOR = flags.DEFINE_string("accelerator_type", "v5litepod-8",
                                    "e.g. v4-8, v5litepod-8, v5p-16, v6e-8.")
 _RUNTIME = flags.DEFINE_string(
-    "runtime_version", "", "TPU software version (gcloud --version); default: "
-    "the one Google lists for the generation, " + ", ".join(
-        f"{g}: {v}" for g, v in tpu.RUNTIME_VERSIONS.items()) + ".")
-_CREATE = flags.DEFINE_bool("create", False, "Create the TPU first.")
-_QUEUED = flags.DEFINE_bool("queued", False, "Create through queued resources.")
-_SPOT = flags.DEFINE_bool("spot", False, "Spot (preemptible) capacity.")
-_DELETE = flags.DEFINE_bool("delete_after", False, "Delete the TPU at the end, "
-                            "also when the run fails.")
+    "runtime_version", tpu.TpuSpec.runtime_version, "TPU software version "
+    "(gcloud --version); default: the one Google lists for the generation, "
+    + ", ".join(f"{g}: {v}" for g, v in tpu.RUNTIME_VERSIONS.items()) + ".")
+_CREATE = flags.DEFINE_bool("create", tpu.LaunchPlan.create,
+                            "Create the TPU first.")
+_QUEUED = flags.DEFINE_bool("queued", tpu.TpuSpec.queued,
+                            "Create through queued resources.")
+_SPOT = flags.DEFINE_bool("spot", tpu.TpuSpec.spot,
+                          "Spot (preemptible) capacity.")
+_DELETE = flags.DEFINE_bool("delete_after", tpu.LaunchPlan.delete_after,
+                            "Delete the TPU at the end, also when the run "
+                            "fails.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands only.")
-_SOURCE = flags.DEFINE_string("source_dir", ".", "Local code to copy.")
-_REMOTE = flags.DEFINE_string("remote_dir", "rtjax", "Code directory on workers.")
-_GIT_URL = flags.DEFINE_string("git_url", "", "Clone this repository on the "
-                               "workers instead of copying --source_dir.")
+_SOURCE = flags.DEFINE_string("source_dir", tpu.LaunchPlan.source_dir,
+                              "Local code to copy.")
+_REMOTE = flags.DEFINE_string("remote_dir", tpu.LaunchPlan.remote_dir,
+                              "Code directory on workers.")
+_GIT_URL = flags.DEFINE_string("git_url", tpu.LaunchPlan.git_url, "Clone this "
+                               "repository on the workers instead of copying "
+                               "--source_dir.")
 _GIT_REF = flags.DEFINE_string("git_ref", "main", "Ref to check out with --git_url.")
-_LOG_DIR = flags.DEFINE_string("launch_logs", "launch_logs", "Local logs, one per "
-                               "worker.")
+_LOG_DIR = flags.DEFINE_string("launch_logs", tpu.LaunchPlan.log_dir,
+                               "Local logs, one per worker.")
 
 
 def main(argv):

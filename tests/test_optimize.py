@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from rtjax.optimize import audit, finetune, halving, screening, stats
+from rtjax.optimize import (audit, finetune, halving, memo, screening,
+                            serving, stats)
 from rtjax.optimize.search import Settings, run_search
 from rtjax.optimize.store import SearchStore
 from tests.conftest import run_module
@@ -21,7 +22,7 @@ TINY = dict(batch_size=8, percentile=90, rung_steps=(4,), extra_rungs=0,
             keep_fractions=(0.5,), sensitivity_groups="stream1",
             uniform=(0.5, 0.25), thresholds=(),
             shallow=False, int8=False, max_candidates=2, max_finalists=2,
-            measure_seconds=0.2, final_seconds=0.4, try_auto_lowering=False,
+            measure_seconds=0.2, final_seconds=0.4, auto_lowering=False,
             search_minutes=30, latency_budget_ms=1e4, max_accuracy_drop=100)
 
 
@@ -79,11 +80,13 @@ ACCURACY = {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.6}
 
 
 class Trainer:
-  """A fake rung: accuracy by name, `steps` seconds on the fake clock; can
-  be told to die (as a SIGKILL would) at its n-th call."""
+  """A fake rung: accuracy by name (or by (name, rung) in `scripted`),
+  `steps` seconds on the fake clock; can be told to die (as a SIGKILL
+  would) at its n-th call."""
 
-  def __init__(self, die_at=None):
+  def __init__(self, die_at=None, scripted=None):
     self.now, self.calls, self.die_at = 0.0, [], die_at
+    self.scripted = scripted or {}
 
   def clock(self):
     return self.now
@@ -93,13 +96,14 @@ class Trainer:
       raise KeyboardInterrupt("killed")
     self.calls.append((name, rung))
     self.now += steps
-    return {"val_accuracy": ACCURACY[name] + rung / 100}
+    return {"val_accuracy": self.scripted.get(
+        (name, rung), ACCURACY[name] + rung / 100)}
 
 
 def test_halving_resumes_without_redoing_and_decides_the_same(tmp_path):
   run = lambda directory, trainer: halving.successive_halving(
       "abcd", (1, 2, 4), trainer, SearchStore(directory), trainer.clock,
-      budget_s=1e6, max_finalists=1, extra_rungs=0)
+      budget_s=1e6, eta=2, max_finalists=1, extra_rungs=0)
   reference = Trainer()
   expected = run(tmp_path / "whole", reference)
   assert expected == {"a": 2}  # 4 -> 2 -> 1 survivor at the last rung
@@ -119,7 +123,7 @@ def test_halving_spends_time_left_on_longer_finalist_rungs(tmp_path):
   trainer = Trainer()
   store = SearchStore(tmp_path)
   finalists = halving.successive_halving(
-      "abcd", (1, 2), trainer, store, trainer.clock, budget_s=1e6,
+      "abcd", (1, 2), trainer, store, trainer.clock, budget_s=1e6, eta=2,
       max_finalists=2, extra_rungs=2)
   assert trainer.calls[4:] == [("a", 1), ("b", 1), ("a", 2), ("b", 2),
                                ("a", 3), ("b", 3)]
@@ -130,7 +134,7 @@ def test_a_lone_survivor_trains_through_every_rung(tmp_path):
   trainer = Trainer()
   finalists = halving.successive_halving(
       "ab", (1, 2, 4), trainer, SearchStore(tmp_path), trainer.clock,
-      budget_s=1e6, max_finalists=1, extra_rungs=1)
+      budget_s=1e6, eta=2, max_finalists=1, extra_rungs=1)
   assert trainer.calls == [("a", 0), ("b", 0), ("a", 1), ("a", 2), ("a", 3)]
   assert finalists == {"a": 3}
 
@@ -139,7 +143,7 @@ def test_candidates_predicted_to_fit_rank_first(tmp_path):
   trainer = Trainer()
   finalists = halving.successive_halving(
       "abcd", (1, 2), trainer, SearchStore(tmp_path), trainer.clock,
-      budget_s=1e6, max_finalists=1, extra_rungs=0, fits="d")
+      budget_s=1e6, eta=2, max_finalists=1, extra_rungs=0, fits="d")
   # d is the least accurate but the only one predicted to meet the budget.
   assert trainer.calls[4:] == [("d", 1), ("a", 1)] and finalists == {"d": 1}
 
@@ -148,7 +152,7 @@ def test_candidates_over_budget_rank_by_predicted_latency(tmp_path):
   trainer = Trainer()
   finalists = halving.successive_halving(
       "abcd", (1, 2), trainer, SearchStore(tmp_path), trainer.clock,
-      budget_s=1e6, max_finalists=1, extra_rungs=0,
+      budget_s=1e6, eta=2, max_finalists=1, extra_rungs=0,
       predicted={"a": 3.0, "b": 2.0, "c": 1.0, "d": 4.0})
   # None predicted to fit: the closest to the budget go on, not the most
   # accurate (a, then b).
@@ -159,15 +163,27 @@ def test_halving_keeps_as_many_as_the_finalists(tmp_path):
   trainer = Trainer()
   finalists = halving.successive_halving(
       "abcd", (1, 2, 4), trainer, SearchStore(tmp_path), trainer.clock,
-      budget_s=1e6, max_finalists=3, extra_rungs=0)
+      budget_s=1e6, eta=2, max_finalists=3, extra_rungs=0)
   assert finalists == {"a": 2, "b": 2, "c": 2}  # 4 -> 3 -> 3, not 4 -> 2 -> 1
+
+
+@pytest.mark.parametrize("last, kept", [(0.93, 1), (0.95, 2)])
+def test_a_finalist_is_its_best_rung_ties_to_the_later(tmp_path, last, kept):
+  # a loses accuracy over its last rung (each rung restarts the schedule):
+  # its best rung is kept, not its last; on a tie the later (longer) one.
+  trainer = Trainer(scripted={("a", 0): 0.90, ("a", 1): 0.95, ("a", 2): last})
+  finalists = halving.successive_halving(
+      "ab", (1, 2, 4), trainer, SearchStore(tmp_path), trainer.clock,
+      budget_s=1e6, eta=2, max_finalists=1, extra_rungs=0)
+  assert trainer.calls[-1] == ("a", 2) and finalists == {"a": kept}
 
 
 def test_halving_stops_at_the_time_limit(tmp_path):
   trainer = Trainer()
   store = SearchStore(tmp_path)
   finalists = halving.successive_halving(
-      "abcd", (10, 20, 40), trainer, store, trainer.clock, budget_s=70)
+      "abcd", (10, 20, 40), trainer, store, trainer.clock, budget_s=70,
+      eta=2, max_finalists=3, extra_rungs=2)
   # Rung 0 costs 40 s; rung 1 (20 s per job) fits once more: 60 s, and a
   # second rung-1 job would end at 80 s > 70 s.
   assert trainer.calls[4:] == [("a", 1)]
@@ -181,10 +197,15 @@ def test_halving_stops_at_the_time_limit(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_search(trained, tmp_path_factory):
   """The search killed inside its second rung-0 job, resumed, then rerun
-  on the finished workdir: (workdir, summary, trained jobs per run)."""
+  on the finished workdir: (workdir, summary, trained jobs per run, memo
+  keys of the models compiled per run)."""
   workdir = tmp_path_factory.mktemp("optimize")
-  original = finetune.train_rung
-  calls = []
+  original, original_compile = finetune.train_rung, serving.compile_with
+  calls, compiled = [], []
+
+  def compile_with(model, spec, batch, options):
+    compiled[-1].append(memo.CompileMemo().key(model, spec, batch, options))
+    return original_compile(model, spec, batch, options)
 
   def counted(limit):
     def train_rung(*args, **kwargs):
@@ -198,7 +219,9 @@ def tiny_search(trained, tmp_path_factory):
   summaries = []
   for limit in (1, None, None):
     calls.append([])
+    compiled.append([])
     finetune.train_rung = counted(limit)
+    serving.compile_with = compile_with
     try:
       summaries.append(run_search(trained[1], workdir, Settings(**TINY),
                                   clock=fake_clock()))
@@ -206,7 +229,8 @@ def tiny_search(trained, tmp_path_factory):
       summaries.append(None)
     finally:
       finetune.train_rung = original
-  return workdir, summaries, calls
+      serving.compile_with = original_compile
+  return workdir, summaries, calls, compiled
 
 
 @pytest.mark.slow
@@ -214,7 +238,7 @@ def test_tiny_search_end_to_end(tiny_search):
   from rtjax.checkpoint import load_checkpoint
   from rtjax.infer import CompiledModel
   from rtjax.infer.options import device_kind
-  workdir, summaries, _ = tiny_search
+  workdir, summaries, _, _ = tiny_search
   summary = summaries[1]
   names = [c["name"] for c in summary["candidates"]]
   assert names == ["uniform50", "uniform25"]
@@ -248,7 +272,7 @@ def test_tiny_search_end_to_end(tiny_search):
 @pytest.mark.slow
 def test_killed_search_resumes_without_redoing_finished_candidates(
     tiny_search):
-  workdir, summaries, calls = tiny_search
+  workdir, summaries, calls, _ = tiny_search
   assert summaries[0] is None and len(calls[0]) == 1  # killed in the 2nd
   [first] = calls[0]
   assert first not in calls[1]  # kept, not retrained
@@ -256,6 +280,23 @@ def test_killed_search_resumes_without_redoing_finished_candidates(
   assert calls[2] == []  # the rerun trains nothing ...
   assert summaries[2]["chosen"] == summaries[1]["chosen"]  # ... and agrees
   assert summaries[2]["final"] == summaries[1]["final"]
+
+
+@pytest.mark.slow
+def test_a_search_compiles_each_model_once(tiny_search):
+  """The option grid, the sensitivity, screening's parent and the final
+  runs share one memo: no (structure, weights, batch, options) is compiled
+  twice in a run, and the report counts what was."""
+  _, summaries, _, compiled = tiny_search
+  killed, resumed, _ = compiled
+  assert killed and resumed  # parent phases; the finalists and final runs
+  for keys in compiled:
+    assert len(set(keys)) == len(keys)
+  counted = summaries[1]["compile_memo"]
+  assert counted["keys"] == counted["compiles"] == len(resumed)
+  assert counted["most_compiles_of_one_key"] == 1
+  assert counted["reused"] >= 1 and counted["compile_seconds"] > 0
+  assert "at most 1 time(s) each" in summaries[1]["markdown"]
 
 
 # ---- the audit -------------------------------------------------------------

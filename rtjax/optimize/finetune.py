@@ -18,16 +18,14 @@ from rtjax.compress.distill import ALPHA, TEMPERATURE, DistillationLoss
 from rtjax.data import Dataset
 from rtjax.train import CrossEntropy, Stage, train_model
 
-FINE_TUNE_LR = 0.3  # of the parent's learning rate, for pruned weights
-
-
 def train_rung(parent_dir: epath.Path, parent_meta: dict, teacher: nnx.Module,
                dataset: Dataset, recipe: dict, model: nnx.Module, spec: dict,
                stage_dir: epath.Path, start_dir: epath.Path | None,
-               steps: int) -> dict:
+               steps: int, fine_tune_lr: float) -> dict:
   """Trains (or resumes) one rung and returns its final metadata. `model`
   is the candidate's starting point for rung 0; later rungs start from
-  `start_dir`, the previous rung."""
+  `start_dir`, the previous rung. Trained weights fine-tune at
+  `fine_tune_lr` times the parent's learning rate."""
   if start_dir is not None:
     model, _ = load_checkpoint(start_dir)
   config = ml_collections.ConfigDict(parent_meta["config"])
@@ -36,7 +34,7 @@ def train_rung(parent_dir: epath.Path, parent_meta: dict, teacher: nnx.Module,
   train.update(num_steps=steps, warmup_steps=max(1, min(
       train.warmup_steps, steps // 10)), eval_every=steps,
       log_every=max(1, min(train.log_every, steps)),
-      learning_rate=train.learning_rate * (1.0 if scratch else FINE_TUNE_LR))
+      learning_rate=train.learning_rate * (1.0 if scratch else fine_tune_lr))
   config.checkpoint.every_steps = max(1, steps // 2)
   graphdef, state = nnx.split(models.inference_view(teacher))
   loss = DistillationLoss(graphdef, ALPHA, TEMPERATURE, CrossEntropy(

@@ -1,9 +1,9 @@
 """Successive halving under a time limit (Jamieson & Talwalkar 2016): every
 candidate gets a short fine-tune, the better half (by validation accuracy;
 never fewer than the finalists to be measured) a longer one, and so on; the
-last planned rung's survivors are the finalists. A lone
-survivor goes on through the remaining rungs: halving picks whom to train,
-never how long the time limit allows.
+last planned rung's survivors are the finalists, each at its rung of best
+validation accuracy. A lone survivor goes on through the remaining rungs:
+halving picks whom to train, never how long the time limit allows.
 
 Time is counted from what the store recorded (seconds of each finished job
 and phase), so a resumed search counts the time already spent, and every
@@ -40,17 +40,47 @@ def _estimate(store: SearchStore, name: str, steps: int) -> float:
   return steps * float(np.median([v["seconds"] / v["steps"] for v in pool]))
 
 
+def best_rung(store: SearchStore, name: str) -> int | None:
+  """The trained rung of `name` with the best validation accuracy, ties to
+  the later rung (each rung restarts the schedule, so a longer one can end
+  worse); None if it trained none."""
+  scores, k = [], 0
+  while f"job/{name}/rung{k}" in store:
+    scores.append((store.get(f"job/{name}/rung{k}")["val_accuracy"], k))
+    k += 1
+  return max(scores)[1] if scores else None
+
+
+def _train_rung(names: Sequence[str], k: int, steps: int,
+                train: Callable[[str, int, int], dict], store: SearchStore,
+                clock: Callable[[], float], budget_s: float) -> bool:
+  """Trains rung `k` of each name not trained yet, while its estimated
+  duration fits in the time left; True when one did not fit."""
+  for name in names:
+    job = f"job/{name}/rung{k}"
+    if job in store:
+      continue
+    if spent_seconds(store) + _estimate(store, name, steps) > budget_s:
+      return True
+    start = clock()
+    result = train(name, k, steps)
+    store.put(job, {**result, "steps": steps,
+                    "seconds": max(clock() - start, 1e-9)})
+  return False
+
+
 def successive_halving(names: Sequence[str], rungs: Sequence[int],
                        train: Callable[[str, int, int], dict],
                        store: SearchStore, clock: Callable[[], float],
-                       budget_s: float, eta: int = 2, max_finalists: int = 3,
-                       extra_rungs: int = 2, fits: Collection[str] = (),
+                       budget_s: float, *, eta: int, max_finalists: int,
+                       extra_rungs: int, fits: Collection[str] = (),
                        predicted: Mapping[str, float] | None = None
                        ) -> dict[str, int]:
-  """{finalist: its last trained rung}. `train(name, rung, steps)` returns
-  at least {'val_accuracy'}; its duration is measured with `clock`. After
-  the planned rungs, while time is left, the finalists train up to
-  `extra_rungs` more rungs of `eta` times the steps each (no halving).
+  """{finalist: its rung of best validation accuracy} (best_rung).
+  `train(name, rung, steps)` returns at least {'val_accuracy'}; its
+  duration is measured with `clock`. After the planned rungs, while time
+  is left, the finalists train up to `extra_rungs` more rungs of `eta`
+  times the steps each (no halving).
 
   Candidates in `fits` (predicted to meet the latency budget) rank ahead
   of the others, by validation accuracy: after a short rung the most
@@ -59,27 +89,12 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
   others rank by their `predicted` latency, closest to the budget first
   (then by accuracy): the likeliest to fit when measured again."""
   predicted = predicted or {}
-  survivors = list(names)
-  last_rung = {}
-  planned = len(rungs)
+  survivors, planned = list(names), len(rungs)
   for k in range(planned + extra_rungs):
     steps = rungs[k] if k < planned else rungs[-1] * eta ** (k - planned + 1)
-    key = f"rung{k}"
-    if key in store:
-      decision = store.get(key)
-    else:
-      out_of_time = False
-      for name in survivors:
-        job = f"job/{name}/rung{k}"
-        if job in store:
-          continue
-        if spent_seconds(store) + _estimate(store, name, steps) > budget_s:
-          out_of_time = True
-          break
-        start = clock()
-        result = train(name, k, steps)
-        store.put(job, {**result, "steps": steps,
-                        "seconds": max(clock() - start, 1e-9)})
+    if f"rung{k}" not in store:
+      out_of_time = _train_rung(survivors, k, steps, train, store, clock,
+                                budget_s)
       trained = [n for n in survivors if f"job/{n}/rung{k}" in store]
       ranked = sorted(trained, key=lambda n: (
           n not in fits, 0.0 if n in fits else predicted.get(n, 0.0),
@@ -87,19 +102,17 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
       if k >= planned - 1:  # the finalists; later rungs only train longer
         promoted = (ranked[:max_finalists] if k == planned - 1 else
                     sorted(survivors, key=lambda n: n not in ranked))
-      else:
-        # Never fewer than the finalists the last rung will keep.
+      else:  # never fewer than the finalists the last rung will keep
         promoted = ranked[:max(max_finalists, math.ceil(len(ranked) / eta))]
-      final = out_of_time or k == planned + extra_rungs - 1
-      decision = {"trained": trained, "promoted": promoted,
-                  "out_of_time": out_of_time, "final": final, "steps": steps}
-      store.put(key, decision)
-    for name in decision["trained"]:
-      last_rung[name] = k
+      store.put(f"rung{k}", {
+          "trained": trained, "promoted": promoted, "out_of_time": out_of_time,
+          "final": out_of_time or k == planned + extra_rungs - 1,
+          "steps": steps})
+    decision = store.get(f"rung{k}")
     if not decision["trained"]:  # no time for this rung: keep the last one
-      return {n: last_rung[n] for n in survivors[:max_finalists]
-              if n in last_rung}
+      survivors = survivors[:max_finalists]
+      break
     survivors = decision["promoted"]
     if decision["final"]:
       break
-  return {n: last_rung[n] for n in survivors}
+  return {n: k for n in survivors if (k := best_rung(store, n)) is not None}

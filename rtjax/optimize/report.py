@@ -16,8 +16,8 @@ from etils import epath
 
 from rtjax.compare import pareto_front
 from rtjax.optimize import audit, sensitivity
-from rtjax.optimize.halving import spent_seconds
-from rtjax.optimize.screening import SCREEN_SLACK, screened_p
+from rtjax.optimize.halving import best_rung, spent_seconds
+from rtjax.optimize.screening import screened_p
 
 
 def _describe(recipe: dict) -> str:
@@ -55,9 +55,9 @@ def summarize(settings, budget: dict, sens: dict, recipes: list[dict],
     elif name not in trainees:
       predicted = screened_p(screen, name, budget.get("parent_p_ms"))
       fate = (f"not trained: screening predicts {predicted:.4f} ms, over "
-              f"the budget (+{100 * (SCREEN_SLACK - 1):.0f}%)"
+              f"the budget (+{100 * (settings.screen_slack - 1):.0f}%)"
               if predicted > budget.get("preliminary_ms", budget_ms)
-              * SCREEN_SLACK else
+              * settings.screen_slack else
               "not trained: more candidates fitted than max_candidates")
     elif trained:
       fate = (f"dropped after rung {len(trained) - 1} (ranked: predicted "
@@ -66,7 +66,9 @@ def summarize(settings, budget: dict, sens: dict, recipes: list[dict],
     else:
       fate = "not trained: out of search time"
     rows.append({**recipe, "done": _describe(recipe), "screen": screen[name],
-                 "rungs": trained, "fate": fate,
+                 "rungs": trained,
+                 "kept_rung": best_rung(store, name) if name in final else None,
+                 "fate": fate,
                  "audit": audit.audit(screen[name], screen["parent"],
                                       floor_ms)})
   extra = []  # finalists that are not recipes: int8 variants, the parent
@@ -93,27 +95,54 @@ def _pct(x: float) -> str:
 
 
 def markdown(summary: dict) -> str:
+  """optimize.md: the sections in the order the search ran them."""
+  lines = _header(summary) + _candidates(summary) + _finalists(summary)
+  lines += _rivals(summary) + _audit(summary)
+  lines += ["", "![accuracy vs latency](optimize.png)", "", _outcome(summary)]
+  return "\n".join(lines) + "\n"
+
+
+def _p(summary: dict) -> str:
+  return f"p{summary['settings']['percentile']:g}"
+
+
+def _header(summary: dict) -> list[str]:
   s, b = summary["settings"], summary["budget"]
-  p = f"p{s['percentile']:g}"
+  memo = summary.get("compile_memo")
   lines = [
       f"# optimize: {summary['parent']}", "",
-      f"Budget **{b['budget_ms']:.4f} ms** {p} at batch {s['batch_size']} "
-      f"({b['from']}); accuracy limit {s['max_accuracy_drop']:g} points. "
-      f"Its measurements and fine-tunes took "
-      f"{summary['spent_seconds'] / 60:.1f} of the {s['search_minutes']:g} "
-      f"minutes asked (rungs of "
-      f"{', '.join(map(str, summary['rung_steps']))} steps).", "",
+      f"Budget **{b['budget_ms']:.4f} ms** {_p(summary)} at batch "
+      f"{s['batch_size']} ({b['from']}); accuracy limit "
+      f"{s['max_accuracy_drop']:g} points. Its measurements and fine-tunes "
+      f"took {summary['spent_seconds'] / 60:.1f} of the "
+      f"{s['search_minutes']:g} minutes asked (rungs of "
+      f"{', '.join(map(str, summary['rung_steps']))} steps).", ""]
+  if memo:
+    lines += [f"Compiled {memo['keys']} models (model, weights, batch size, "
+              f"serving options) in {memo['compile_seconds']:.1f} s, at most "
+              f"{memo['most_compiles_of_one_key']} time(s) each; reused "
+              f"{memo['reused']} times (optimize.json lists each).", ""]
+  for note in (summary.get("parent_drift") or {}).values():
+    lines += [f"**The machine changed** in {note}", ""]
+  return lines + [
       f"Parent served with {summary['parent_options']['options']} (the "
       "fastest of the options timed; every finalist gets its own).", "",
       "## Sensitivity (validation, no fine-tuning; speedups at the batch "
       "size, one interleaved run)", "",
       sensitivity.markdown(summary["sensitivity"], s["percentile"]),
-      "![sensitivity](sensitivity.png)", "", "## Candidates", "",
-      f"| candidate | what was done | FLOPs | screened p50 / {p} ms "
-      "| rungs: val acc. | fate |", "|" + " --- |" * 6]
+      "![sensitivity](sensitivity.png)", ""]
+
+
+def _candidates(summary: dict) -> list[str]:
+  lines = ["## Candidates", "",
+           f"| candidate | what was done | FLOPs | screened p50 / "
+           f"{_p(summary)} ms | rungs: val acc. (* the finalist) | fate |",
+           "|" + " --- |" * 6]
   for r in summary["candidates"]:
-    rungs = ", ".join(f"{j['steps']}: {_pct(j['val_accuracy'])}"
-                      for j in r["rungs"]) or "-"
+    rungs = ", ".join(
+        f"{j['steps']}: {_pct(j['val_accuracy'])}"
+        f"{'*' if k == r.get('kept_rung') else ''}"
+        for k, j in enumerate(r["rungs"])) or "-"
     served = [w for w, on in (
         ("patches", r["screen"].get("conv_lowering", "xla") != "xla"),
         ("embedded", r["screen"].get("embed_weights")),
@@ -122,15 +151,19 @@ def markdown(summary: dict) -> str:
                  f"| {r['screen']['p50_ms']:.4f} / {r['screen']['p_ms']:.4f}"
                  f"{' (' + ', '.join(served) + ')' if served else ''} "
                  f"| {rungs} | {r['fate']} |")
-  lines += ["", f"## Finalists: {s['final_runs']} interleaved runs at "
-            f"batch {s['batch_size']} (medians; each run's {p} in brackets), "
-            "test split", "",
-            f"| model | serving options | p50 ms | {p} ms | test acc. % "
-            "(95% CI) | change vs parent (95% CI) | McNemar p | verdict |",
-            "|" + " --- |" * 8]
+  return lines
+
+
+def _finalists(summary: dict) -> list[str]:
+  s, p = summary["settings"], _p(summary)
+  lines = ["", f"## Finalists: {s['final_runs']} interleaved runs at "
+           f"batch {s['batch_size']} (medians; each run's {p} in brackets), "
+           "test split", "",
+           f"| model | serving options | p50 ms | {p} ms | test acc. % "
+           "(95% CI) | change vs parent (95% CI) | McNemar p | verdict |",
+           "|" + " --- |" * 8]
   for name, r in summary["final"].items():
-    t = r["test"]
-    o = r["options"]
+    t, o = r["test"], r["options"]
     opts = (f"{o['conv_lowering']}, embed {o['embed_weights']}, "
             f"{o['dtype']}, widths {o['round_widths_to'] or '-'}, "
             f"{o['dot_kernels']} dots")
@@ -140,36 +173,48 @@ def markdown(summary: dict) -> str:
         f"| {name} | {opts} | {r['p50_ms']:.4f} | {r['p_ms']:.4f} "
         f"[{', '.join(f'{v:.4f}' for v in r['p_ms_runs'])}] | "
         f"{_pct(t['accuracy'])} ({_pct(t['ci95'][0])}-{_pct(t['ci95'][1])}) "
-        f"| {100 * t['change']:+.2f} ({100 * t['change_ci95'][0]:+.2f} to "
-        f"{100 * t['change_ci95'][1]:+.2f}) | {t['p_value']:.3g} | {verdict} |")
-  rivals = summary.get("rivals") or {}
-  if rivals:
-    c = rivals["chosen"]
-    lines += ["", f"## Rivals: as many interleaved runs again with the "
-              f"parent and the chosen model ({summary['chosen']}: {p} "
-              f"{c['p_ms']:.4f} ms here; budget in these runs "
-              f"{rivals['budget_ms']:.4f} ms)", "",
-              f"| rival | {p} ms | meets the budget | test acc. % | change vs "
-              "chosen (95% CI) | McNemar p | significantly more accurate? |",
-              "|" + " --- |" * 7]
-    for name, r in rivals["rows"].items():
-      v = r["vs_chosen"]
-      better = v["significant"] and v["change"] > 0
-      lines.append(f"| {name} | {r['p_ms']:.4f} | "
-                   f"{'yes' if r['meets_budget'] else 'no'} | "
-                   f"{_pct(v['accuracy'])} | {100 * v['change']:+.2f} "
-                   f"({100 * v['change_ci95'][0]:+.2f} to "
-                   f"{100 * v['change_ci95'][1]:+.2f}) | {v['p_value']:.3g} | "
-                   f"{'**yes**' if better else 'no'} |")
-  lines += ["", "## Audit: is it really faster?", "",
-            "Predicted speedups from FLOPs and from XLA's cost model "
-            "(t_compute + t_memory + t_comm, rtjax.bench.breakdown) against "
-            "the measured p50 speedup over the parent in the same run "
-            f"(screening for candidates, the final runs for finalists). "
-            f"Fixed per-call floor (a trivial jitted call): "
-            f"{summary['floor_ms']:.4f} ms.", "",
-            "| model | run | predicted (FLOPs) | predicted (roofline) | "
-            f"measured p50 | measured {p} | paid? |", "|" + " --- |" * 7]
+        f"| {_change(t)} | {t['p_value']:.3g} | {verdict} |")
+  return lines
+
+
+def _change(t: dict) -> str:
+  return (f"{100 * t['change']:+.2f} ({100 * t['change_ci95'][0]:+.2f} to "
+          f"{100 * t['change_ci95'][1]:+.2f})")
+
+
+def _rivals(summary: dict) -> list[str]:
+  rivals, p = summary.get("rivals") or {}, _p(summary)
+  if not rivals:
+    return []
+  c = rivals["chosen"]
+  lines = ["", f"## Rivals: as many interleaved runs again with the "
+           f"parent and the chosen model ({summary['chosen']}: {p} "
+           f"{c['p_ms']:.4f} ms here; budget in these runs "
+           f"{rivals['budget_ms']:.4f} ms)", "",
+           f"| rival | {p} ms | meets the budget | test acc. % | change vs "
+           "chosen (95% CI) | McNemar p | significantly more accurate? |",
+           "|" + " --- |" * 7]
+  for name, r in rivals["rows"].items():
+    v = r["vs_chosen"]
+    better = v["significant"] and v["change"] > 0
+    lines.append(f"| {name} | {r['p_ms']:.4f} | "
+                 f"{'yes' if r['meets_budget'] else 'no'} | "
+                 f"{_pct(v['accuracy'])} | {_change(v)} | {v['p_value']:.3g} "
+                 f"| {'**yes**' if better else 'no'} |")
+  return lines
+
+
+def _audit(summary: dict) -> list[str]:
+  lines = ["", "## Audit: is it really faster?", "",
+           "Predicted speedups from FLOPs and from XLA's cost model "
+           "(t_compute + t_memory + t_comm, rtjax.bench.breakdown) against "
+           "the measured p50 speedup over the parent in the same run "
+           "(screening for candidates, the final runs for finalists). "
+           "Fixed per-call floor (a trivial jitted call): "
+           f"{summary['floor_ms']:.4f} ms.", "",
+           "| model | run | predicted (FLOPs) | predicted (roofline) | "
+           f"measured p50 | measured {_p(summary)} | paid? |",
+           "|" + " --- |" * 7]
   entries = [(r["name"], "screening", r["audit"])
              for r in summary["candidates"]]
   entries += [(n, "final", a) for n, a in summary["final_audit"].items()]
@@ -178,19 +223,20 @@ def markdown(summary: dict) -> str:
     lines.append(f"| {name} | {run} | {a['predicted_flops']:.2f}x | "
                  f"{a['predicted_roofline']:.2f}x | {a['measured_p50']:.2f}x | "
                  f"{a['measured_p']:.2f}x | {paid} |")
-  lines += ["", "![accuracy vs latency](optimize.png)", ""]
-  if summary["chosen"]:
-    r = summary["final"][summary["chosen"]]
-    lines.append(f"**Chosen: {summary['chosen']}**: {p} {r['p_ms']:.4f} ms "
-                 f"against the {b['budget_ms']:.4f} ms budget, test accuracy "
-                 f"{_pct(r['test']['accuracy'])}% (change "
-                 f"{100 * r['test']['change']:+.2f} points, McNemar p = "
-                 f"{r['test']['p_value']:.3g}: "
-                 f"{'significant' if r['test']['significant'] else 'not significant'}"
-                 " at 5%); written to `best` with its serving options.")
-  else:
-    lines.append(f"**Nothing chosen**: {summary['unmet']}")
-  return "\n".join(lines) + "\n"
+  return lines
+
+
+def _outcome(summary: dict) -> str:
+  if not summary["chosen"]:
+    return f"**Nothing chosen**: {summary['unmet']}"
+  r = summary["final"][summary["chosen"]]
+  t = r["test"]
+  return (f"**Chosen: {summary['chosen']}**: {_p(summary)} {r['p_ms']:.4f} "
+          f"ms against the {summary['budget']['budget_ms']:.4f} ms budget, "
+          f"test accuracy {_pct(t['accuracy'])}% (change "
+          f"{100 * t['change']:+.2f} points, McNemar p = {t['p_value']:.3g}: "
+          f"{'significant' if t['significant'] else 'not significant'} at "
+          "5%); written to `best` with its serving options.")
 
 
 def plot(summary: dict, path: epath.Path) -> None:

@@ -16,9 +16,6 @@ from rtjax.models import forward_flops
 from rtjax.optimize import audit, candidates, serving
 from rtjax.train.evaluate import evaluate
 
-SCREEN_SLACK = 1.5  # an architecture predicted within 50% of the budget is trained
-
-
 def cost_row(name, model, spec, compiled, lat, peaks, batch) -> dict:
   """A measured model's latency with what predicts it: FLOPs, XLA's
   t_compute + t_memory + t_comm, achieved GFLOP/s, how int8 layers were compiled."""
@@ -35,8 +32,8 @@ def cost_row(name, model, spec, compiled, lat, peaks, batch) -> dict:
 
 def screen(parent, spec: dict, recipes: list[dict], batch: int,
            percentile: float, parent_options: dict, peaks: dict, val,
-           seconds: float, runs: int = 3,
-           run_seconds: float | None = None) -> dict:
+           seconds: float, runs: int = 3, run_seconds: float | None = None,
+           compiler: serving.Compiler = serving.compile_with) -> dict:
   """{name: cost row} for the parent and every recipe. First every
   candidate architecture in one interleaved run under each fixed serving
   variant (XLA's convs or every conv as patches, weights passed or
@@ -47,7 +44,8 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
   `runs` interleaved runs of `run_seconds` (default `seconds`; medians),
   which give the latencies the search predicts from: their tail
   percentile needs hundreds of calls per model. The finalists get their
-  tuned options; SCREEN_SLACK leaves room for them."""
+  tuned options; the settings' screen_slack leaves room for them.
+  `compiler`: serving.compile_with or a search's memo."""
   base = {**parent_options, "round_widths_to": 0}
   built = {r["name"]: candidates.build(r, parent, spec) for r in recipes}
   variants, served = [], []
@@ -60,14 +58,14 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
       options = {**base, "conv_lowering": conv_lowering,
                  "embed_weights": embed, "dot_kernels": dots}
       variants.append((name, options))
-      served.append(serving.compile_with(model, s, batch, options))
+      served.append(compiler(model, s, batch, options))
   fastest = {}
   for (name, options), compiled, lat in zip(
       variants, served, serving.interleaved(served, batch, percentile,
                                             seconds) if served else []):
     if name not in fastest or lat["p50_ms"] < fastest[name][2]:
       fastest[name] = (options, compiled, lat["p50_ms"])
-  chosen = {"parent": (parent_options, serving.compile_with(
+  chosen = {"parent": (parent_options, compiler(
       parent, spec, batch, parent_options))}
   chosen.update({n: fastest[n][:2] for n in fastest})
   latency = serving.repeated([c for _, c in chosen.values()], batch,

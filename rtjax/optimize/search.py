@@ -1,12 +1,14 @@
 """The budget-driven search: from a checkpoint and a latency budget on this
 device to the most accurate model that meets it, with the evidence.
 
-Reads top to bottom: the settings; the phases in order (serve the parent at
-its best, sensitivity, candidate recipes, screening of their architectures,
-successive halving, int8 variants, the finalists in interleaved runs and
-on the test split, the choice); then the outputs. Every phase's result is
-recorded in the workdir's store (rtjax.optimize.store) and every candidate
-rung is a checkpointed stage, so a killed search resumes where it stopped.
+Reads top to bottom: the phases in order (serve the parent at its best,
+sensitivity, candidate recipes, screening of their architectures, the plan
+of whom to train, successive halving, int8 variants, the finalists in
+interleaved runs and on the test split, the choice); then the outputs. The
+settings are rtjax.optimize.settings'. Every phase's result is recorded in
+the workdir's store (rtjax.optimize.store) and every candidate rung is a
+checkpointed stage, so a killed search resumes where it stopped. Every
+model is compiled once per search (rtjax.optimize.memo).
 """
 
 from __future__ import annotations
@@ -26,75 +28,18 @@ from rtjax.checkpoint import (checkpoint_dataset, finished_stage,
                               load_checkpoint, save_complete_step)
 from rtjax.compress import quantize
 from rtjax.errors import UserError
-from rtjax.optimize import (candidates, checkpoints, decide, finetune, halving,
-                            report, screening, sensitivity, serving, stats)
+from rtjax.optimize import (candidates, checkpoints, decide, drift, finetune,
+                            halving, report, screening, sensitivity, serving,
+                            stats)
+from rtjax.optimize.memo import CompileMemo
+from rtjax.optimize.settings import Settings
 from rtjax.optimize.store import SearchStore
 from rtjax.train.evaluate import evaluate
-
-INT8_GAIN = 1.05  # a layer's int8 must measure 5% faster to be used
 
 
 class BudgetNotMet(UserError):
   """No candidate meets the budget (or the accuracy limit); the message
   names the closest one and what would be needed. Exit code 1."""
-
-
-@dataclasses.dataclass
-class Settings:
-  """What the command's flags (and the `optimize` stage's keys) set.
-
-  The budget is `latency_budget_ms`, or `budget_of_parent` times the
-  parent's measured latency when that is set instead. `rung_steps` empty:
-  1/20, 3/20 and 9/20 of the parent's training steps."""
-  latency_budget_ms: float = 0.0
-  budget_of_parent: float = 0.0
-  batch_size: int = 1
-  percentile: float = 99.0
-  max_accuracy_drop: float = 1.0  # points of test accuracy
-  reject_significant_loss: bool = True  # McNemar p < 0.05 and a loss
-  search_minutes: float = 15.0
-  rung_steps: tuple[int, ...] = ()
-  extra_rungs: int = 6  # longer rungs for the finalists while time is left
-  keep_fractions: tuple[float, ...] = sensitivity.FRACTIONS
-  sensitivity_groups: str = ".*"  # regex of the groups analyzed
-  uniform: tuple[float, ...] = candidates.UNIFORM
-  thresholds: tuple[float, ...] = candidates.THRESHOLDS
-  shallow: bool = True
-  int8: bool = True
-  max_candidates: int = 8
-  max_finalists: int = 3
-  measure_seconds: float = 4.0
-  final_seconds: float = 10.0  # per run of the final interleaved measurement
-  final_runs: int = 3  # its runs; each figure the median over them
-  try_auto_lowering: bool = True
-  # Checkpoints, or runs whose every stage is one (a hand-written pipeline),
-  # measured in the final run and tested against the chosen model, never
-  # chosen themselves.
-  rivals: tuple[str, ...] = ()
-
-  def problems(self) -> list[tuple[str, str]]:
-    """[(setting, what is wrong with it)]; empty when the settings are valid."""
-    out = []
-    if (self.latency_budget_ms > 0) == (self.budget_of_parent > 0):
-      out.append(("latency_budget_ms", "give exactly one of "
-                  "latency_budget_ms (> 0) and budget_of_parent (> 0, a "
-                  "fraction of the parent's measured latency)"))
-    for name, ok in (("batch_size", self.batch_size >= 1),
-                     ("percentile", 0 < self.percentile <= 100),
-                     ("max_accuracy_drop", self.max_accuracy_drop >= 0),
-                     ("search_minutes", self.search_minutes > 0),
-                     ("rung_steps", all(s >= 1 for s in self.rung_steps)),
-                     ("max_finalists", self.max_finalists >= 1),
-                     ("final_runs", self.final_runs >= 1)):
-      if not ok:
-        out.append((name, f"invalid value {getattr(self, name)!r}"))
-    return out
-
-  def check(self) -> None:
-    problems = self.problems()
-    if problems:
-      name, problem = problems[0]
-      raise UserError(f"{name}: {problem}")
 
 
 @dataclasses.dataclass
@@ -109,6 +54,10 @@ class Context:
   meta: dict = None
   dataset: object = None
   rivals: dict = dataclasses.field(default_factory=dict)  # name -> path
+  memo: CompileMemo = dataclasses.field(default_factory=CompileMemo)
+  # Interleaved runs of compiled models (serving.repeated's signature); the
+  # final and rival phases time through it.
+  timer: Callable[..., list[dict]] = serving.repeated
 
   @property
   def spec(self) -> dict:
@@ -136,6 +85,56 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
   """The whole search; returns the summary written to optimize.json.
   Raises BudgetNotMet (after writing the report) when nothing qualifies."""
   settings.check()
+  ctx = _context(checkpoint, workdir, settings, clock)
+  parent_options = ctx.phase("parent_options", lambda: serving.choose_options(
+      ctx.parent, ctx.spec, ctx.batch, settings.percentile,
+      ctx.dataset.val.images, settings.measure_seconds,
+      settings.auto_lowering, ctx.memo.compile))
+  budget = ctx.phase("budget", lambda: _budget(ctx, parent_options))
+  sens = ctx.phase("sensitivity", lambda: sensitivity.measure(
+      ctx.parent, ctx.spec, ctx.dataset.val, ctx.batch, settings.percentile,
+      parent_options["options"], settings.keep_fractions, settings.int8,
+      settings.measure_seconds, settings.sensitivity_groups,
+      ctx.memo.compile))
+  recipes = ctx.phase("recipes", lambda: candidates.recipes(
+      ctx.spec, sens, settings.uniform, settings.thresholds,
+      settings.shallow))
+  peaks = ctx.phase("peaks", lambda: breakdown.measure_peaks(1024, 64, 3))
+  ctx.phase("floor_ms", lambda: latency.call_floor_ms(ctx.batch))
+  screen = ctx.phase("screen", lambda: screening.screen(
+      ctx.parent, ctx.spec, recipes, ctx.batch, settings.percentile,
+      parent_options["options"], peaks, ctx.dataset.val,
+      settings.measure_seconds, settings.final_runs,
+      settings.final_seconds, ctx.memo.compile))
+  plan = _plan(ctx, budget, recipes, screen)
+  recipe_of = {r["name"]: r for r in recipes}
+  finalists = halving.successive_halving(
+      plan["trainees"], plan["rungs"], lambda name, k, steps: _train(
+          ctx, recipe_of[name], k, steps), ctx.store, clock,
+      60 * settings.search_minutes - _reserve_seconds(
+          ctx, len(plan["trainees"])),
+      eta=settings.halving_eta, max_finalists=settings.max_finalists,
+      extra_rungs=settings.extra_rungs, fits=plan["under_budget"],
+      predicted=plan["predicted"])
+  paths = {n: str(_rung_dir(ctx, n, k)) for n, k in finalists.items()}
+  paths.update(_int8_variants(ctx, sens, paths))
+  if plan["parent_fits"]:
+    paths["parent"] = str(ctx.parent_dir)
+  final = _final(ctx, paths, parent_options, "final_latency",
+                 ("screening", screen["parent"]))
+  if settings.budget_of_parent:  # relative to the parent in the same run
+    budget = {**budget, "preliminary_ms": budget["budget_ms"],
+              **settings.budget(final["parent"]["p_ms"],
+                                " in the final interleaved runs")}
+  return _conclude(ctx, plan, final, budget, paths, parent_options,
+                   epath.Path(best_dir) if best_dir else ctx.workdir / "best")
+
+
+# ---- phases ---------------------------------------------------------------
+
+def _context(checkpoint: epath.PathLike, workdir: epath.PathLike,
+             settings: Settings, clock: Callable[[], float]) -> Context:
+  """The parent loaded (a float checkpoint), its dataset and the rivals."""
   workdir = epath.Path(workdir)
   ctx = Context(settings, epath.Path(checkpoint), workdir,
                 SearchStore(workdir), clock)
@@ -146,67 +145,60 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
   ctx.dataset = checkpoint_dataset(ctx.meta)
   ctx.rivals = {f"rival:{path.name}": str(path) for run in settings.rivals
                 for path in compare.stage_checkpoints(run)}
-  parent_options = ctx.phase("parent_options", lambda: serving.choose_options(
-      ctx.parent, ctx.spec, ctx.batch, settings.percentile,
-      ctx.dataset.val.images, settings.measure_seconds,
-      settings.try_auto_lowering))
-  budget = ctx.phase("budget", lambda: _budget(ctx, parent_options))
-  sens = ctx.phase("sensitivity", lambda: sensitivity.measure(
-      ctx.parent, ctx.spec, ctx.dataset.val, ctx.batch, settings.percentile,
-      parent_options["options"], settings.keep_fractions, settings.int8,
-      settings.measure_seconds, settings.sensitivity_groups))
-  recipes = ctx.phase("recipes", lambda: candidates.recipes(
-      ctx.spec, sens, settings.uniform, settings.thresholds,
-      settings.shallow))
-  peaks = ctx.phase("peaks", lambda: breakdown.measure_peaks(1024, 64, 3))
-  floor = ctx.phase("floor_ms", lambda: latency.call_floor_ms(ctx.batch))
-  screen = ctx.phase("screen", lambda: screening.screen(
-      ctx.parent, ctx.spec, recipes, ctx.batch, settings.percentile,
-      parent_options["options"], peaks, ctx.dataset.val,
-      settings.measure_seconds, settings.final_runs,
-      settings.final_seconds))
+  return ctx
+
+
+def _budget(ctx: Context, parent_options: dict) -> dict:
+  """The budget in ms; a fraction of the parent's measured latency (served
+  with its best options, alone) when budget_of_parent is set."""
+  s = ctx.settings
+  if s.latency_budget_ms:
+    return s.budget(None, "")
+  served = ctx.memo.compile(ctx.parent, ctx.spec, ctx.batch,
+                            parent_options["options"])
+  [row] = serving.interleaved([served], ctx.batch, s.percentile,
+                              s.final_seconds / 2)
+  return {**s.budget(row["p_ms"], ""), "parent_p_ms": row["p_ms"]}
+
+
+def _plan(ctx: Context, budget: dict, recipes: list[dict],
+          screen: dict) -> dict:
+  """Whom to train, from screening: the architectures predicted within
+  screen_slack of the budget, in the order halving ranks them (those
+  predicted to meet the budget first, by accuracy before fine-tuning; then
+  the others, closest to the budget first: a student trained from scratch
+  has no accuracy yet to rank by). Raises BudgetNotMet when none is."""
+  s = ctx.settings
   budget_ms = budget["budget_ms"]
   predicted = {n: screening.screened_p(screen, n, budget.get("parent_p_ms"))
                for n in screen}
   screened_in = [r["name"] for r in recipes
-                 if predicted[r["name"]] <= budget_ms * screening.SCREEN_SLACK]
-  parent_fits = predicted["parent"] <= budget_ms * screening.SCREEN_SLACK
+                 if predicted[r["name"]] <= budget_ms * s.screen_slack]
+  parent_fits = predicted["parent"] <= budget_ms * s.screen_slack
   if not screened_in and not parent_fits:
     rows = sorted(({**r, "p_ms": predicted[n]} for n, r in screen.items()),
                   key=lambda r: r["p_ms"])
-    raise BudgetNotMet(_unmet(rows[0], budget_ms, floor, ctx.batch,
-                              settings.percentile, "architecture"))
+    raise BudgetNotMet(_unmet(rows[0], budget_ms, ctx.store.get("floor_ms"),
+                              ctx.batch, s.percentile, "architecture"))
   under_budget = {n for n in screened_in if predicted[n] <= budget_ms}
-  # As halving ranks them: those predicted to meet the budget first, by
-  # accuracy before fine-tuning; then the others, closest to the budget
-  # first (a student trained from scratch has no accuracy yet to rank by).
   order = sorted(screened_in, key=lambda n: (
       n not in under_budget, 0.0 if n in under_budget else predicted[n],
       -screen[n].get("untuned_val_accuracy", -1.0)))
-  trainees = order[:settings.max_candidates]
-  rungs = settings.rung_steps or _default_rungs(ctx.meta)
-  reserve = _reserve_seconds(ctx, len(trainees))
-  recipe_of = {r["name"]: r for r in recipes}
-  finalists = halving.successive_halving(
-      trainees, rungs, lambda name, k, steps: _train(
-          ctx, recipe_of[name], k, steps), ctx.store, clock,
-      60 * settings.search_minutes - reserve,
-      max_finalists=settings.max_finalists, extra_rungs=settings.extra_rungs,
-      fits=under_budget, predicted=predicted)
-  paths = {n: str(_rung_dir(ctx, n, k)) for n, k in finalists.items()}
-  paths.update(_int8_variants(ctx, sens, paths))
-  if parent_fits:
-    paths["parent"] = str(ctx.parent_dir)
-  final = _final(ctx, paths, parent_options, "final_latency")
-  if settings.budget_of_parent:  # relative to the parent in the same run
-    budget = {**budget, "preliminary_ms": budget_ms,
-              "budget_ms": settings.budget_of_parent * final["parent"]["p_ms"],
-              "from": f"{settings.budget_of_parent:g} x the parent's "
-                      f"p{settings.percentile:g} in the final interleaved runs "
-                      f"({final['parent']['p_ms']:.4f} ms)"}
-    budget_ms = budget["budget_ms"]
-  verdict = decide.verdicts(final, budget_ms, settings.max_accuracy_drop,
-                            parent_fits, settings.reject_significant_loss)
+  return {"predicted": predicted, "parent_fits": parent_fits,
+          "under_budget": under_budget,
+          "trainees": order[:s.max_candidates],
+          "rungs": s.rung_steps or _default_rungs(ctx.meta)}
+
+
+def _conclude(ctx: Context, plan: dict, final: dict, budget: dict,
+              paths: dict, parent_options: dict,
+              best_dir: epath.Path) -> dict:
+  """The choice, the rivals against it, the report; `best` written, or
+  BudgetNotMet with what the closest finalist misses by."""
+  s, store = ctx.settings, ctx.store
+  budget_ms, floor = budget["budget_ms"], store.get("floor_ms")
+  verdict = decide.verdicts(final, budget_ms, s.max_accuracy_drop,
+                            plan["parent_fits"], s.reject_significant_loss)
   chosen = decide.choose(final, verdict)
   rivals = _rivals(ctx, chosen, paths, parent_options) if chosen else {}
   for row in final.values():
@@ -215,38 +207,22 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
   if chosen is None:
     if all(r["p_ms"] > budget_ms for r in final.values()):
       fastest = min(final.values(), key=lambda r: r["p_ms"])
-      unmet = _unmet(fastest, budget_ms, floor, ctx.batch,
-                     settings.percentile, "finalist")
+      unmet = _unmet(fastest, budget_ms, floor, ctx.batch, s.percentile,
+                     "finalist")
     else:
-      unmet = decide.accuracy_unmet(final, budget_ms,
-                                    settings.max_accuracy_drop)
+      unmet = decide.accuracy_unmet(final, budget_ms, s.max_accuracy_drop)
+  sens = store.get("sensitivity")
   summary = report.summarize(
-      settings, budget, sens, recipes, screen, trainees, rungs, ctx.store,
-      final, verdict, chosen, floor, unmet, str(ctx.parent_dir))
-  summary["rivals"] = rivals
-  report.write(summary, workdir, sens)
+      s, budget, sens, store.get("recipes"), store.get("screen"),
+      plan["trainees"], plan["rungs"], store, final, verdict, chosen, floor,
+      unmet, str(ctx.parent_dir))
+  summary.update(rivals=rivals, compile_memo=ctx.memo.summary(),
+                 parent_drift=store.get("parent_drift", {}))
+  report.write(summary, ctx.workdir, sens)
   if chosen is None:
     raise BudgetNotMet(unmet)
-  _write_best(ctx, final, chosen, budget,
-              epath.Path(best_dir) if best_dir else workdir / "best")
+  _write_best(ctx, final, chosen, budget, best_dir)
   return summary
-
-
-# ---- phases ---------------------------------------------------------------
-
-def _budget(ctx: Context, parent_options: dict) -> dict:
-  """The budget in ms; a fraction of the parent's measured latency (served
-  with its best options, alone) when budget_of_parent is set."""
-  s = ctx.settings
-  if s.latency_budget_ms:
-    return {"budget_ms": s.latency_budget_ms, "from": "flag"}
-  served = serving.compile_with(ctx.parent, ctx.spec, ctx.batch,
-                                parent_options["options"])
-  [row] = serving.interleaved([served], ctx.batch, s.percentile,
-                              s.final_seconds / 2)
-  return {"budget_ms": s.budget_of_parent * row["p_ms"],
-          "from": f"{s.budget_of_parent:g} x the parent's p{s.percentile:g} "
-                  f"({row['p_ms']:.4f} ms)", "parent_p_ms": row["p_ms"]}
 
 
 def _default_rungs(meta: dict) -> list[int]:
@@ -278,7 +254,7 @@ def _train(ctx: Context, recipe: dict, k: int, steps: int) -> dict:
     meta = finetune.train_rung(
         ctx.parent_dir, ctx.meta, ctx.parent, ctx.dataset, recipe, model,
         spec, stage_dir, _rung_dir(ctx, recipe["name"], k - 1) if k else None,
-        steps)
+        steps, ctx.settings.fine_tune_lr)
   logging.info("candidate %s rung %d (%d steps): val accuracy %.4f",
                recipe["name"], k, steps, meta["metrics"]["val"]["accuracy"])
   return {"val_accuracy": meta["metrics"]["val"]["accuracy"],
@@ -287,9 +263,11 @@ def _train(ctx: Context, recipe: dict, k: int, steps: int) -> dict:
 
 def _int8_variants(ctx: Context, sens: dict, paths: dict) -> dict:
   """For each finalist, its int8 (PTQ) variant in the layers where int8
-  alone measured faster at this batch and cost under half a point."""
+  alone measured faster at this batch and cost little accuracy (the
+  settings' int8_min_speedup and int8_max_accuracy_drop)."""
   layers = [e["name"] for e in sens["int8"]
-            if e["speedup_p50"] >= INT8_GAIN and e["accuracy_drop"] <= 0.5]
+            if e["speedup_p50"] >= ctx.settings.int8_min_speedup
+            and e["accuracy_drop"] <= ctx.settings.int8_max_accuracy_drop]
   if not layers:
     return {}
   module_path = "|".join(map(re.escape, layers))
@@ -314,13 +292,13 @@ def _rivals(ctx: Context, chosen: str, paths: dict,
   """Other checkpoints (a hand-written pipeline's stages) against the chosen
   model: measured with their own best options in interleaved runs with
   the parent and the chosen model, and tested on the same test examples."""
-  s = ctx.settings
   if not ctx.rivals:
     return {}
   own = {chosen: paths.get(chosen, str(ctx.parent_dir))}
-  rows = _final(ctx, {**own, **ctx.rivals}, parent_options, "rivals_latency")
-  budget_ms = (s.budget_of_parent * rows["parent"]["p_ms"]
-               if s.budget_of_parent else s.latency_budget_ms)
+  final_parent = ctx.store.get("final_latency")["parent"]
+  rows = _final(ctx, {**own, **ctx.rivals}, parent_options, "rivals_latency",
+                ("the final runs", final_parent))
+  budget_ms = ctx.settings.budget(rows["parent"]["p_ms"], "")["budget_ms"]
   out = {"budget_ms": budget_ms, "chosen": {
       k: rows[chosen][k] for k in ("p50_ms", "p_ms", "test")}, "rows": {}}
   for name in ctx.rivals:
@@ -333,39 +311,61 @@ def _rivals(ctx: Context, chosen: str, paths: dict,
   return out
 
 
-def _final(ctx: Context, paths: dict, parent_options: dict,
-           phase: str) -> dict:
+def _served(ctx: Context, paths: dict, parent_options: dict
+            ) -> tuple[dict, dict, dict]:
+  """(loaded, options, compiled) per name, the parent first: each model
+  with the serving options that measured fastest for it."""
+  s = ctx.settings
+  names = ["parent"] + [n for n in paths if n != "parent"]
+  loaded = {"parent": (ctx.parent, ctx.meta)}
+  options = {"parent": parent_options}
+  for name in names[1:]:
+    model, meta = loaded[name] = load_checkpoint(paths[name])
+    options[name] = ctx.phase(f"options/{name}", lambda: serving.choose_options(
+        model, meta["model"], ctx.batch, s.percentile, ctx.dataset.val.images,
+        s.measure_seconds, s.auto_lowering and not name.startswith("rival:"),
+        ctx.memo.compile))
+  compiled = {n: ctx.memo.compile(loaded[n][0], loaded[n][1]["model"],
+                                  ctx.batch, options[n]["options"])
+              for n in names}
+  return loaded, options, compiled
+
+
+def _steady_latency(ctx: Context, phase: str, compiled: dict,
+                    reference: tuple[str, dict]) -> dict:
+  """{name: latency} of the compiled models in interleaved runs, measured
+  once more when the parent moved from the `reference` phase's (name, row)
+  beyond the noise (rtjax.optimize.drift); what happened is recorded."""
+  s, names = ctx.settings, list(compiled)
+  latency, note = drift.steady(
+      lambda: dict(zip(names, ctx.timer(
+          [compiled[n] for n in names], ctx.batch, s.percentile,
+          s.final_seconds, s.final_runs))), lambda rows: rows["parent"],
+      reference[1])
+  if note:
+    ctx.store.put("parent_drift", {**ctx.store.get("parent_drift", {}),
+                                   phase: drift.describe(
+                                       phase, reference[0], note,
+                                       s.percentile)})
+  return latency
+
+
+def _final(ctx: Context, paths: dict, parent_options: dict, phase: str,
+           reference: tuple[str, dict]) -> dict:
   """The finalists and the parent, each with its best serving options,
   timed together (interleaved runs at the batch size, medians over runs);
   then the served models' predictions on the test split, paired with the
   parent's."""
-  s = ctx.settings
-  names = ["parent"] + [n for n in paths if n != "parent"]
-  loaded = {"parent": (ctx.parent, ctx.meta)}
-  for name in names[1:]:
-    loaded[name] = load_checkpoint(paths[name])
-  options = {"parent": parent_options}
-  for name in names[1:]:
-    model, meta = loaded[name]
-    options[name] = ctx.phase(f"options/{name}", lambda: serving.choose_options(
-        model, meta["model"], ctx.batch, s.percentile, ctx.dataset.val.images,
-        s.measure_seconds, s.try_auto_lowering and not name.startswith(
-            "rival:")))
-  served = {n: serving.compile_with(loaded[n][0], loaded[n][1]["model"],
-                                    ctx.batch, options[n]["options"])
-            for n in names}
-  latency = ctx.phase(phase, lambda: dict(zip(names, serving.repeated(
-      [served[n] for n in names], ctx.batch, s.percentile, s.final_seconds,
-      s.final_runs))))
+  loaded, options, compiled = _served(ctx, paths, parent_options)
+  latency = ctx.phase(phase, lambda: _steady_latency(ctx, phase, compiled,
+                                                     reference))
   test = ctx.dataset.test
-  correct = {n: np.argmax(served[n](test.images), -1) == test.labels
-             for n in names}
-  peaks = ctx.store.get("peaks")
+  correct = {n: np.argmax(compiled[n](test.images), -1) == test.labels
+             for n in compiled}
   rows = {}
-  for n in names:
-    model, meta = loaded[n]
-    row = screening.cost_row(n, model, meta["model"], served[n], latency[n], peaks,
-                    ctx.batch)
+  for n, (model, meta) in loaded.items():
+    row = screening.cost_row(n, model, meta["model"], compiled[n], latency[n],
+                             ctx.store.get("peaks"), ctx.batch)
     row.update(p_ms_runs=latency[n]["p_ms_runs"],
                path=str(ctx.parent_dir) if n == "parent" else paths[n],
                options=options[n]["options"],

@@ -58,8 +58,8 @@ def int8_layer(model: nnx.Module, spec: dict, path: str) -> nnx.Module:
 
 def measure(model: nnx.Module, spec: dict, val, batch: int, percentile: float,
             options: dict, fractions: Sequence[float] = FRACTIONS,
-            int8: bool = True, seconds: float = 6.0,
-            groups: str = ".*") -> dict:
+            int8: bool = True, seconds: float = 6.0, groups: str = ".*",
+            compiler: serving.Compiler = serving.compile_with) -> dict:
   """{'groups': [...], 'int8': [...], 'parent': {...}}: one entry per
   (group, fraction) and per int8 layer with its validation accuracy drop
   (points) and its measured speedup (parent p50 / its p50; and at the
@@ -78,9 +78,9 @@ def measure(model: nnx.Module, spec: dict, val, batch: int, percentile: float,
   if int8:
     for path in layer_shapes(model, spec["args"]["input_shape"]):
       variants.append(("int8", path, None, int8_layer(model, spec, path)))
-  served = [serving.compile_with(model, spec, batch, options)]
+  served = [compiler(model, spec, batch, options)]
   for kind, _, _, m in variants:
-    served.append(serving.compile_with(
+    served.append(compiler(
         m, spec, batch, options if kind == "group" else
         {**options, "dtype": "float32", "round_widths_to": 0}))
   latency = serving.interleaved(served, batch, percentile, seconds)

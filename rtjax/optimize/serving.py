@@ -13,7 +13,7 @@ of the validation inputs to be considered.
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from flax import nnx
@@ -37,6 +37,11 @@ def compile_with(model: nnx.Module, spec: dict, batch: int,
   taken from a checkpoint)."""
   return CompiledModel(model, spec["args"]["input_shape"], batch_sizes=[batch],
                        spec=spec, metadata=None, **options)
+
+
+# How a model is compiled for (model, spec, batch, options): compile_with,
+# or a search's memo of compiled models (rtjax.optimize.memo).
+Compiler = Callable[[nnx.Module, dict, int, dict], CompiledModel]
 
 
 def interleaved(served: Sequence[CompiledModel], batch: int, percentile: float,
@@ -100,13 +105,14 @@ def _agrees(served: CompiledModel, reference: np.ndarray,
 
 def choose_options(model: nnx.Module, spec: dict, batch: int,
                    percentile: float, val_images: np.ndarray,
-                   seconds: float = 3.0, try_auto: bool = True) -> dict:
+                   seconds: float = 3.0, try_auto: bool = True,
+                   compiler: Compiler = compile_with) -> dict:
   """{'options', 'trials'}: the fastest admissible option set at `batch` by
   the `percentile`-th latency of one interleaved run, then whether banded
   conv matmuls ('auto', timed per layer) beat XLA's convs under it; the
   conv lowering is recorded as the per-layer choice, not as 'auto'."""
   grid = option_grid(model, spec)
-  served = [compile_with(model, spec, batch, o) for o in grid]
+  served = [compiler(model, spec, batch, o) for o in grid]
   reference = np.argmax(served[0](val_images), -1)
   admissible = [i for i, s in enumerate(served)
                 if grid[i]["dtype"] == "float32"
@@ -122,8 +128,7 @@ def choose_options(model: nnx.Module, spec: dict, batch: int,
   options = dict(best["options"])
   if try_auto and is_float_model(model) and lowering_lib.candidate_blocks(
       model, spec["args"]["input_shape"]):
-    tuned = compile_with(model, spec, batch, {**options,
-                                              "conv_lowering": "auto"})
+    tuned = compiler(model, spec, batch, {**options, "conv_lowering": "auto"})
     chosen = tuned.conv_lowering[batch]
     if chosen:
       plain = served[grid.index(best["options"])]

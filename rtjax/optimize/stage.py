@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 
 from rtjax.checkpoint import load_checkpoint
-from rtjax.optimize.search import Settings, run_search
+from rtjax.optimize.search import run_search
+from rtjax.optimize.settings import Settings
 from rtjax.pipeline.registry import Context, register
 from rtjax.train import TrainResult
 
-# Every search setting is a key of the stage's section, with its default.
+# Every search setting (rtjax.optimize.settings) is a key of the stage's
+# section, with its default.
 DEFAULTS = dataclasses.asdict(Settings())
 TUPLES = {f.name for f in dataclasses.fields(Settings)
           if isinstance(DEFAULTS[f.name], tuple)}

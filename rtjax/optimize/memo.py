@@ -1,0 +1,80 @@
+"""The compiled models of one search, so that no model is compiled twice:
+the option grid, screening, the sensitivity, the budget and the final runs
+ask for the same parent (and every finalist again) with the same options.
+
+A compiled model is known by its structure (the spec), a digest of its
+weights (embedded weights are constants of the executable, and a compiled
+model holds its weights either way), the batch size and the serving
+options. The memo counts the compiles per key and their seconds for the
+report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+from flax import nnx
+
+from rtjax.checkpoint.stamp import params_digest
+from rtjax.infer import CompiledModel
+from rtjax.infer import lowering as lowering_lib
+from rtjax.optimize import serving
+
+
+def weights_digest(model: nnx.Module) -> str:
+  return params_digest(nnx.to_pure_dict(nnx.state(model)))
+
+
+def _key(spec: dict, digest: str, batch: int, options: dict) -> str:
+  return json.dumps({"spec": spec, "weights": digest, "batch": batch,
+                     "options": options}, sort_keys=True, default=str)
+
+
+class CompileMemo:
+  """compile(model, spec, batch, options): serving.compile_with, once per
+  key; the figures of each key in `entries`."""
+
+  def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    self._clock = clock
+    self._models: dict[str, CompiledModel] = {}
+    self.entries: dict[str, dict] = {}  # key -> what the report says of it
+    self._aliases: dict[str, str] = {}  # another key of the same program
+
+  def key(self, model: nnx.Module, spec: dict, batch: int,
+          options: dict) -> str:
+    return _key(spec, weights_digest(model), batch, options)
+
+  def compile(self, model: nnx.Module, spec: dict, batch: int,
+              options: dict) -> CompiledModel:
+    digest = weights_digest(model)
+    key = _key(spec, digest, batch, options)
+    if key in self._models:
+      self.entries[self._aliases.get(key, key)]["reused"] += 1
+      return self._models[key]
+    start = self._clock()
+    self._models[key] = serving.compile_with(model, spec, batch, options)
+    self.entries[key] = {
+        "model": spec["name"], "args": spec["args"], "weights": digest[:12],
+        "batch": batch, "options": options, "compiles": 1,
+        "seconds": self._clock() - start, "reused": 0}
+    chosen = self._models[key].conv_lowering.get(batch)
+    if options.get("conv_lowering") == "auto" and chosen:
+      # What 'auto' chose, pinned, is the program it compiled.
+      pinned = _key(spec, digest, batch, {
+          **options, "conv_lowering": lowering_lib.describe(chosen)})
+      self._models.setdefault(pinned, self._models[key])
+      self._aliases.setdefault(pinned, key)
+    return self._models[key]
+
+  def summary(self) -> dict:
+    """For the report: every key with its compiles, and the totals."""
+    entries = list(self.entries.values())
+    return {"keys": len(entries),
+            "compiles": sum(e["compiles"] for e in entries),
+            "most_compiles_of_one_key": max(
+                (e["compiles"] for e in entries), default=0),
+            "reused": sum(e["reused"] for e in entries),
+            "compile_seconds": sum(e["seconds"] for e in entries),
+            "per_key": entries}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+# How the audit reads measurements, not choices of a search (they decide
+# nothing, so reports of different searches read alike): fixed here.
 PAYS = 1.05  # a measured p50 speedup below this did not pay
 DISPATCH_BOUND = 0.5  # the per-call floor's share that makes a call overhead-bound
 

@@ -25,6 +25,8 @@ from rtjax.infer import options as options_lib
 from rtjax.infer.precision import is_float_model
 from rtjax.models import model_class
 
+# How a model is served at its best, for whoever asks (a search, or its
+# parent's measurement); not search settings.
 MIN_AGREEMENT = 0.99  # of a reduced-precision option's argmax with float32
 # An option replaces a simpler one when it is 3% faster at the percentile
 # and no slower at the median (a tail percentile alone is noisy here).

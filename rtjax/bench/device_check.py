@@ -20,10 +20,10 @@ from rtjax.bench import peers
 from rtjax.bench.latency import interleaved_latency
 from rtjax.checkpoint import load_checkpoint
 from rtjax.compress import quantize
-from rtjax.data import load_dataset
+from rtjax.data import dataset_spec
 from rtjax.infer import CompiledModel
 from rtjax.infer.options import device_kind
-from rtjax.models import create_model, quantized
+from rtjax.models import create_model
 from rtjax.train import train_and_evaluate
 from rtjax.train.trainer import model_spec
 
@@ -52,8 +52,7 @@ def build(family: Family, workdir) -> tuple[object, dict]:
       train_and_evaluate(family.config, workdir)
     model, metadata = load_checkpoint(family.checkpoint or workdir)
     return model, metadata["model"]
-  dataset = load_dataset(family.config.data, family.config.seed)
-  spec = model_spec(family.config.model, dataset)
+  spec = model_spec(family.config.model, dataset_spec(family.config.data))
   return create_model(spec["name"], spec["args"], family.config.seed), spec
 
 
@@ -61,8 +60,7 @@ def variants(model, spec: dict, batches) -> dict[str, CompiledModel]:
   """{dtype: CompiledModel} at f32, bf16 and int8 (qwix w8a8, dynamic),
   each with this kind of device's default serving options."""
   shape = spec["args"]["input_shape"]
-  qspec = quantized.quantization_spec("w8a8", mode="ptq")
-  int8 = quantize.int8_model(model, qspec, shape)
+  int8, qspec = quantize.ptq(model, shape)
   return {"float32": CompiledModel(model, shape, batch_sizes=batches,
                                    spec=spec),
           "bfloat16": CompiledModel(model, shape, batch_sizes=batches,

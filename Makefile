@@ -19,13 +19,17 @@ setup: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(PY) -m experiments.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
+# One pytest-xdist worker per core (at most 4); a worker that finishes its
+# share takes tests queued for the other.
+PYTEST := $(PY) -m pytest -q -n auto --maxprocesses=4 --dist worksteal
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # Everything but the end-to-end runs marked slow (multi-process, pipelines,
 # LoadGen): for the edit-test loop.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) workdirs

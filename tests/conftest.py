@@ -13,12 +13,15 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One persistent XLA compilation cache for the session, shared by this
-# process and every command the tests start (jax reads these variables when
-# it is imported): each distinct program compiles once per session, which
-# takes about a third off the suite. It starts empty every session.
-_XLA_CACHE = tempfile.mkdtemp(prefix="rtjax-tests-xla-cache-")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+# process, pytest-xdist's workers (they inherit the environment of the
+# process that starts them) and every command the tests start (jax reads
+# these variables when it is imported): each distinct program compiles once
+# per session, which takes about a third off the suite. It starts empty
+# every session.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="rtjax-tests-xla-cache-")
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

@@ -312,5 +312,29 @@ def test_experiments_hold_wiring_only():
       "move the logic into rtjax/:\n  " + "\n  ".join(bad))
 
 
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_hides_its_steps():
+  """Every function in rtjax/ and experiments/ fits in 60 lines (from its
+  `def` to its last line, docstring included): a longer one is split into
+  named steps that say what it does."""
+  long = []
+  for top in ("rtjax", "experiments"):
+    for root, _, files in os.walk(os.path.join(REPO, top)):
+      for filename in sorted(f for f in files if f.endswith(".py")):
+        path = os.path.join(root, filename)
+        with open(path, encoding="utf-8") as f:
+          tree = ast.parse(f.read(), filename=path)
+        for node in ast.walk(tree):
+          if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > MAX_FUNCTION_LINES:
+              long.append(f"{os.path.relpath(path, REPO)}:{node.lineno} "
+                          f"{node.name}: {lines} lines")
+  assert not long, (f"functions over {MAX_FUNCTION_LINES} lines:\n  "
+                    + "\n  ".join(long))
+
+
 if __name__ == "__main__":
   raise SystemExit(pytest.main(["-q", __file__]))

@@ -64,6 +64,36 @@ def test_padding_to_buckets_never_changes_real_rows(trained):
 
 
 @pytest.mark.slow
+def test_compiles_from_abstract_weights_and_places_them_apart(monkeypatch):
+  """Compiling needs shapes, dtypes and shardings alone: a model made by
+  nnx.eval_shape compiles with nothing put on a device; placing the values
+  afterwards serves exactly what compiling and placing together serve."""
+  import jax
+  from flax import nnx
+  args = {"num_classes": 10, "input_shape": (8, 8, 1)}
+  model = models.create_model("resnet", args, seed=3)
+  abstract = nnx.eval_shape(lambda: models.create_model("resnet", args))
+  assert all(isinstance(leaf, jax.ShapeDtypeStruct)
+             for leaf in jax.tree.leaves(nnx.state(abstract)))
+  x = images(8)
+  expected = CompiledModel(model, (8, 8, 1), batch_sizes=(4, 8))(x)
+  placed, device_put = [], jax.device_put
+  monkeypatch.setattr(jax, "device_put", lambda *a, **k: (
+      placed.append(a), device_put(*a, **k))[1])
+  served = CompiledModel(abstract, (8, 8, 1), batch_sizes=(4, 8), place=False)
+  assert set(served.executables) == {4, 8} and not placed
+  assert served.states == {}
+  with pytest.raises(FlagError, match="shapes, not values"):
+    served.place()
+  narrow = models.create_model("resnet", {**args, "stem_width": 8})
+  with pytest.raises(FlagError, match="not those compiled for"):
+    served.place(narrow)
+  served.place(model)
+  assert placed
+  np.testing.assert_array_equal(served(x), expected)
+  np.testing.assert_array_equal(served(x[:3]), expected[:3])
+
+
 def test_meshes_on_8_devices_match_single_device_float_and_int8(
     family_checkpoints):
   paths = [str(p) for p in family_checkpoints.values()]

@@ -23,13 +23,9 @@ from absl import flags
 from etils import epath
 
 from experiments import cli
-from rtjax.bench import breakdown, loadgen, peers, provenance, report
-from rtjax.bench.latency import (host_overhead, interleaved_latency, profiled,
-                                 streaming_latency)
-from rtjax.checkpoint import checkpoint_dataset, load_checkpoint, run_name
-from rtjax.errors import FlagError
-from rtjax.infer import CompiledModel, lowering
-from rtjax.infer.streaming import StreamingModel
+from rtjax.bench import breakdown, loadgen, provenance, report, side_by_side
+from rtjax.checkpoint import checkpoint_dataset, run_name
+from rtjax.infer import CompiledModel
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", None, "Checkpoint paths; the "
                                  "first is the reference.", required=True)
@@ -113,115 +109,35 @@ def main(argv):
   batches = cli.batch_sizes(_BATCH_SIZES)
   stream_chunks = (cli.positive_ints("stream_chunks", _STREAM.value)
                    if _STREAM.value else [])
-  unknown = sorted(set(_LOADGEN.value) - set(loadgen.SCENARIOS))
-  if unknown:
-    raise FlagError(f"--loadgen: unknown scenario(s) {', '.join(unknown)}; "
-                    f"known: {', '.join(loadgen.SCENARIOS)}")
-  bad_peaks = sorted(set(_PUBLISHED.value) - set(breakdown.PUBLISHED_PEAKS))
-  if bad_peaks:
-    raise FlagError(f"--published_peaks: unknown chip(s) "
-                    f"{', '.join(bad_peaks)}; known: "
-                    f"{', '.join(breakdown.PUBLISHED_PEAKS)}")
+  side_by_side.check_names(_LOADGEN.value, _PUBLISHED.value)
+  paths = _CHECKPOINTS.value
   served = [CompiledModel.from_checkpoint(path, batch_sizes=batches,
                                           round_widths_to=_ROUND.value,
                                           **serving)
-            for path in _CHECKPOINTS.value]
-  for path, model in zip(_CHECKPOINTS.value, served):
-    print(f"conv lowering of {path} per batch size: " + ", ".join(
-        f"{b}: {lowering.describe(l)}" for b, l in model.conv_lowering.items()))
-  rows = []
-  print(f"{'checkpoint':<40} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} "
-        f"{'p99 ms':>8} {'items/s':>10} {'speedup':>8} {'compile s':>9}")
-  with profiled(_PROFILE.value):
-    latencies = {batch: interleaved_latency(served, batch, _ITERS.value,
-                                            _WARMUP.value)
-                 for batch in batches}
-  if _PROFILE.value:
-    print(f"profile of the timed calls written under {_PROFILE.value}")
-  for batch, results in latencies.items():
-    for path, model, result in zip(_CHECKPOINTS.value, served, results):
-      row = {"checkpoint": path, "batch": batch,
-             "stage": model.metadata.get("stage"),
-             "flops_per_example": model.metadata.get("flops_per_example"),
-             "compile_seconds": model.compile_seconds[batch],
-             "speedup_p50": results[0]["p50_ms"] / result["p50_ms"], **result}
-      rows.append(row)
-      print(f"{path[-40:]:<40} {batch:>5} {row['p50_ms']:>8.3f} "
-            f"{row['p90_ms']:>8.3f} {row['p99_ms']:>8.3f} "
-            f"{row['throughput_per_s']:>10.0f} {row['speedup_p50']:>7.2f}x "
-            f"{row['compile_seconds']:>9.3f}", flush=True)
-  peaks = {"measured": breakdown.measure_peaks()}
-  peaks.update({name: breakdown.PUBLISHED_PEAKS[name] for name in _PUBLISHED.value})
-  print(f"\npredicted t_compute + t_memory + t_comm vs measured p50 "
-        f"(peaks: {peaks['measured']['source']}: "
-        f"{peaks['measured']['flops_per_s'] / 1e9:.1f} GFLOP/s, "
-        f"{peaks['measured']['bytes_per_s'] / 1e9:.1f} GB/s)")
-  for row, model in zip(rows, served * len(batches)):
-    terms = {name: breakdown.breakdown(model.executables[row["batch"]], p)
-             for name, p in peaks.items()}
-    row["breakdown"] = terms
-    m = terms["measured"]
-    print(f"{row['checkpoint'][-40:]:<40} {row['batch']:>5} compute "
-          f"{m['t_compute_s'] * 1e3:.4f} ms + memory {m['t_memory_s'] * 1e3:.4f} "
-          f"ms + comm {m['t_comm_s'] * 1e3:.4f} ms = {m['t_predicted_s'] * 1e3:.4f} "
-          f"ms predicted, {row['p50_ms']:.4f} ms measured"
-          + "".join(f"; {n} (published) {t['t_predicted_s'] * 1e3:.5f} ms"
-                    for n, t in terms.items() if n != "measured"), flush=True)
-  overhead = host_overhead(served[0])
-  print("batch-1 call paths of the first checkpoint (p50, microseconds): "
-        + ", ".join(f"{k.removesuffix('_p50_us')} {v:.1f}"
-                    for k, v in overhead.items() if k.endswith("_p50_us"))
-        + f"; request overhead over the device call "
-        f"{overhead['request_overhead_us']:.1f}", flush=True)
-  peer_results = {}
-  for path, compiled in zip(_CHECKPOINTS.value if _PEERS.value else [], served):
-    model, metadata = load_checkpoint(path)
-    peer_results[path] = {"model": metadata["model"]["name"],
-                          "serving": report.serving_summary(compiled)}
-    for batch in batches:
-      peer_results[path][batch] = result = peers.compare_peers(
-          compiled, model, metadata["model"], batch, _ITERS.value,
-          _WARMUP.value, rtjax_graph=_PEERS_RTJAX_GRAPH.value,
-          torch_compile=_TORCH_COMPILE.value)
-      for name, r in result["contenders"].items():
-        print(f"peers {metadata['model']['name']} batch {batch:>4} {name:<26}"
-              f" p50 {r['p50_ms']:.4f} ms, p99 {r['p99_ms']:.4f} ms, "
-              f"{r['throughput_per_s']:.0f}/s; rtjax p50 / its p50 = "
-              f"{r['rtjax_p50_ratio']:.2f}, rtjax throughput / its = "
-              f"{r['rtjax_throughput_ratio']:.2f}", flush=True)
-      for note in result["notes"]:
-        print(f"peers {metadata['model']['name']} batch {batch:>4}: {note}")
-  streaming = {}
-  for chunk in stream_chunks:
-    stream = StreamingModel.from_checkpoint(_CHECKPOINTS.value[0], chunk=chunk)
-    streaming[chunk] = streaming_latency(stream, _ITERS.value, _WARMUP.value)
-    r = streaming[chunk]
-    print(f"streaming in chunks of {chunk} step(s): per step p50 "
-          f"{r['step_p50_ms']:.4f} ms, p99 {r['step_p99_ms']:.4f} ms, device "
-          f"{r['device_step_p50_ms']:.4f} ms, host overhead "
-          f"{r['host_overhead_per_step_us']:.1f} us", flush=True)
-  scenarios = (run_loadgen(_CHECKPOINTS.value[0], serving) if _LOADGEN.value
-               else {})
+            for path in paths]
+  rows = side_by_side.latency_rows(paths, served, batches, _ITERS.value,
+                                   _WARMUP.value, _PROFILE.value)
+  peaks = side_by_side.add_breakdowns(rows, dict(zip(paths, served)),
+                                      _PUBLISHED.value)
+  overhead = side_by_side.call_paths(served[0])
+  peer_results = (side_by_side.peer_rows(
+      paths, served, batches, _ITERS.value, _WARMUP.value,
+      _PEERS_RTJAX_GRAPH.value, _TORCH_COMPILE.value) if _PEERS.value else {})
+  streaming = side_by_side.streaming_rows(paths[0], stream_chunks,
+                                          _ITERS.value, _WARMUP.value)
+  scenarios = run_loadgen(paths[0], serving) if _LOADGEN.value else {}
   if _RESULTS.value:
     provenance.write_results(_RESULTS.value, "\n".join(filter(None, (
         report.latency_markdown(rows), report.peers_markdown(peer_results),
         report.streaming_markdown(streaming), scenarios.get("markdown")))))
   if _OUTPUT.value:
     epath.Path(_OUTPUT.value).write_text(json.dumps(
-        {"lowering": {p: lowering_report(m)
-                      for p, m in zip(_CHECKPOINTS.value, served)},
+        {"lowering": {p: side_by_side.lowering_report(m)
+                      for p, m in zip(paths, served)},
          "latency": rows, "peaks": peaks, "host_overhead": overhead,
          "peers": peer_results, "streaming": streaming,
          "loadgen": scenarios},
         indent=1))
-
-
-def lowering_report(model: CompiledModel) -> dict:
-  """Per batch size: the conv lowering served and each one timed (seconds)."""
-  return {batch: {"chosen": lowering.describe(chosen),
-                  "trials": [[lowering.describe(t["lowering"]), t["seconds"]]
-                             for t in model.lowering_trials.get(batch, [])]}
-          for batch, chosen in model.conv_lowering.items()}
 
 
 def run_loadgen(path: str, serving: dict) -> dict:

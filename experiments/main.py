@@ -21,7 +21,7 @@ from rtjax.data import load_dataset
 from rtjax.errors import FlagError
 from rtjax.infer.cache import enable_compilation_cache
 from rtjax.pipeline import run_pipeline
-from rtjax.train import NonFiniteLossError, train_and_evaluate
+from rtjax.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/default.py or configs/x.py:arg.",
@@ -52,11 +52,10 @@ def main(argv):
              or f"{_WORKDIR.value.rstrip('/')}/compilation_cache")
   if cache:
     enable_compilation_cache(cache)
-  try:
-    results = (run_pipeline(config, _WORKDIR.value) if config.stages
-               else {"train": train_and_evaluate(config, _WORKDIR.value)})
-  except NonFiniteLossError as e:
-    cli.fail(str(e), code=1)
+  # A failed run (a NaN loss, a full disk) is a RunError: cli.run prints its
+  # one line and exits 1.
+  results = (run_pipeline(config, _WORKDIR.value) if config.stages
+             else {"train": train_and_evaluate(config, _WORKDIR.value)})
   for stage, outcome in results.items():
     if outcome.preempted:
       print(f"{stage}: preempted at step {outcome.step}; rerun to resume",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shlex
 import subprocess
 import tarfile
@@ -24,35 +23,29 @@ from typing import Sequence
 
 from etils import epath
 
-from rtjax import errors
+from rtjax import accelerators, errors
 
-# The TPU software version (gcloud --version) Google lists for JAX per
-# generation: https://cloud.google.com/tpu/docs/runtimes
-RUNTIME_VERSIONS = {
-    "v4": "tpu-ubuntu2204-base",
-    "v5litepod": "v2-alpha-tpuv5-lite",
-    "v5p": "v2-alpha-tpuv5",
-    "v6e": "v2-alpha-tpuv6e",
-}
+# The TPU software version (gcloud --version) Google lists for JAX, per
+# accelerator type prefix ("v5litepod": "v2-alpha-tpuv5-lite", ...).
+RUNTIME_VERSIONS = {g.type_prefix: g.runtime_version
+                    for g in accelerators.GENERATIONS}
 
 
-def parse_accelerator(accelerator_type: str) -> tuple[str, int]:
-  """'v5litepod-8' -> ('v5litepod', 8); an unknown type is the user's to fix."""
-  match = re.fullmatch(r"(v4|v5litepod|v5p|v6e)-(\d+)", accelerator_type)
-  if not match:
+def parse_accelerator(accelerator_type: str) -> accelerators.Accelerator:
+  """The slice gcloud creates for `accelerator_type` ('v5litepod-8'); a type
+  gcloud does not offer is the user's to fix (a LaunchError naming the valid
+  ones)."""
+  acc = accelerators.accelerator(accelerator_type)
+  if acc.type_name != accelerator_type:  # a topology, not a gcloud type
     raise errors.LaunchError(
-        f"unknown accelerator type {accelerator_type!r}; expected one of "
-        f"{', '.join(g + '-N' for g in RUNTIME_VERSIONS)} (e.g. v5litepod-8)")
-  return match.group(1), int(match.group(2))
+        f"--accelerator_type takes the type gcloud creates: {acc.type_name} "
+        f"for {accelerator_type}")
+  return acc
 
 
 def num_workers(accelerator_type: str) -> int:
-  """Host VMs in the slice: v4/v5p count TensorCores (8 per host); v5e/v6e
-  count chips (up to 8 on one host, 4 per host in multi-host slices)."""
-  generation, size = parse_accelerator(accelerator_type)
-  if generation in ("v4", "v5p"):
-    return max(1, size // 8)
-  return 1 if size <= 8 else size // 4
+  """Host VMs in the slice: one runs the experiment each."""
+  return parse_accelerator(accelerator_type).hosts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +63,8 @@ class TpuSpec:
 
   @property
   def runtime(self) -> str:
-    return self.runtime_version or RUNTIME_VERSIONS[
-        parse_accelerator(self.accelerator_type)[0]]
+    return self.runtime_version or parse_accelerator(
+        self.accelerator_type).generation.runtime_version
 
   def _where(self) -> list[str]:
     return [f"--zone={self.zone}", f"--project={self.project}"]

@@ -40,11 +40,13 @@ LAYERS = (
     (7, ("rtjax.checkpoint",)),
     (8, ("rtjax.config",)),
     (9, ("rtjax.models", "rtjax.data", "rtjax.timing", "rtjax.errors",
-         "rtjax.distributed", "rtjax.tpu", "rtjax")),
+         "rtjax.distributed", "rtjax.tpu", "rtjax.accelerators", "rtjax")),
 )
 # Layer 9 holds leaves: within it, each unit may import only the units listed
 # here (besides itself). models and data build on errors and timing but not on
-# each other; distributed and tpu use errors only; the package root imports
+# each other; distributed uses errors only; accelerators (Cloud TPU facts: the
+# launch plan, the roofline and target compiles read them) uses errors only,
+# and tpu (the launch plan) errors and accelerators; the package root imports
 # nothing (importing any rtjax module runs it).
 LEAF_LAYER = 9
 LEAF_IMPORTS = {
@@ -53,7 +55,8 @@ LEAF_IMPORTS = {
     "rtjax.timing": (),
     "rtjax.errors": (),
     "rtjax.distributed": ("rtjax.errors",),
-    "rtjax.tpu": ("rtjax.errors",),
+    "rtjax.tpu": ("rtjax.errors", "rtjax.accelerators"),
+    "rtjax.accelerators": ("rtjax.errors",),
     "rtjax": (),
 }
 # Top-level names rtjax must never import: they depend on rtjax, not the

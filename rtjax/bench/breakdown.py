@@ -14,27 +14,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rtjax import accelerators
 from rtjax.models.stats import cost_analysis
 from rtjax.timing import time_calls
 
 # Vendor-published per-chip peaks: dense bf16 FLOP/s, HBM bytes/s and
-# interconnect bytes/s (None where no figure was published). TPU: Google's
-# pages, ICI bidirectional per chip. H100 SXM: NVIDIA's datasheet figures
-# (dense bf16, without sparsity) as reproduced by the sources given; no dense
-# bf16 figure for the H200 was found in a source, so it is not listed.
+# interconnect bytes/s (None where no figure was published). TPU: each
+# generation's figures as rtjax.accelerators keeps them (ICI bidirectional per
+# chip), with the Cloud TPU page that publishes them. H100 SXM: NVIDIA's
+# datasheet figures (dense bf16, without sparsity) as reproduced by the
+# sources given; no dense bf16 figure for the H200 was found in a source, so
+# it is not listed.
 PUBLISHED_PEAKS = {
-    "tpu_v4": {"flops_per_s": 275e12, "bytes_per_s": 1200e9,
-               "comm_bytes_per_s": None,
-               "source": "https://cloud.google.com/tpu/docs/v4"},
-    "tpu_v5e": {"flops_per_s": 197e12, "bytes_per_s": 819e9,
-                "comm_bytes_per_s": 400e9,
-                "source": "https://cloud.google.com/tpu/docs/v5e"},
-    "tpu_v5p": {"flops_per_s": 459e12, "bytes_per_s": 2765e9,
-                "comm_bytes_per_s": 1200e9,
-                "source": "https://cloud.google.com/tpu/docs/v5p-training"},
-    "tpu_v6e": {"flops_per_s": 918e12, "bytes_per_s": 1638e9,
-                "comm_bytes_per_s": 800e9,
-                "source": "https://cloud.google.com/tpu/docs/v6e"},
+    **{f"tpu_{g.name}": {"flops_per_s": g.bf16_flops_per_s,
+                         "bytes_per_s": g.hbm_bytes_per_s,
+                         "comm_bytes_per_s": g.ici_bytes_per_s,
+                         "source": g.source}
+       for g in accelerators.GENERATIONS},
     "h100_sxm": {"flops_per_s": 989.4e12, "bytes_per_s": 3350e9,
                  "comm_bytes_per_s": 900e9,
                  "source": "NVIDIA H100 datasheet (dense bf16 = half the "

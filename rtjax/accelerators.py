@@ -253,7 +253,10 @@ def prepare_host(cpu_only: bool, attached: bool | None = None) -> dict:
   tried as a backend by every jax run: on a host without a TPU it would ask
   the GCE metadata server what TPU it has (TPU_SKIP_MDS_QUERY skips that) and
   log errors about the workers and accelerator type it cannot find (naming
-  this host alone, of one host, keeps it quiet). With `cpu_only` (a CPU run,
+  this host alone, of one host, keeps it quiet), and its lock on the TPU
+  (/tmp/libtpu_lockfile) would fail every other process on the host that
+  loads it, a parallel test worker or compile (with no TPU to guard, several
+  may load it). With `cpu_only` (a CPU run,
   or a compile for a target that is not attached) jax also skips the TPU
   backend's failed start. A variable the user set is kept, and a host with a
   TPU attached (`attached`; default: `tpu_attached()`) is left as it is, so a
@@ -264,7 +267,7 @@ def prepare_host(cpu_only: bool, attached: bool | None = None) -> dict:
   if attached:
     return {}
   wanted = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-            "TPU_HOST_BOUNDS": "1,1,1"}
+            "TPU_HOST_BOUNDS": "1,1,1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
   if cpu_only:
     wanted["JAX_PLATFORMS"] = "cpu"
   chosen = {k: v for k, v in wanted.items() if k not in os.environ}

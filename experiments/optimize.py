@@ -9,7 +9,9 @@ device, with the evidence (rtjax.optimize):
 Writes <workdir>/optimize.md/.json/.png, sensitivity.png, a stage per
 candidate rung under <workdir>/candidates/, the parent as measured at
 <workdir>/parent and the chosen checkpoint at <workdir>/best (its serving
-options recorded for this kind of device). Rerunning the same command
+options recorded for this kind of device), and its XLA programs in
+<workdir>/xla_cache (so that no program is compiled twice, across rungs,
+weights passed as arguments and a resumed run). Rerunning the same command
 resumes. Exit code 1 when no candidate meets the budget, with the closest
 one and what it would need; 2 for a user error.
 """
@@ -21,6 +23,7 @@ from experiments import cli
 from rtjax.bench import provenance
 from rtjax.infer.cache import enable_compilation_cache
 from rtjax.optimize import BudgetNotMet, Settings, run_search
+from rtjax.optimize.memo import compilation_cache_dir
 
 
 _CHECKPOINT = cli.define_checkpoint("The float checkpoint to optimize "
@@ -34,8 +37,11 @@ _RESULTS = flags.DEFINE_string("results", "", "Also write optimize.md, "
                                "stamped with how it was measured, here (and "
                                "the plot beside it), e.g. "
                                "experiments/results/optimize_x.md.")
-_CACHE = flags.DEFINE_string("compilation_cache_dir", "", "Persistent XLA "
-                             "compilation cache ('' : none).")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", "", "Persistent XLA compilation cache: '' the "
+    "one JAX_COMPILATION_CACHE_DIR names, else <workdir>/xla_cache (a "
+    "program compiled once in the search, or before it resumed, is loaded "
+    "the next time); 'none': no cache.")
 
 
 def main(argv):
@@ -44,10 +50,12 @@ def main(argv):
   cli.quiet_orbax()
   import jax  # after flags: the CPU client's dispatch mode is set once
   jax.config.update("jax_cpu_enable_async_dispatch", False)
-  if _CACHE.value:
-    enable_compilation_cache(_CACHE.value)
   settings = _SETTINGS.value()
   workdir = epath.Path(_WORKDIR.value)
+  cache = compilation_cache_dir(workdir, _CACHE.value,
+                                jax.config.jax_compilation_cache_dir)
+  if cache:
+    enable_compilation_cache(cache)
   try:
     run_search(_CHECKPOINT.value, workdir, settings)
     failure = None

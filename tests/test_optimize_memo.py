@@ -5,10 +5,13 @@ latency moved between phases beyond its noise, the phase is measured again
 
 import types
 
+import jax
+import numpy as np
 import pytest
 from flax import nnx
 
 from rtjax import models
+from rtjax.infer.cache import enable_compilation_cache
 from rtjax.optimize import drift, memo, report, search, serving
 from rtjax.optimize.settings import Settings
 from rtjax.optimize.store import SearchStore
@@ -61,6 +64,31 @@ def test_the_memo_compiles_each_key_once(compiles):
   summary = m.summary()
   assert summary["keys"] == summary["compiles"] == 5
   assert summary["most_compiles_of_one_key"] == 1 and summary["reused"] == 3
+
+
+def test_a_search_caches_its_programs_in_its_workdir_unless_told(tmp_path):
+  own = str(tmp_path / memo.CACHE_SUBDIR)
+  assert memo.compilation_cache_dir(tmp_path, "", None) == own
+  assert memo.compilation_cache_dir(tmp_path, "", "/suite") == "/suite"
+  assert memo.compilation_cache_dir(tmp_path, "/mine", "/suite") == "/mine"
+  assert memo.compilation_cache_dir(tmp_path, "none", "/suite") is None
+
+
+def test_other_passed_weights_load_the_program_from_the_cache():
+  """Passed weights are arguments: a model with other weights is its own
+  key, but its build loads the executable XLA compiled for the first."""
+  enable_compilation_cache(jax.config.jax_compilation_cache_dir)
+  model = models.create_model(SPEC["name"], SPEC["args"], 0)
+  other = models.create_model(SPEC["name"], SPEC["args"], 1)
+  m = memo.CompileMemo()
+  first = m.compile(model, SPEC, 8, OPTIONS)
+  second = m.compile(other, SPEC, 8, OPTIONS)
+  entry = m.entries[m.key(other, SPEC, 8, OPTIONS)]
+  assert entry["compiles"] == 1 and entry["programs_from_cache"] >= 1
+  assert m.summary()["programs_from_cache"] >= 1
+  x = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+  np.testing.assert_allclose(second(x), other(x), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(first(x), second(x))
 
 
 # ---- the parent's latency between phases ---------------------------------------

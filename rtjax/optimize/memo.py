@@ -7,6 +7,13 @@ weights (embedded weights are constants of the executable, and a compiled
 model holds its weights either way), the batch size and the serving
 options. The memo counts the compiles per key and their seconds for the
 report.
+
+Below the memo, a search's persistent XLA compilation cache (on by default
+in `python -m experiments.optimize`, under the workdir) keeps every program
+XLA compiled: a model that differs from one built before only in weights
+it takes as arguments, and a candidate's train step and evaluation, which
+every rung traces again, load the program instead of compiling it. The
+memo counts per key the programs its build loaded from that cache.
 """
 
 from __future__ import annotations
@@ -15,12 +22,27 @@ import json
 import time
 from typing import Callable
 
+from etils import epath
 from flax import nnx
 
 from rtjax.checkpoint.stamp import params_digest
 from rtjax.infer import CompiledModel
+from rtjax.infer.cache import cache_counts
 from rtjax.infer import lowering as lowering_lib
 from rtjax.optimize import serving
+
+
+CACHE_SUBDIR = "xla_cache"
+
+
+def compilation_cache_dir(workdir, requested: str,
+                          configured: str | None) -> str | None:
+  """The persistent compilation cache a search uses: the one `requested`
+  ('none': none), else the one the process already has (e.g. the test
+  suite's, from JAX_COMPILATION_CACHE_DIR), else its own in the workdir."""
+  if requested:
+    return None if requested == "none" else requested
+  return configured or str(epath.Path(workdir) / CACHE_SUBDIR)
 
 
 def weights_digest(model: nnx.Module) -> str:
@@ -53,12 +75,13 @@ class CompileMemo:
     if key in self._models:
       self.entries[self._aliases.get(key, key)]["reused"] += 1
       return self._models[key]
-    start = self._clock()
+    start, hits = self._clock(), cache_counts().get("cache_hits", 0)
     self._models[key] = serving.compile_with(model, spec, batch, options)
     self.entries[key] = {
         "model": spec["name"], "args": spec["args"], "weights": digest[:12],
         "batch": batch, "options": options, "compiles": 1,
-        "seconds": self._clock() - start, "reused": 0}
+        "seconds": self._clock() - start, "reused": 0,
+        "programs_from_cache": cache_counts().get("cache_hits", 0) - hits}
     chosen = self._models[key].conv_lowering.get(batch)
     if options.get("conv_lowering") == "auto" and chosen:
       # What 'auto' chose, pinned, is the program it compiled.
@@ -77,4 +100,6 @@ class CompileMemo:
                 (e["compiles"] for e in entries), default=0),
             "reused": sum(e["reused"] for e in entries),
             "compile_seconds": sum(e["seconds"] for e in entries),
+            "programs_from_cache": sum(e["programs_from_cache"]
+                                       for e in entries),
             "per_key": entries}

@@ -121,7 +121,10 @@ def _header(summary: dict) -> list[str]:
     lines += [f"Compiled {memo['keys']} models (model, weights, batch size, "
               f"serving options) in {memo['compile_seconds']:.1f} s, at most "
               f"{memo['most_compiles_of_one_key']} time(s) each; reused "
-              f"{memo['reused']} times (optimize.json lists each).", ""]
+              f"{memo['reused']} times; "
+              f"{memo.get('programs_from_cache', 0)} of their XLA programs "
+              "loaded from the search's compilation cache (optimize.json "
+              "lists each).", ""]
   for note in (summary.get("parent_drift") or {}).values():
     lines += [f"**The machine changed** in {note}", ""]
   return lines + [

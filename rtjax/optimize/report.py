@@ -123,8 +123,8 @@ def _header(summary: dict) -> list[str]:
               f"{memo['most_compiles_of_one_key']} time(s) each; reused "
               f"{memo['reused']} times; "
               f"{memo.get('programs_from_cache', 0)} of their XLA programs "
-              "loaded from the search's compilation cache (optimize.json "
-              "lists each).", ""]
+              "loaded from the compilation cache instead of compiled "
+              "(optimize.json lists each).", ""]
   for note in (summary.get("parent_drift") or {}).values():
     lines += [f"**The machine changed** in {note}", ""]
   return lines + [

@@ -26,13 +26,16 @@ PACKAGE = "rtjax"
 #     only what it needs to rebuild one (config, models, data);
 #   * the pipeline calls the trainer (and compress and infer), so it sits
 #     above them; compare and bench read what pipelines produce;
+#   * rtjax.target compiles serving and training executables for a TPU
+#     slice that is not attached (rtjax.infer, rtjax.train) and reuses the
+#     roofline of rtjax.bench beside it; a launch pre-flight asks it;
 #   * serving never imports training: rtjax.serve, like rtjax.optimize, is a
 #     consumer at the very top, and nothing below imports it.
 # rtjax.optimize and rtjax.serve may not exist yet; they keep their place so
 # that the first commit that adds them is already checked.
 LAYERS = (
     (1, ("rtjax.optimize", "rtjax.serve")),
-    (2, ("rtjax.compare", "rtjax.bench")),
+    (2, ("rtjax.compare", "rtjax.bench", "rtjax.target")),
     (3, ("rtjax.pipeline",)),
     (4, ("rtjax.infer",)),
     (5, ("rtjax.train",)),

@@ -88,10 +88,14 @@ def main(argv):
     logging.info("%s on %s: %d executables", family, target.name,
                  len(executables))
   elapsed = time.perf_counter() - start
+  compiled = sum(row["compiled"] for row in rows)
   markdown = "\n".join([
       "# rtjax executables compiled for Cloud TPU slices", "",
-      f"{len(rows)} executables compiled in {elapsed:.0f} s on this host "
-      "(measured).", "", "## What it teaches", "",
+      f"{len(rows)} executables, {compiled} compiled and {len(rows) - compiled}"
+      f" refused, in {elapsed:.0f} s on this host (measured). Models are "
+      "their configs' shapes, untrained; int8 is qwix PTQ of weights and "
+      "activations (activation scales computed in each call).", "",
+      "## What it teaches", "",
       target_lib.lessons(rows, targets[0].name, min(batch_sizes),
                          max(batch_sizes)),
       "## Every executable", "", target_lib.markdown_table(rows)])

@@ -146,7 +146,9 @@ def test_hbm_per_chip_is_the_arrays_padded_bytes(tpu):
                      + 8 * 40)  # the MLP's weights and biases, 8 rows of 40
   padded = sum(a.padded_elements * 4 for a in arguments)
   assert memory.argument_size_in_bytes == padded > own
-  assert hbm_per_chip(executable.compiled) >= padded + 8 * 10 * 4
+  assert memory.output_size_in_bytes == 8 * 128 * 4  # f32[8,10] in T(8,128)
+  assert hbm_per_chip(executable.compiled) == (
+      padded + 8 * 128 * 4 + memory.temp_size_in_bytes)
 
 
 def test_padding_share_of_a_kernel_matches_a_hand_count(tpu):
@@ -207,3 +209,12 @@ def test_train_step_holds_the_optimizer_state(tpu):
   train_config.batch_size = 100  # the trainer splits rows over all 8 chips
   refused = target_lib.train(spec, train_config, tpu("v5litepod-8"))
   assert refused.compiled is None and "does not divide" in refused.error
+
+
+def test_a_checkpoint_compiles_with_its_train_step(tpu, trained):
+  config, workdir, _ = trained
+  serve, train = target_lib.for_checkpoint(workdir, tpu("v5litepod-1"), [8],
+                                           ["float32"])
+  assert (serve.what, serve.error, serve.batch) == ("serve", None, 8)
+  assert (train.what, train.error) == ("train step", None)
+  assert train.batch == config.train.batch_size

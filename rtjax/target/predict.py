@@ -11,7 +11,8 @@ every figure here is predicted (XLA:TPU cost model, uncalibrated).
     dispatch and transfers);
   * rtjax's roofline for the same executable (rtjax.bench.breakdown):
     t_compute + t_memory + t_comm with the chip's published peaks (the int8
-    rate for an int8 executable where one is published, else bf16);
+    rate for an int8 executable where one is published, else bf16: jax's
+    default precision runs float32 matmuls on a TPU's MXU in bf16 passes);
   * padding: the share of the padded tiles that holds data, over the
     weights, over the activations and over both (rtjax.target.layouts), and
     the array whose padding wastes the most.

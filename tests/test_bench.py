@@ -172,19 +172,19 @@ def test_serving_options_table(family_checkpoints, tmp_path):
   result = run_module("experiments.bench_serving_options",
                       f"--checkpoint={family_checkpoints['lenet5']}",
                       "--iters=10", "--warmup=2", "--large_batch=8",
-                      "--only=0,3", f"--output={tmp_path}", timeout=600)
+                      "--only=0,1", f"--output={tmp_path}", timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   text = (tmp_path / "options.md").read_text()
   assert text.startswith("Command: `") and "bench_serving_options" in text
   rows = [line for line in text.splitlines() if line.startswith("| ")][2:]
   assert [row.split(" | ")[0] for row in rows] == [
-      "| async dispatch, XLA convs (jax defaults)", "| + embed_weights"]
-  assert rows[0].split(" | ")[1] == "1: xla; 8: xla"  # XLA's convs
+      "| async dispatch, XLA convs (jax defaults)", "| + synchronous dispatch"]
   for row in rows:
+    assert row.split(" | ")[1] == "1: xla; 8: xla"  # XLA's convs
     ratios = [float(cell) for cell in row.strip(" |").split(" | ")[2:]]
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
-  (per_batch,) = json.loads((tmp_path / "run3.json").read_text())["lowering"].values()
-  assert all(len(r["trials"]) > 1 for r in per_batch.values())
+  assert sorted(p.name for p in tmp_path.glob("run*.json")) == [
+      "run0.json", "run1.json"]  # each row its own experiments.bench run
 
 
 @pytest.mark.slow

@@ -94,6 +94,7 @@ def test_compiles_from_abstract_weights_and_places_them_apart(monkeypatch):
   np.testing.assert_array_equal(served(x[:3]), expected[:3])
 
 
+@pytest.mark.slow
 def test_meshes_on_8_devices_match_single_device_float_and_int8(
     family_checkpoints):
   paths = [str(p) for p in family_checkpoints.values()]

@@ -10,9 +10,9 @@ Writes <workdir>/optimize.md/.json/.png, sensitivity.png, a stage per
 candidate rung under <workdir>/candidates/, the parent as measured at
 <workdir>/parent and the chosen checkpoint at <workdir>/best (its serving
 options recorded for this kind of device), and its XLA programs in
-<workdir>/xla_cache (so that no program is compiled twice, across rungs,
-weights passed as arguments and a resumed run). Rerunning the same command
-resumes. Exit code 1 when no candidate meets the budget, with the closest
+<workdir>/xla_cache (a program met again, e.g. a model with other weights
+passed as arguments, or in a resumed run, is loaded instead of compiled).
+Rerunning the same command resumes. Exit code 1 when no candidate meets the budget, with the closest
 one and what it would need; 2 for a user error.
 """
 
@@ -39,9 +39,8 @@ _RESULTS = flags.DEFINE_string("results", "", "Also write optimize.md, "
                                "experiments/results/optimize_x.md.")
 _CACHE = flags.DEFINE_string(
     "compilation_cache_dir", "", "Persistent XLA compilation cache: '' the "
-    "one JAX_COMPILATION_CACHE_DIR names, else <workdir>/xla_cache (a "
-    "program compiled once in the search, or before it resumed, is loaded "
-    "the next time); 'none': no cache.")
+    "one JAX_COMPILATION_CACHE_DIR names, else <workdir>/xla_cache; 'none': "
+    "no cache.")
 
 
 def main(argv):

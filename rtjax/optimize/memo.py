@@ -10,10 +10,11 @@ report.
 
 Below the memo, a search's persistent XLA compilation cache (on by default
 in `python -m experiments.optimize`, under the workdir) keeps every program
-XLA compiled: a model that differs from one built before only in weights
-it takes as arguments, and a candidate's train step and evaluation, which
-every rung traces again, load the program instead of compiling it. The
-memo counts per key the programs its build loaded from that cache.
+XLA compiled, so that a program met again is loaded, not compiled: a model
+that differs from one built before only in weights it takes as arguments
+(the executable depends on the structure, batch and options alone), and
+every program of a search that resumes. The memo counts per key the
+programs its build loaded from that cache.
 """
 
 from __future__ import annotations

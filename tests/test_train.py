@@ -17,6 +17,7 @@ from flax import nnx
 from rtjax.data import load_dataset
 from rtjax.checkpoint import CheckpointError, load_checkpoint
 from rtjax.train import read_metrics, train_and_evaluate
+from rtjax.train.step import train_step
 from tests.conftest import REPO, run_module
 
 
@@ -93,8 +94,12 @@ def test_resume_after_interruption_equals_uninterrupted(trained, tmp_path):
   resumed = tmp_path / "resumed"
   shutil.copytree(workdir / "checkpoints", resumed / "checkpoints")
   shutil.rmtree(resumed / "checkpoints" / "150")
+  programs = train_step._cache_size()
   result = train_and_evaluate(config, resumed)
   assert result.step == 150
+  # One program for the whole run: the metric window starts where the step
+  # leaves it (placed as the step's outputs), so its 2nd call is no compile.
+  assert train_step._cache_size() == programs + 1
   assert [r["step"] for r in read_metrics(resumed)][0] == 110  # resumed at 100
   assert_trees_close(params_of(resumed), params_of(workdir), atol=1e-6)
   assert result.metrics["test"] == pytest.approx(

@@ -8,6 +8,7 @@ import time
 
 from etils import epath
 from flax import nnx
+import jax
 from tensorboardX import SummaryWriter
 
 
@@ -18,9 +19,11 @@ class TrainMetrics:
 
   NAMES = ("loss", "grad_norm", "accuracy")
 
-  def __init__(self):
+  def __init__(self, sharding=None):
     self.graphdef, self._empty = nnx.split(nnx.MultiMetric(
         **{name: nnx.metrics.Average(name) for name in self.NAMES}))
+    if sharding is not None:  # where train_step returns it: one program
+      self._empty = jax.device_put(self._empty, sharding)
     self.reset()
 
   def reset(self) -> None:

@@ -169,7 +169,7 @@ class _Run:
     self.batches = TrainBatches(dataset.train, train_cfg.batch_size,
                                 config_lib.init_seed(config, train_cfg),
                                 config.data.max_shift, config.data.random_flip)
-    self.window = TrainMetrics()
+    self.window = TrainMetrics(self.place.replicated)
     self.metrics: dict[str, dict[str, float]] = {}
 
   def resume(self, checkpoints: RunCheckpoints) -> int:

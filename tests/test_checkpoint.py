@@ -157,6 +157,7 @@ def small_disk(tmp_path):
   subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow
 def test_full_disk_ends_with_one_line_and_the_rerun_resumes(trained,
                                                             small_disk):
   config, workdir, _ = trained

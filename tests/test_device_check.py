@@ -29,6 +29,7 @@ def test_device_check_tiny_on_cpu(trained, tmp_path):
   assert table.count("\n| ") == 3 and "| lenet5 (initialized) | 2 |" in table
 
 
+@pytest.mark.slow
 def test_device_check_script_runs_from_the_tree():
   """The shell script finds rtjax in the source tree (no install) and passes
   flags through: a bad one is one error line and exit code 2."""

@@ -4,6 +4,7 @@ still loads and serves the recorded logits, and today's tiny run reaches
 the recorded parameters."""
 
 import numpy as np
+import pytest
 from flax import nnx, traverse_util
 
 from tests.conftest import REPO
@@ -37,6 +38,7 @@ def test_old_checkpoint_loads_and_serves_the_recorded_logits():
   np.testing.assert_allclose(served(images), logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_tiny_run_reaches_the_recorded_parameters(tmp_path):
   from configs import default
   from rtjax.train import train_and_evaluate

@@ -19,7 +19,6 @@ from flax import nnx
 
 from rtjax.compress import quantize, structured
 from rtjax.models import model_class
-from rtjax.models.quantized import quantization_spec
 from rtjax.models.stats import layer_shapes
 from rtjax.optimize import serving
 from rtjax.train.evaluate import evaluate
@@ -52,8 +51,8 @@ def group_names(spec: dict) -> list[str]:
 def int8_layer(model: nnx.Module, spec: dict, path: str) -> nnx.Module:
   """The parent served with int8 weights and activations (qwix PTQ) in one
   layer only."""
-  qspec = quantization_spec("w8a8", re.escape(path), mode="ptq")
-  return quantize.int8_model(model, qspec, spec["args"]["input_shape"])
+  return quantize.ptq(model, spec["args"]["input_shape"],
+                      module_path=re.escape(path))[0]
 
 
 def measure(model: nnx.Module, spec: dict, val, batch: int, percentile: float,

@@ -31,19 +31,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from rtjax import models
 from rtjax.checkpoint import load_checkpoint
 from rtjax.compress.quantize import ptq
 from rtjax.data import dataset_spec
-from rtjax.infer import CompiledModel, mesh as mesh_lib
+from rtjax.infer import CompiledModel
 from rtjax.infer import program as program_lib
 from rtjax.target.topology import Target
 from rtjax.train.metrics import TrainMetrics
 from rtjax.train.optim import make_optimizer
 from rtjax.train.step import CrossEntropy, train_step
-from rtjax.train.trainer import model_spec
+from rtjax.train.trainer import Placement, model_spec
 
 DTYPES = ("float32", "bfloat16", "int8")
 SERVE, TRAIN = "serve", "train step"
@@ -130,7 +130,8 @@ def train(spec: dict, train_config: ml_collections.ConfigDict, target: Target,
           input_dtype: str = "float32") -> Executable:
   """The train step of `spec`'s model under `train_config` (its optimizer,
   batch size and label smoothing), placed as the trainer places it."""
-  mesh = Mesh(list(target.devices), (mesh_lib.DATA,))
+  place = Placement(target.devices)
+  mesh = place.rows.mesh
   batch = int(train_config.batch_size)
   if batch % target.chips:
     return Executable(
@@ -143,8 +144,7 @@ def train(spec: dict, train_config: ml_collections.ConfigDict, target: Target,
                                      ...)
   tx = make_optimizer(train_config)
   window = TrainMetrics()
-  replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(
-      mesh_lib.DATA))
+  replicated, rows = place.replicated, place.rows
   shape = tuple(spec["args"]["input_shape"])
   loss = CrossEntropy(spec["args"]["num_classes"],
                       train_config.label_smoothing)

@@ -67,6 +67,8 @@ def resolve(name: str) -> Target:
   try:
     from jax.experimental import topologies
     devices = topologies.get_topology_desc(**acc.topology_desc_args).devices
+  # Without libtpu jax has no TPU topology to describe: it raises one of
+  # these, depending on how far its plugin lookup got.
   except (ImportError, RuntimeError, NotImplementedError) as e:
     raise FlagError(
         f"compiling for {name} needs libtpu, which describes TPU slices "

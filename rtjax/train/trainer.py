@@ -132,12 +132,15 @@ def _check_same_model(spec: dict, directory) -> Callable[[dict], None]:
   return check
 
 
-class _Placement:
+class Placement:
   """Arrays on the run's data-parallel mesh: weights replicated, batches
-  split by rows; each process supplies only its block of rows."""
+  split by rows; each process supplies only its block of rows. `devices`:
+  all of the run's (default), or a slice that is not attached, which a
+  compile for that target places the same way."""
 
-  def __init__(self):
-    mesh = jax.make_mesh((jax.device_count(),), ("data",),
+  def __init__(self, devices=None):
+    devices = jax.devices() if devices is None else list(devices)
+    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,))
     self.replicated = NamedSharding(mesh, P())
     self.rows = NamedSharding(mesh, P("data"))
@@ -159,7 +162,7 @@ class _Run:
                size: dict):
     self.config, self.train_cfg, self.dataset = config, train_cfg, dataset
     self.stage, self.size, self.model = stage, size, stage.model
-    self.place = _Placement()
+    self.place = Placement()
     self.tx = stage.wrap_optimizer(make_optimizer(train_cfg))
     self.loss = stage.loss or CrossEntropy(dataset.num_classes,
                                            train_cfg.label_smoothing)

@@ -77,9 +77,11 @@ def measure_peaks(matmul_size: int = 2048, copy_mb: int = 256,
                     + ("; collectives at copy bandwidth" if cpu else "") + ")"}
 
 
-def breakdown(compiled: jax.stages.Compiled, peaks: dict) -> dict:
-  """Predicted seconds per term for one call of a compiled executable."""
-  costs = cost_analysis(compiled)
+def breakdown(compiled: jax.stages.Compiled, peaks: dict,
+              costs: dict | None = None) -> dict:
+  """Predicted seconds per term for one call of a compiled executable;
+  `costs`: its cost_analysis when the caller already has it."""
+  costs = cost_analysis(compiled) if costs is None else costs
   flops = float(costs.get("flops", 0.0))
   accessed = float(costs.get("bytes accessed", 0.0))
   comm = collective_bytes(compiled.as_text())

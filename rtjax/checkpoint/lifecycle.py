@@ -44,7 +44,6 @@ def save_complete_step(model: nnx.Module, metadata: dict,
     checkpoints.save(0, nnx.state(model), None,
                      {**metadata, "step": 0, "complete": True},
                      host_arrays=True)
-    checkpoints.wait()
   finally:
-    checkpoints.close()
+    checkpoints.close()  # waits until the step is on disk
   return checkpoints.directory

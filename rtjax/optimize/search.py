@@ -158,7 +158,7 @@ def _budget(ctx: Context, parent_options: dict) -> dict:
                             parent_options["options"])
   [row] = serving.interleaved([served], ctx.batch, s.percentile,
                               s.final_seconds / 2)
-  return {**s.budget(row["p_ms"], ""), "parent_p_ms": row["p_ms"]}
+  return s.budget(row["p_ms"], "")
 
 
 def _plan(ctx: Context, budget: dict, recipes: list[dict],

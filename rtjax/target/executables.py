@@ -104,12 +104,13 @@ def serving(model: nnx.Module, input_shape: Sequence[int], target: Target,
   """One executable per dtype and batch bucket, each on `target.mesh(batch,
   model_axis)`. A model that is already quantized is served as it is
   (dtype 'int8'), whatever `dtypes` asks."""
-  if not program_lib.is_float_model(model):
+  floating = program_lib.is_float_model(model)
+  if not floating:
     dtypes = ("int8",)
   executables = []
   for dtype in dtypes:
     served = model
-    if dtype == "int8" and program_lib.is_float_model(model):
+    if dtype == "int8" and floating:
       served = int8_model(model, input_shape)
     for batch in batch_sizes:
       mesh = target.mesh(batch, model_axis)
@@ -163,12 +164,12 @@ def for_config(config: ml_collections.ConfigDict, target: Target,
   """A config's model, untrained (its shapes: nothing is initialised and no
   data is read; the dataset's declaration gives the input shape): its
   serving executables, then its train step."""
-  spec = model_spec(config.model, dataset_spec(config.data))
+  data = dataset_spec(config.data)
+  spec = model_spec(config.model, data)
   model = models.abstract_model(spec["name"], spec["args"])
   return [*serving(model, spec["args"]["input_shape"], target, batch_sizes,
                    dtypes, spec=spec, model_axis=model_axis),
-          train(spec, config.train, target,
-                dataset_spec(config.data).dtype)]
+          train(spec, config.train, target, data.dtype)]
 
 
 def for_checkpoint(path, target: Target, batch_sizes: Sequence[int],

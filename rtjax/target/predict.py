@@ -59,15 +59,15 @@ def predict(executable: Executable, target: Target) -> dict:
   if compiled is None:
     return row
   costs = cost_analysis(compiled)
-  roofline = breakdown_lib.breakdown(compiled, peaks(target,
-                                                     executable.dtype))
+  roofline = breakdown_lib.breakdown(
+      compiled, peaks(target, executable.dtype), costs)
   weights = layouts.weight_tiles(compiled)
   activations = layouts.activation_tiles(compiled.as_text())
   worst = layouts.most_wasteful(weights + activations)
   row.update({
       "hbm_bytes": hbm_per_chip(compiled),
-      "flops": float(costs.get("flops", 0.0)),
-      "bytes_accessed": float(costs.get("bytes accessed", 0.0)),
+      "flops": roofline["flops"],
+      "bytes_accessed": roofline["bytes_accessed"],
       "xla_estimate_s": costs.get(XLA_ESTIMATE_KEY),
       "t_compute_s": roofline["t_compute_s"],
       "t_memory_s": roofline["t_memory_s"],

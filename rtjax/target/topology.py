@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import math
 
-import jax
 from jax.sharding import Mesh
 
 from rtjax import accelerators

@@ -12,7 +12,7 @@ from scipy import stats as scipy_stats
 
 from rtjax.optimize import (audit, finetune, halving, memo, screening,
                             serving, stats)
-from rtjax.optimize.search import Settings, run_search
+from rtjax.optimize.search import SCREENED_OPTIONS, Settings, run_search
 from rtjax.optimize.store import SearchStore
 from tests.conftest import run_module
 
@@ -267,6 +267,12 @@ def test_tiny_search_end_to_end(tiny_search):
   assert set(served.options["source"].values()) == {"checkpoint"}
   assert json.loads((workdir / "optimize.json").read_text())["chosen"] == \
       summary["chosen"]
+  store = SearchStore(workdir)  # a finalist keeps what screening chose
+  screen = store.get("screen")
+  for name in names:
+    for trial in store.get(f"options/{name}")["trials"]:
+      assert {k: trial["options"][k] for k in SCREENED_OPTIONS} == {
+          k: screen[name][k] for k in SCREENED_OPTIONS}
 
 
 @pytest.mark.slow

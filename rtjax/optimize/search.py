@@ -37,6 +37,11 @@ from rtjax.optimize.store import SearchStore
 from rtjax.train.evaluate import evaluate
 
 
+# The serving options screening times for every architecture (its cost rows
+# record the fastest's); a finalist's option search keeps them.
+SCREENED_OPTIONS = ("conv_lowering", "embed_weights", "dot_kernels")
+
+
 class BudgetNotMet(UserError):
   """No candidate meets the budget (or the accuracy limit); the message
   names the closest one and what would be needed. Exit code 1."""
@@ -314,17 +319,23 @@ def _rivals(ctx: Context, chosen: str, paths: dict,
 def _served(ctx: Context, paths: dict, parent_options: dict
             ) -> tuple[dict, dict, dict]:
   """(loaded, options, compiled) per name, the parent first: each model
-  with the serving options that measured fastest for it."""
+  with the serving options that measured fastest for it. A finalist keeps
+  the conv lowering, weight embedding and dot kernels its architecture
+  measured fastest with in screening (latency does not depend on the
+  weights) and times the rest (dtype, padded widths, 'auto')."""
   s = ctx.settings
   names = ["parent"] + [n for n in paths if n != "parent"]
   loaded = {"parent": (ctx.parent, ctx.meta)}
   options = {"parent": parent_options}
+  screened = ctx.store.get("screen", {})
   for name in names[1:]:
     model, meta = loaded[name] = load_checkpoint(paths[name])
+    fixed = ({k: screened[name][k] for k in SCREENED_OPTIONS}
+             if name in screened else None)
     options[name] = ctx.phase(f"options/{name}", lambda: serving.choose_options(
         model, meta["model"], ctx.batch, s.percentile, ctx.dataset.val.images,
         s.measure_seconds, s.auto_lowering and not name.startswith("rival:"),
-        ctx.memo.compile))
+        ctx.memo.compile, fixed))
   compiled = {n: ctx.memo.compile(loaded[n][0], loaded[n][1]["model"],
                                   ctx.batch, options[n]["options"])
               for n in names}

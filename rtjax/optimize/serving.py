@@ -69,11 +69,13 @@ def repeated(served: Sequence[CompiledModel], batch: int, percentile: float,
   return out
 
 
-def option_grid(model: nnx.Module, spec: dict) -> list[dict]:
+def option_grid(model: nnx.Module, spec: dict,
+                fixed: dict | None = None) -> list[dict]:
   """The option sets worth timing for this model on this kind of device,
-  simplest first (the device's defaults). Convs run as XLA's or all as
-  patches, timed side by side with the other options; choose_options may
-  then refine the winner per layer ('auto')."""
+  simplest first (the device's defaults), those with the `fixed` options'
+  values only. Convs run as XLA's or all as patches, timed side by side
+  with the other options; choose_options may then refine the winner per
+  layer ('auto')."""
   floating = is_float_model(model) and not spec.get("quantization")
   cls = model_class(spec["name"])
   ragged = floating and hasattr(cls, "prunable_groups") and any(
@@ -89,6 +91,8 @@ def option_grid(model: nnx.Module, spec: dict) -> list[dict]:
     grid.append({"conv_lowering": lowering, "embed_weights": embed,
                  "dtype": dtype, "round_widths_to": widths,
                  "dot_kernels": dots})
+  grid = [o for o in grid
+          if all(o[k] == v for k, v in (fixed or {}).items())]
   defaults = options_lib.DEFAULTS.get(kind, options_lib.DEFAULTS["cpu"])
   grid.sort(key=lambda o: sum(o[k] != defaults[k] for k in o))
   return grid
@@ -108,12 +112,15 @@ def _agrees(served: CompiledModel, reference: np.ndarray,
 def choose_options(model: nnx.Module, spec: dict, batch: int,
                    percentile: float, val_images: np.ndarray,
                    seconds: float = 3.0, try_auto: bool = True,
-                   compiler: Compiler = compile_with) -> dict:
+                   compiler: Compiler = compile_with,
+                   fixed: dict | None = None) -> dict:
   """{'options', 'trials'}: the fastest admissible option set at `batch` by
   the `percentile`-th latency of one interleaved run, then whether banded
   conv matmuls ('auto', timed per layer) beat XLA's convs under it; the
-  conv lowering is recorded as the per-layer choice, not as 'auto'."""
-  grid = option_grid(model, spec)
+  conv lowering is recorded as the per-layer choice, not as 'auto'.
+  `fixed`: options already measured for this architecture (a search's
+  screening), kept as they are."""
+  grid = option_grid(model, spec, fixed)
   served = [compiler(model, spec, batch, o) for o in grid]
   reference = np.argmax(served[0](val_images), -1)
   admissible = [i for i, s in enumerate(served)

@@ -5,8 +5,9 @@ untouched.
 
 The commands are real subprocesses (`python -m experiments.X ...`). Each one
 spends most of its time importing jax, so they all run concurrently, once per
-session, in the `refused` fixture (one tiny training run provides the real
-checkpoint, copied per command); each test checks one command's outcome.
+session, in the `refused` fixture (the session's tiny run, `trained`,
+provides the real checkpoint, copied per command); each test checks one
+command's outcome.
 """
 
 from __future__ import annotations
@@ -124,10 +125,6 @@ CASES = {
     "unknown_flag": Case("experiments.main", ("--nope",), ("nope",)),
 }
 
-TRAIN_ARGS = ("--config=configs/default.py:tiny", "--config.train.num_steps=20",
-              "--config.train.warmup_steps=2", "--noreport")
-
-
 def tree_hash(directory) -> str:
   """Hash of every file's relative path and contents under `directory`."""
   digest = hashlib.sha256()
@@ -167,14 +164,15 @@ class Outcome:
 
 
 @pytest.fixture(scope="session")
-def trained_workdir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("user_errors_trained") / "workdir")
+def trained_workdir(trained):
+  """A real checkpoint: conftest's tiny run, read and copied, never changed."""
+  return str(trained[1])
 
 
 @pytest.fixture(scope="session")
 def refused(tmp_path_factory, trained_workdir):
-  """{case name: Outcome}: every case's command run once, concurrently; the
-  checkpoint cases start when the tiny training run has finished."""
+  """{case name: Outcome}: every case's command run once, concurrently, the
+  checkpoint cases each on its own copy of the trained workdir."""
   outcomes: dict[str, Outcome] = {}
   for name, case in CASES.items():
     outcomes[name] = Outcome(None, case, str(tmp_path_factory.mktemp(name)))
@@ -186,21 +184,15 @@ def refused(tmp_path_factory, trained_workdir):
                        *[outcome.fill(a) for a in outcome.case.args],
                        timeout=240)
 
+  assert os.listdir(os.path.join(trained_workdir, "checkpoints"))
+  for outcome in outcomes.values():
+    if outcome.case.checkpoint:
+      outcome.ckpt = os.path.join(outcome.tmp, "workdir")
+      shutil.copytree(trained_workdir, outcome.ckpt)
+      outcome.hash_before = tree_hash(os.path.join(outcome.ckpt,
+                                                   "checkpoints"))
   with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-    train = pool.submit(run_module, "experiments.main", *TRAIN_ARGS,
-                        f"--workdir={trained_workdir}", timeout=300)
-    futures = {name: submit(pool, o) for name, o in outcomes.items()
-               if not o.case.checkpoint}
-    trained = train.result()
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert os.listdir(os.path.join(trained_workdir, "checkpoints"))
-    for name, outcome in outcomes.items():
-      if outcome.case.checkpoint:
-        outcome.ckpt = os.path.join(outcome.tmp, "workdir")
-        shutil.copytree(trained_workdir, outcome.ckpt)
-        outcome.hash_before = tree_hash(os.path.join(outcome.ckpt,
-                                                     "checkpoints"))
-        futures[name] = submit(pool, outcome)
+    futures = {name: submit(pool, o) for name, o in outcomes.items()}
     for name, future in futures.items():
       try:
         outcomes[name].result = future.result()

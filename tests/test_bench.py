@@ -101,9 +101,13 @@ def test_interleaved_latency_on_real_models(trained):
 
 
 @pytest.mark.slow
-def test_bench_cli_writes_rows(trained, tmp_path):
+def test_bench_cli_writes_rows(family_checkpoints, tmp_path):
+  # The ViT: "auto" times its one conv (the patch embedding) per batch,
+  # where the ResNet's convs would give it dozens of half-second trials;
+  # the search itself is tests/test_lowering.py's.
+  checkpoint = family_checkpoints["vit"]
   out = tmp_path / "bench.json"
-  result = run_module("experiments.bench", f"--checkpoints={trained[1]}",
+  result = run_module("experiments.bench", f"--checkpoints={checkpoint}",
                       "--batch_sizes=1,8", "--iters=10", "--warmup=2",
                       "--conv_lowering=auto", "--embed_weights",
                       f"--output={out}", f"--profile={tmp_path / 'profile'}")
@@ -123,7 +127,7 @@ def test_bench_cli_writes_rows(trained, tmp_path):
   assert all(r["breakdown"]["measured"]["t_predicted_s"] > 0 for r in rows)
   overhead = report["host_overhead"]
   assert 0 < overhead["trivial_jit_p50_us"] < overhead["request_p50_us"]
-  bad = run_module("experiments.bench", f"--checkpoints={trained[1]}",
+  bad = run_module("experiments.bench", f"--checkpoints={checkpoint}",
                    "--conv_lowering=conv1")
   assert bad.returncode != 0 and "--conv_lowering: bad conv lowering 'conv1'" in (
       bad.stderr + bad.stdout)

@@ -219,6 +219,20 @@ class _Recurrent(nnx.Module):
     hidden = list(args["hidden"])
     return [{**args, "hidden": hidden[:-1]}] if len(hidden) > 1 else []
 
+  block_stacks = ("cells", "reverse_cells")
+
+  @staticmethod
+  def droppable_blocks(args: dict) -> list[int]:
+    """Stacked layers as wide as the one below: the next layer (or the
+    head) reads the same width without them."""
+    hidden = [int(h) for h in args["hidden"]]
+    return [i for i in range(1, len(hidden)) if hidden[i] == hidden[i - 1]]
+
+  @staticmethod
+  def without_blocks(args: dict, drop) -> dict:
+    return {**args, "hidden": [h for i, h in enumerate(args["hidden"])
+                               if i not in set(drop)]}
+
 
 @register("gru")
 class GRU(_Recurrent):

@@ -125,6 +125,28 @@ def _shallower(args: dict) -> list[dict]:
   return out
 
 
+def _droppable_blocks(args: dict) -> list[int]:
+  """Blocks after the first of their stage: stride 1, identity shortcut, so
+  the stream keeps its shape without them (a stage keeps its first block,
+  which changes the width or the stride)."""
+  layout = _layout(args)
+  return [i for i, (stage, proj) in enumerate(layout)
+          if i and layout[i - 1][0] == stage and not proj]
+
+
+def _without_blocks(args: dict, drop) -> dict:
+  layout, drop = _layout(args), set(drop)
+  inner = args.get("inner_widths") or [
+      args["stage_widths"][stage] for stage, _ in layout]
+  counts = list(args["blocks_per_stage"])
+  for i in drop:
+    counts[layout[i][0]] -= 1
+  keep = [i for i in range(len(layout)) if i not in drop]
+  return {**args, "blocks_per_stage": counts,
+          "inner_widths": [inner[i] for i in keep],
+          "projections": [bool(layout[i][1]) for i in keep]}
+
+
 @register("resnet")
 class ResNet(nnx.Module):
   """Stem conv, stages of basic blocks, global average pool, dense head."""
@@ -133,6 +155,9 @@ class ResNet(nnx.Module):
   prunable_groups = staticmethod(_prunable_groups)
   with_widths = staticmethod(_with_widths)
   shallower = staticmethod(_shallower)
+  block_stacks = ("blocks",)
+  droppable_blocks = staticmethod(_droppable_blocks)
+  without_blocks = staticmethod(_without_blocks)
 
   def __init__(self,
                num_classes: int,

@@ -103,6 +103,9 @@ class Transformer1D(nnx.Module):
     return ViT.with_widths(full_args(Transformer1D, args), widths)
 
   shallower = staticmethod(ViT.shallower)  # the same encoder blocks
+  block_stacks = ViT.block_stacks
+  droppable_blocks = staticmethod(ViT.droppable_blocks)
+  without_blocks = staticmethod(ViT.without_blocks)
 
   def __init__(self,
                num_classes: int,

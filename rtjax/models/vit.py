@@ -106,6 +106,19 @@ def _shallower(args: dict) -> list[dict]:
            "mlp_dim": trim(args["mlp_dim"], depth)}]
 
 
+def _droppable_blocks(args: dict) -> list[int]:
+  """Every encoder block: each maps embed_dim to embed_dim around its
+  residual stream."""
+  return list(range(args["depth"]))
+
+
+def _without_blocks(args: dict, drop) -> dict:
+  keep = [i for i in range(args["depth"]) if i not in set(drop)]
+  pick = lambda v: [v[i] for i in keep] if isinstance(v, (list, tuple)) else v
+  return {**args, "depth": len(keep), "num_heads": pick(args["num_heads"]),
+          "mlp_dim": pick(args["mlp_dim"])}
+
+
 @register("vit")
 class ViT(nnx.Module):
   """Patches -> linear embedding + learned positions -> encoder -> mean pool -> head."""
@@ -126,6 +139,9 @@ class ViT(nnx.Module):
   prunable_groups = staticmethod(_prunable_groups)
   with_widths = staticmethod(_with_widths)
   shallower = staticmethod(_shallower)
+  block_stacks = ("blocks",)
+  droppable_blocks = staticmethod(_droppable_blocks)
+  without_blocks = staticmethod(_without_blocks)
 
   def __init__(self,
                num_classes: int,

@@ -96,8 +96,9 @@ class Trainer:
       raise KeyboardInterrupt("killed")
     self.calls.append((name, rung))
     self.now += steps
-    return {"val_accuracy": self.scripted.get(
-        (name, rung), ACCURACY[name] + rung / 100)}
+    if (name, rung) in self.scripted:
+      return {"val_accuracy": self.scripted[name, rung]}
+    return {"val_accuracy": ACCURACY[name] + rung / 100}
 
 
 def test_halving_resumes_without_redoing_and_decides_the_same(tmp_path):
@@ -176,6 +177,34 @@ def test_a_finalist_is_its_best_rung_ties_to_the_later(tmp_path, last, kept):
       "ab", (1, 2, 4), trainer, SearchStore(tmp_path), trainer.clock,
       budget_s=1e6, eta=2, max_finalists=1, extra_rungs=0)
   assert trainer.calls[-1] == ("a", 2) and finalists == {"a": kept}
+
+
+def test_a_slow_starting_student_is_not_dropped_at_the_first_rung(tmp_path):
+  # p starts from trained weights, s from scratch: s trails after the first
+  # rung (10 of the 50 steps it must train before it is judged), then
+  # catches up. Without the protection halving would keep p alone.
+  curves = {("p", 0): 0.90, ("p", 1): 0.92, ("p", 2): 0.93,
+            ("s", 0): 0.50, ("s", 1): 0.94, ("s", 2): 0.96}
+  trainer = Trainer(scripted=curves)
+  store = SearchStore(tmp_path)
+  finalists = halving.successive_halving(
+      "ps", (10, 40, 90), trainer, store, trainer.clock, budget_s=1e6, eta=2,
+      max_finalists=1, extra_rungs=0, scratch="s", scratch_min_steps=50)
+  assert store.get("rung0")["protected"] == ["s"]
+  assert trainer.calls == [("p", 0), ("s", 0), ("p", 1), ("s", 1), ("s", 2)]
+  assert finalists == {"s": 2}
+
+
+def test_the_last_extra_rung_is_cut_to_the_time_left(tmp_path):
+  trainer = Trainer()
+  store = SearchStore(tmp_path)
+  finalists = halving.successive_halving(
+      "abcd", (1, 2), trainer, store, trainer.clock, budget_s=11, eta=2,
+      max_finalists=1, extra_rungs=3)
+  # Rungs 0 and 1 take 8 s; the 4-step extra rung is cut to the 3 s left.
+  assert trainer.calls[-1] == ("a", 2)
+  assert store.get("job/a/rung2")["steps"] == 3
+  assert halving.spent_seconds(store) == 11 and finalists == {"a": 2}
 
 
 def test_halving_stops_at_the_time_limit(tmp_path):
@@ -404,6 +433,21 @@ def test_optimize_stage_ends_a_pipeline(trained, tiny_search, tmp_path):
       "checkpoints"
   again = run_pipeline(config, workdir)  # finished: skipped
   assert again["optimize"].step == results["optimize"].step
+
+
+def test_layer_dropping_candidates_from_the_sensitivity():
+  from rtjax.optimize import candidates
+  from rtjax.models.registry import full_args, model_class
+  spec = {"name": "vit", "args": full_args(model_class("vit"), {
+      "num_classes": 10, "input_shape": [8, 8, 1], "depth": 4})}
+  blocks = [{"name": f"block {i}", "index": i, "accuracy_drop": d}
+            for i, d in enumerate([9.0, 1.0, 3.0, 2.0])]
+  made = {r["name"]: r["drop"] for r in candidates.recipes(
+      spec, {"groups": [], "int8": [], "blocks": blocks}, uniform=(),
+      thresholds=(), shallow=False)}
+  # The cheapest first; DistilBERT's every other block; the last half.
+  assert made == {"drop1": [1], "drop2": [1, 3], "drop3": [1, 2, 3],
+                  "drop_last2": [2, 3]}  # every other block is drop2's
 
 
 def test_screening_predicts_from_the_percentile_ratio():

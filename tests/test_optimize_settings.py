@@ -40,7 +40,8 @@ def _flag_text(value) -> str:
 CHANGED = {f.name: _changed(f.default) for f in dataclasses.fields(Settings)}
 CHANGED.update(latency_budget_ms=0.0, budget_of_parent=0.5, percentile=90.0,
                rung_steps=(100, 300), rivals=("workdirs/a", "workdirs/b"),
-               sensitivity_groups="conv.*", keep_fractions=(0.5,))
+               sensitivity_groups="conv.*", keep_fractions=(0.5,),
+               scratch_min_fraction=0.5)
 
 
 def _from_flags(args: list[str]) -> Settings:

@@ -5,6 +5,11 @@ rebuilds exactly the same ones) and the models they start from.
   sens<t>      per-group keep fractions from the sensitivity: each group as
                small as it goes while losing at most t points without
                fine-tuning; groups whose pruning measured no speedup are kept
+  drop<k>      the parent without the k blocks whose removal alone cost
+               least validation accuracy (layer dropping); drop_alternate
+               without every other droppable block (DistilBERT's student),
+               drop_last<k> without the last k: each keeps the parent's
+               weights of the blocks it keeps
   shallow<i>   a shallower member of the family (its depth rule,
                rtjax.models.depth; a family without one is logged),
                and shallow<i>_half at half its widths, trained from scratch
@@ -39,9 +44,31 @@ def _keep_for(entries: list[dict], threshold: float) -> float:
   return keep
 
 
+def from_scratch(recipe: dict) -> bool:
+  """Whether the candidate starts from a fresh initialization (a student),
+  not from the parent's weights (pruned, or the parent's own blocks)."""
+  return recipe["kind"] == "student"
+
+
+def _drops(spec: dict, blocks: list[dict]) -> list[tuple[str, list[int]]]:
+  """(name, blocks to drop) of the layer-dropping candidates, from the
+  sensitivity's per-block accuracy drops; at least one block stays."""
+  droppable = [e["index"] for e in blocks]
+  most = min(len(droppable),
+             models.block_count(spec["name"], spec["args"]) - 1)
+  cheapest = [e["index"] for e in sorted(blocks,
+                                         key=lambda e: e["accuracy_drop"])]
+  out = [(f"drop{k}", sorted(cheapest[:k])) for k in range(1, most + 1)]
+  out.append(("drop_alternate", droppable[1::2]))
+  half = len(droppable) // 2
+  out.append((f"drop_last{half}", droppable[len(droppable) - half:]))
+  return [(n, d) for n, d in out if 0 < len(d) <= most]
+
+
 def recipes(spec: dict, sens: dict, uniform=UNIFORM,
             thresholds=THRESHOLDS, shallow: bool = True) -> list[dict]:
-  """Candidate recipes, without duplicates (same keep map or same args)."""
+  """Candidate recipes, without duplicates (same keep map, same blocks
+  dropped or same args)."""
   groups = group_names(spec)
   out, seen = [], set()
 
@@ -63,6 +90,8 @@ def recipes(spec: dict, sens: dict, uniform=UNIFORM,
     if any(f < 1.0 for f in keep.values()):
       add({"name": f"sens{t:g}", "kind": "prune", "keep": keep},
           repr(sorted(keep.items())))
+  for name, drop in _drops(spec, sens.get("blocks", [])):
+    add({"name": name, "kind": "drop", "drop": drop}, repr(drop))
   reason = models.no_shallower_reason(spec["name"])
   if shallow and reason:
     logging.info("no shallower students of %s: %s", spec["name"], reason)
@@ -82,11 +111,15 @@ def recipes(spec: dict, sens: dict, uniform=UNIFORM,
 def build(recipe: dict, parent: nnx.Module, spec: dict, seed: int = 0
           ) -> tuple[nnx.Module, dict]:
   """(the candidate's starting model, its spec): the parent's weights cut
-  down for a pruned candidate, a fresh initialization for a student."""
+  down for a pruned candidate, the parent's kept blocks for a dropped one,
+  a fresh initialization for a student."""
   if recipe["kind"] == "parent":
     return parent, spec
   if recipe["kind"] == "prune":
     model, args = shrink_groups(parent, spec, recipe["keep"])
+  elif recipe["kind"] == "drop":
+    model, args = models.drop_blocks(parent, spec["name"], spec["args"],
+                                     recipe["drop"])
   else:
     args = recipe["args"]
     model = models.create_model(spec["name"], args, seed)

@@ -16,6 +16,7 @@ from rtjax import models
 from rtjax.checkpoint import finished_stage, load_checkpoint
 from rtjax.compress.distill import ALPHA, TEMPERATURE, DistillationLoss
 from rtjax.data import Dataset
+from rtjax.optimize import candidates
 from rtjax.train import CrossEntropy, Stage, train_model
 
 def train_rung(parent_dir: epath.Path, parent_meta: dict, teacher: nnx.Module,
@@ -30,7 +31,7 @@ def train_rung(parent_dir: epath.Path, parent_meta: dict, teacher: nnx.Module,
     model, _ = load_checkpoint(start_dir)
   config = ml_collections.ConfigDict(parent_meta["config"])
   train = ml_collections.ConfigDict(parent_meta["train"])
-  scratch = recipe["kind"] == "student" and start_dir is None
+  scratch = candidates.from_scratch(recipe) and start_dir is None
   train.update(num_steps=steps, warmup_steps=max(1, min(
       train.warmup_steps, steps // 10)), eval_every=steps,
       log_every=max(1, min(train.log_every, steps)),

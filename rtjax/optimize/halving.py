@@ -11,7 +11,13 @@ decision is recorded, so a resumed search replays it instead of deciding
 again with another clock: the same measurements give the same finalists.
 A job is started only when its estimated duration (seconds per step of the
 jobs so far) fits in what is left of the budget; time left after the
-planned rungs trains the finalists longer.
+planned rungs trains the finalists longer, the last of those rungs cut to
+the time left rather than skipped.
+
+A student trained from scratch learns slower at first than a candidate
+that starts from trained weights, so until it has trained a given number
+of steps it is promoted without taking a place among the others: it is
+judged once it has had the time to learn.
 """
 
 from __future__ import annotations
@@ -53,15 +59,22 @@ def best_rung(store: SearchStore, name: str) -> int | None:
 
 def _train_rung(names: Sequence[str], k: int, steps: int,
                 train: Callable[[str, int, int], dict], store: SearchStore,
-                clock: Callable[[], float], budget_s: float) -> bool:
+                clock: Callable[[], float], budget_s: float,
+                fill_from: int | None = None) -> bool:
   """Trains rung `k` of each name not trained yet, while its estimated
-  duration fits in the time left; True when one did not fit."""
+  duration fits in the time left (or, with `fill_from`, as many steps as
+  fit when that is at least `fill_from`); True when one did not fit."""
   for name in names:
     job = f"job/{name}/rung{k}"
     if job in store:
       continue
-    if spent_seconds(store) + _estimate(store, name, steps) > budget_s:
-      return True
+    left = budget_s - spent_seconds(store)
+    if _estimate(store, name, steps) > left:
+      per_step = _estimate(store, name, 1)
+      fit = int(left / per_step) if per_step else 0
+      if fill_from is None or fit < fill_from:
+        return True
+      steps = fit
     start = clock()
     result = train(name, k, steps)
     store.put(job, {**result, "steps": steps,
@@ -74,8 +87,9 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
                        store: SearchStore, clock: Callable[[], float],
                        budget_s: float, *, eta: int, max_finalists: int,
                        extra_rungs: int, fits: Collection[str] = (),
-                       predicted: Mapping[str, float] | None = None
-                       ) -> dict[str, int]:
+                       predicted: Mapping[str, float] | None = None,
+                       scratch: Collection[str] = (),
+                       scratch_min_steps: int = 0) -> dict[str, int]:
   """{finalist: its rung of best validation accuracy} (best_rung).
   `train(name, rung, steps)` returns at least {'val_accuracy'}; its
   duration is measured with `clock`. After the planned rungs, while time
@@ -87,25 +101,33 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
   pruned candidates, often the only ones fast enough, have not yet
   recovered their accuracy, and accuracy alone would drop them first. The
   others rank by their `predicted` latency, closest to the budget first
-  (then by accuracy): the likeliest to fit when measured again."""
+  (then by accuracy): the likeliest to fit when measured again. Students
+  in `scratch` that have trained fewer than `scratch_min_steps` steps in
+  all are promoted past every halving rung but the last planned one."""
   predicted = predicted or {}
-  survivors, planned = list(names), len(rungs)
+  survivors, planned, trained_steps = list(names), len(rungs), 0
   for k in range(planned + extra_rungs):
     steps = rungs[k] if k < planned else rungs[-1] * eta ** (k - planned + 1)
+    trained_steps += steps
     if f"rung{k}" not in store:
       out_of_time = _train_rung(survivors, k, steps, train, store, clock,
-                                budget_s)
+                                budget_s, rungs[0] if k >= planned else None)
       trained = [n for n in survivors if f"job/{n}/rung{k}" in store]
       ranked = sorted(trained, key=lambda n: (
           n not in fits, 0.0 if n in fits else predicted.get(n, 0.0),
           -store.get(f"job/{n}/rung{k}")["val_accuracy"]))
+      protected = [n for n in ranked if n in scratch
+                   and trained_steps < scratch_min_steps]
       if k >= planned - 1:  # the finalists; later rungs only train longer
+        protected = []
         promoted = (ranked[:max_finalists] if k == planned - 1 else
                     sorted(survivors, key=lambda n: n not in ranked))
       else:  # never fewer than the finalists the last rung will keep
+        ranked = [n for n in ranked if n not in protected]
         promoted = ranked[:max(max_finalists, math.ceil(len(ranked) / eta))]
       store.put(f"rung{k}", {
-          "trained": trained, "promoted": promoted, "out_of_time": out_of_time,
+          "trained": trained, "promoted": promoted + protected,
+          "protected": protected, "out_of_time": out_of_time,
           "final": out_of_time or k == planned + extra_rungs - 1,
           "steps": steps})
     decision = store.get(f"rung{k}")

@@ -25,6 +25,9 @@ def _describe(recipe: dict) -> str:
     keep = ", ".join(f"{g} {f:.2f}" for g, f in recipe["keep"].items()
                      if f < 1.0)
     return f"structured pruning, keep {keep}; distilled from the parent"
+  if recipe["kind"] == "drop":
+    return (f"blocks {', '.join(map(str, recipe['drop']))} removed, the "
+            "others with the parent's weights; distilled from the parent")
   if recipe["kind"] == "student":
     return "shallower student trained from scratch by distillation"
   return recipe["kind"]
@@ -87,7 +90,61 @@ def summarize(settings, budget: dict, sens: dict, recipes: list[dict],
       "parent_options": store.get("parent_options"), "sensitivity": sens,
       "candidates": rows, "final": final, "final_extra": extra,
       "verdicts": verdict, "final_audit": final_audit, "chosen": chosen,
-      "unmet": unmet}
+      "unmet": unmet, "time": time_spent(store, settings)}
+
+
+def time_spent(store, settings) -> dict:
+  """How the minutes asked were spent: seconds before training (the
+  parent's options, budget, sensitivity, screening), per rung, in the final
+  phase (finalists' options, final runs) and with the rivals; and why time
+  was left when more than 10% was."""
+  phases = store.get("phase_seconds", {})
+  final = lambda n: n.startswith("options/") or n.endswith("_latency")
+  parts = [("before training", sum(v for n, v in phases.items()
+                                   if not final(n)))]
+  k = 0
+  while f"rung{k}" in store:
+    jobs = [v for n, v in store.data.items()
+            if n.startswith("job/") and n.endswith(f"/rung{k}")]
+    parts.append((f"rung {k}: {len(jobs)} job(s), "
+                  f"{'/'.join(sorted({str(j['steps']) for j in jobs}))} "
+                  "steps", sum(j["seconds"] for j in jobs)))
+    k += 1
+  parts.append(("final: finalists' options and the final runs",
+                sum(v for n, v in phases.items() if final(n)
+                    and "rival" not in n)))
+  parts.append(("rivals", sum(v for n, v in phases.items()
+                              if final(n) and "rival" in n)))
+  asked = 60 * settings.search_minutes
+  left = asked - sum(v for _, v in parts)
+  reason = None
+  if left > 0.1 * asked:
+    last = store.get(f"rung{k - 1}") if k else None
+    reserve = store.get("reserve_seconds", 0.0)
+    reason = (
+        "no candidate was trained" if last is None else
+        "the next fine-tune, estimated from the measured seconds per step, "
+        "did not fit before the time kept for the final phase "
+        f"({reserve:.0f} s; it took {parts[-2][1] + parts[-1][1]:.0f} s)"
+        if last["out_of_time"] else
+        f"every planned rung and the {settings.extra_rungs} extra rung(s) "
+        "were trained")
+  return {"asked_seconds": asked, "parts": parts, "left_seconds": left,
+          "why_left": reason}
+
+
+def _time(summary: dict) -> list[str]:
+  t = summary["time"]
+  lines = ["", f"## Time: {(t['asked_seconds'] - t['left_seconds']) / 60:.1f}"
+           f" of the {t['asked_seconds'] / 60:g} minutes asked", "",
+           "| part | seconds | share of the minutes asked |",
+           "|" + " --- |" * 3]
+  for label, seconds in t["parts"] + [("left", t["left_seconds"])]:
+    lines.append(f"| {label} | {seconds:.0f} | "
+                 f"{100 * seconds / t['asked_seconds']:.0f}% |")
+  if t["why_left"]:
+    lines += ["", f"More than 10% was left: {t['why_left']}."]
+  return lines
 
 
 def _pct(x: float) -> str:
@@ -97,7 +154,7 @@ def _pct(x: float) -> str:
 def markdown(summary: dict) -> str:
   """optimize.md: the sections in the order the search ran them."""
   lines = _header(summary) + _candidates(summary) + _finalists(summary)
-  lines += _rivals(summary) + _audit(summary)
+  lines += _rivals(summary) + _audit(summary) + _time(summary)
   lines += ["", "![accuracy vs latency](optimize.png)", "", _outcome(summary)]
   return "\n".join(lines) + "\n"
 

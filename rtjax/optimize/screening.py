@@ -70,7 +70,7 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
   chosen.update({n: fastest[n][:2] for n in fastest})
   latency = serving.repeated([c for _, c in chosen.values()], batch,
                              percentile, run_seconds or seconds, runs)
-  pruned = {r["name"] for r in recipes if r["kind"] == "prune"}
+  warm = {r["name"] for r in recipes if not candidates.from_scratch(r)}
   out = {}
   for (name, (options, compiled)), lat in zip(chosen.items(), latency):
     model, s = (parent, spec) if name == "parent" else built[name]
@@ -78,7 +78,7 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
     row["conv_lowering"] = lowering_lib.describe(compiled.conv_lowering[batch])
     row["embed_weights"] = options["embed_weights"]
     row["dot_kernels"] = options["dot_kernels"]
-    if name == "parent" or name in pruned:
+    if name == "parent" or name in warm:
       row["untuned_val_accuracy"] = evaluate(model, val, 512)["accuracy"]
     out[name] = row
   return out

@@ -100,7 +100,7 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
       ctx.parent, ctx.spec, ctx.dataset.val, ctx.batch, settings.percentile,
       parent_options["options"], settings.keep_fractions, settings.int8,
       settings.measure_seconds, settings.sensitivity_groups,
-      ctx.memo.compile))
+      ctx.memo.compile, settings.layer_drop))
   recipes = ctx.phase("recipes", lambda: candidates.recipes(
       ctx.spec, sens, settings.uniform, settings.thresholds,
       settings.shallow))
@@ -113,14 +113,17 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
       settings.final_seconds, ctx.memo.compile))
   plan = _plan(ctx, budget, recipes, screen)
   recipe_of = {r["name"]: r for r in recipes}
+  reserve = ctx.phase("reserve_seconds", lambda: _reserve_seconds(
+      ctx, len(plan["trainees"])))
   finalists = halving.successive_halving(
       plan["trainees"], plan["rungs"], lambda name, k, steps: _train(
           ctx, recipe_of[name], k, steps), ctx.store, clock,
-      60 * settings.search_minutes - _reserve_seconds(
-          ctx, len(plan["trainees"])),
+      60 * settings.search_minutes - reserve,
       eta=settings.halving_eta, max_finalists=settings.max_finalists,
       extra_rungs=settings.extra_rungs, fits=plan["under_budget"],
-      predicted=plan["predicted"])
+      predicted=plan["predicted"], scratch=plan["scratch"],
+      scratch_min_steps=int(settings.scratch_min_fraction
+                            * ctx.meta["train"]["num_steps"]))
   paths = {n: str(_rung_dir(ctx, n, k)) for n, k in finalists.items()}
   paths.update(_int8_variants(ctx, sens, paths))
   if plan["parent_fits"]:
@@ -190,7 +193,8 @@ def _plan(ctx: Context, budget: dict, recipes: list[dict],
       n not in under_budget, 0.0 if n in under_budget else predicted[n],
       -screen[n].get("untuned_val_accuracy", -1.0)))
   return {"predicted": predicted, "parent_fits": parent_fits,
-          "under_budget": under_budget,
+          "under_budget": under_budget, "scratch": [
+              r["name"] for r in recipes if candidates.from_scratch(r)],
           "trainees": order[:s.max_candidates],
           "rungs": s.rung_steps or _default_rungs(ctx.meta)}
 
@@ -236,14 +240,20 @@ def _default_rungs(meta: dict) -> list[int]:
 
 
 def _reserve_seconds(ctx: Context, trainees: int) -> float:
-  """Time kept for the final phase: each finalist's option search and the
-  interleaved run, estimated from the parent's own option search."""
-  per_model = ctx.store.get("phase_seconds", {}).get("parent_options", 10.0)
-  models = (min(trainees, ctx.settings.max_finalists) + 1
-            + len(ctx.rivals))
-  # The final runs, then as many again with the rivals.
-  return (models * per_model
-          + 2 * ctx.settings.final_runs * ctx.settings.final_seconds)
+  """Time kept for the final phase: each finalist's (and int8 variant's)
+  option search, scaled from the parent's by the option sets it times; the
+  rivals' full option searches; the final interleaved runs, then as many
+  again with the rivals."""
+  s = ctx.settings
+  parent_s = ctx.store.get("phase_seconds", {}).get("parent_options", 10.0)
+  options = ctx.store.get("parent_options")["options"]
+  share = len(serving.option_grid(ctx.parent, ctx.spec, {
+      k: options[k] for k in SCREENED_OPTIONS})) / len(
+          serving.option_grid(ctx.parent, ctx.spec))
+  finalists = min(trainees, s.max_finalists) * (
+      2 if _int8_layers(ctx, ctx.store.get("sensitivity")) else 1)
+  return (finalists * max(share * parent_s, 2 * s.measure_seconds)
+          + len(ctx.rivals) * parent_s + 2 * s.final_runs * s.final_seconds)
 
 
 def _rung_dir(ctx: Context, name: str, k: int) -> epath.Path:
@@ -266,13 +276,17 @@ def _train(ctx: Context, recipe: dict, k: int, steps: int) -> dict:
           "path": str(stage_dir)}
 
 
+def _int8_layers(ctx: Context, sens: dict) -> list[str]:
+  return [e["name"] for e in sens["int8"]
+          if e["speedup_p50"] >= ctx.settings.int8_min_speedup
+          and e["accuracy_drop"] <= ctx.settings.int8_max_accuracy_drop]
+
+
 def _int8_variants(ctx: Context, sens: dict, paths: dict) -> dict:
   """For each finalist, its int8 (PTQ) variant in the layers where int8
   alone measured faster at this batch and cost little accuracy (the
   settings' int8_min_speedup and int8_max_accuracy_drop)."""
-  layers = [e["name"] for e in sens["int8"]
-            if e["speedup_p50"] >= ctx.settings.int8_min_speedup
-            and e["accuracy_drop"] <= ctx.settings.int8_max_accuracy_drop]
+  layers = _int8_layers(ctx, sens)
   if not layers:
     return {}
   module_path = "|".join(map(re.escape, layers))

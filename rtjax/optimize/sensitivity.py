@@ -6,7 +6,10 @@ at the search's batch size measured in one interleaved run with the parent.
 
 The search builds non-uniform candidates from it (prune the groups that
 cost little accuracy and buy latency), and int8 only where it measured
-faster on this device.
+faster on this device. For a family with droppable blocks (residual blocks,
+stacked layers: rtjax.models.depth) it also measures the accuracy lost by
+removing each block alone (layer dropping), from which the search picks
+the blocks its shallower students leave out.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Sequence
 from etils import epath
 from flax import nnx
 
+from rtjax import models
 from rtjax.compress import quantize, structured
 from rtjax.models import model_class
 from rtjax.models.stats import layer_shapes
@@ -55,14 +59,32 @@ def int8_layer(model: nnx.Module, spec: dict, path: str) -> nnx.Module:
                       module_path=re.escape(path))[0]
 
 
+def block_drops(model: nnx.Module, spec: dict, val) -> list[dict]:
+  """[{'name', 'index', 'accuracy_drop'}]: each droppable block removed
+  alone, validation accuracy lost (points) without fine-tuning; none when
+  the model is one block deep."""
+  name, args = spec["name"], spec["args"]
+  if models.block_count(name, args) < 2:
+    return []
+  parent_acc = evaluate(model, val, 512)["accuracy"]
+  out = []
+  for i in models.droppable_blocks(name, args):
+    smaller, _ = models.drop_blocks(model, name, args, [i])
+    out.append({"name": f"block {i}", "index": i, "accuracy_drop": 100 * (
+        parent_acc - evaluate(smaller, val, 512)["accuracy"])})
+  return out
+
+
 def measure(model: nnx.Module, spec: dict, val, batch: int, percentile: float,
             options: dict, fractions: Sequence[float] = FRACTIONS,
             int8: bool = True, seconds: float = 6.0, groups: str = ".*",
-            compiler: serving.Compiler = serving.compile_with) -> dict:
-  """{'groups': [...], 'int8': [...], 'parent': {...}}: one entry per
-  (group, fraction) and per int8 layer with its validation accuracy drop
-  (points) and its measured speedup (parent p50 / its p50; and at the
-  percentile) at `batch`, for the groups matching the regex `groups`.
+            compiler: serving.Compiler = serving.compile_with,
+            layer_drop: bool = True) -> dict:
+  """{'groups': [...], 'int8': [...], 'blocks': [...], 'parent': {...}}:
+  one entry per (group, fraction) and per int8 layer with its validation
+  accuracy drop (points) and its measured speedup (parent p50 / its p50;
+  and at the percentile) at `batch`, for the groups matching the regex
+  `groups`; per droppable block its accuracy drop (block_drops).
   `options` (the parent's) serve every variant, except a conv lowering
   tuned for the parent's shapes."""
   options = {**options, "conv_lowering": "xla", "round_widths_to": 0}
@@ -85,7 +107,8 @@ def measure(model: nnx.Module, spec: dict, val, batch: int, percentile: float,
   latency = serving.interleaved(served, batch, percentile, seconds)
   base = latency[0]
   out = {"parent": {"val_accuracy": parent_acc, **base}, "groups": [],
-         "int8": []}
+         "int8": [], "blocks": block_drops(model, spec, val) if layer_drop
+         else []}
   for (kind, name, fraction, m), lat in zip(variants, latency[1:]):
     entry = {"name": name,
              "accuracy_drop": 100 * (parent_acc - evaluate(m, val, 512)[
@@ -111,29 +134,44 @@ def markdown(sens: dict, percentile: float) -> str:
   for e in sens["int8"]:
     lines.append(f"| int8 | {e['name']} | | {e['accuracy_drop']:+.2f} | "
                  f"{e['speedup_p50']:.2f}x | {e['speedup_p']:.2f}x |")
+  for e in sens.get("blocks", []):
+    lines.append(f"| drop | {e['name']} | | {e['accuracy_drop']:+.2f} | | |")
   return "\n".join(lines) + "\n"
 
 
 def plot(sens: dict, path) -> None:
-  """One line per group: accuracy drop vs keep fraction (1.0: no drop);
-  int8 layers as points at keep 'int8' on the right."""
+  """Panels side by side, each readable however many entries it has: one
+  line per prunable group (accuracy drop vs keep fraction); int8 per layer
+  and layer dropping per block as horizontal bars, one labelled row each."""
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  bars = [(title, entries) for title, entries in (
+      ("int8 in one layer alone", sens["int8"]),
+      ("one block removed (layer dropping)", sens.get("blocks", [])))
+          if entries]
+  rows = max([len(e) for _, e in bars] + [8])
+  fig, axes = plt.subplots(1, 1 + len(bars), squeeze=False, figsize=(
+      6 + 4.5 * len(bars), max(4.5, 0.28 * rows + 1.5)))
+  ax = axes[0][0]
   for name in dict.fromkeys(e["name"] for e in sens["groups"]):
     points = sorted([(1.0, 0.0)] + [(e["keep"], e["accuracy_drop"])
                                     for e in sens["groups"]
                                     if e["name"] == name])
     ax.plot(*zip(*points), marker="o", label=name)
-  for e in sens["int8"]:
-    ax.scatter([1.1], [e["accuracy_drop"]], marker="x")
-    ax.annotate(f"int8 {e['name']}", (1.1, e["accuracy_drop"]), fontsize=7,
-                textcoords="offset points", xytext=(4, 0))
-  ax.set_xlabel("keep fraction (x = 1.1: int8 in that layer alone)")
+  ax.set_xlabel("keep fraction")
   ax.set_ylabel("validation accuracy drop, no fine-tuning (points)")
-  ax.set_title("sensitivity per prunable group")
-  ax.legend(fontsize=7, loc="upper right")
+  ax.set_title("pruning one group")
+  if sens["groups"]:
+    ax.legend(fontsize=7, loc="upper right")
+  for ax, (title, entries) in zip(axes[0][1:], bars):
+    ax.barh(range(len(entries)), [e["accuracy_drop"] for e in entries])
+    ax.set_yticks(range(len(entries)), [e["name"] for e in entries],
+                  fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.5)
+    ax.set_xlabel("validation accuracy drop (points)")
+    ax.set_title(title)
   fig.tight_layout()
   with epath.Path(path).open("wb") as f:
     fig.savefig(f, format="png", dpi=110)

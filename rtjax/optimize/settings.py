@@ -72,7 +72,16 @@ class Settings:
       candidates.THRESHOLDS, "Per-group candidates: the validation accuracy "
       "(points) each group may lose untuned.", _all(lambda v: 0 < v < 100),
       "numbers in (0, 100)")
-  shallow: bool = setting(True, "Also shallower students of the family.")
+  shallow: bool = setting(True, "Also shallower students of the family, "
+                          "trained from scratch.")
+  layer_drop: bool = setting(
+      True, "Also candidates made of the parent's own blocks (layer "
+      "dropping), for a family that declares droppable blocks.")
+  scratch_min_fraction: float = setting(
+      0.2, "Halving drops no student trained from scratch before it has "
+      "trained this fraction of the parent's training steps (it learns "
+      "slower at first than candidates that start from trained weights).",
+      lambda v: 0 <= v <= 1, "in [0, 1]")
   int8: bool = setting(True, "Measure int8 per layer and add int8 variants "
                        "of the finalists where it measured faster.")
   int8_min_speedup: float = setting(

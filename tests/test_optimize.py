@@ -285,7 +285,7 @@ def test_tiny_search_end_to_end(tiny_search):
     assert (workdir / path).exists(), path
   text = (workdir / "optimize.md").read_text()
   for heading in ("## Sensitivity", "## Candidates", "## Finalists",
-                  "## Audit", "**Chosen: "):
+                  "## Audit", "## Time: ", "**Chosen: "):
     assert heading in text
   chosen = summary["final"][summary["chosen"]]
   _, best = load_checkpoint(workdir / "best")
@@ -296,6 +296,9 @@ def test_tiny_search_end_to_end(tiny_search):
   assert set(served.options["source"].values()) == {"checkpoint"}
   assert json.loads((workdir / "optimize.json").read_text())["chosen"] == \
       summary["chosen"]
+  time = summary["time"]  # every recorded second is in one part
+  assert sum(s for _, s in time["parts"]) == pytest.approx(
+      summary["spent_seconds"])
   store = SearchStore(workdir)  # a finalist keeps what screening chose
   screen = store.get("screen")
   for name in names:

@@ -106,9 +106,11 @@ def time_spent(store, settings) -> dict:
   while f"rung{k}" in store:
     jobs = [v for n, v in store.data.items()
             if n.startswith("job/") and n.endswith(f"/rung{k}")]
-    parts.append((f"rung {k}: {len(jobs)} job(s), "
-                  f"{'/'.join(sorted({str(j['steps']) for j in jobs}))} "
-                  "steps", sum(j["seconds"] for j in jobs)))
+    steps = sorted({j["steps"] for j in jobs}) or [store.get(f"rung{k}")[
+        "steps"]]
+    parts.append((f"rung {k}: {len(jobs)} job(s) of "
+                  f"{'/'.join(map(str, steps))} steps",
+                  sum(j["seconds"] for j in jobs)))
     k += 1
   parts.append(("final: finalists' options and the final runs",
                 sum(v for n, v in phases.items() if final(n)
@@ -153,7 +155,8 @@ def _pct(x: float) -> str:
 
 def markdown(summary: dict) -> str:
   """optimize.md: the sections in the order the search ran them."""
-  lines = _header(summary) + _candidates(summary) + _finalists(summary)
+  lines = (_header(summary) + _candidates(summary) + _scratch(summary)
+           + _finalists(summary))
   lines += _rivals(summary) + _audit(summary) + _time(summary)
   lines += ["", "![accuracy vs latency](optimize.png)", "", _outcome(summary)]
   return "\n".join(lines) + "\n"
@@ -212,6 +215,21 @@ def _candidates(summary: dict) -> list[str]:
                  f"{' (' + ', '.join(served) + ')' if served else ''} "
                  f"| {rungs} | {r['fate']} |")
   return lines
+
+
+def _scratch(summary: dict) -> list[str]:
+  rule = summary.get("scratch")
+  if not rule:
+    return []
+  text = (f"Students trained from scratch ({', '.join(rule['students'])}) "
+          f"were promoted past halving until they had trained "
+          f"{rule['min_steps']} steps ({summary['settings']['scratch_min_fraction']:g}"
+          f" of the parent's {rule['parent_steps']})")
+  if rule["parent_val_then"] is not None:
+    text += (f"; the parent's own training had reached "
+             f"{_pct(rule['parent_val_then'])}% validation accuracy by then "
+             f"and {_pct(rule['parent_val_end'])}% at its end")
+  return ["", text + "."]
 
 
 def _finalists(summary: dict) -> list[str]:

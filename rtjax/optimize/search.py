@@ -34,6 +34,7 @@ from rtjax.optimize import (candidates, checkpoints, decide, drift, finetune,
 from rtjax.optimize.memo import CompileMemo
 from rtjax.optimize.settings import Settings
 from rtjax.optimize.store import SearchStore
+from rtjax.train import read_metrics
 from rtjax.train.evaluate import evaluate
 
 
@@ -226,12 +227,33 @@ def _conclude(ctx: Context, plan: dict, final: dict, budget: dict,
       plan["trainees"], plan["rungs"], store, final, verdict, chosen, floor,
       unmet, str(ctx.parent_dir))
   summary.update(rivals=rivals, compile_memo=ctx.memo.summary(),
-                 parent_drift=store.get("parent_drift", {}))
+                 parent_drift=store.get("parent_drift", {}),
+                 scratch=_scratch_rule(ctx, plan))
   report.write(summary, ctx.workdir, sens)
   if chosen is None:
     raise BudgetNotMet(unmet)
   _write_best(ctx, final, chosen, budget, best_dir)
   return summary
+
+
+def _scratch_rule(ctx: Context, plan: dict) -> dict | None:
+  """How long students from scratch were protected from halving, beside
+  the parent's own validation curve at that step (its run's metrics, when
+  the checkpoint is a run's workdir): how far a model of the parent's
+  recipe had come by then."""
+  if not plan["scratch"]:
+    return None
+  total = int(ctx.meta["train"]["num_steps"])
+  steps = int(ctx.settings.scratch_min_fraction * total)
+  path = ctx.parent_dir / "metrics.jsonl"
+  curve = [(r["step"], r["accuracy"]) for r in (
+      read_metrics(ctx.parent_dir) if path.exists() else [])
+           if r["split"] == "val"]
+  reached = [a for step, a in curve if step <= steps]
+  return {"students": plan["scratch"], "min_steps": steps,
+          "parent_steps": total,
+          "parent_val_then": reached[-1] if reached else None,
+          "parent_val_end": curve[-1][1] if curve else None}
 
 
 def _default_rungs(meta: dict) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from sklearn.datasets import load_digits
 
 from rtjax.data.dataset import Dataset, DatasetSpec, split_by_seed
 from rtjax.data.registry import register
@@ -11,7 +12,6 @@ from rtjax.data.registry import register
 
 def _digit_images() -> tuple[np.ndarray, np.ndarray]:
   """(1797, 8, 8, 1) float32 in [0, 1] and int32 labels."""
-  from sklearn.datasets import load_digits  # slow to import: on first use
   bunch = load_digits()
   images = (bunch.images / 16.0).astype(np.float32)[..., None]
   return images, bunch.target.astype(np.int32)

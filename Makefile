@@ -10,7 +10,6 @@ CONFIG ?= configs/default.py
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,onnx,serve]'
 	touch $@
 

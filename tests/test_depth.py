@@ -12,8 +12,6 @@ from rtjax import models
 FAMILIES = {
     "vit": {"num_classes": 10, "input_shape": [8, 8, 1], "depth": 3,
             "num_heads": [4, 2, 3]},
-    "transformer1d": {"num_classes": 10, "input_shape": [40, 1], "depth": 2,
-                      "patch_size": 8},
     "resnet": {"num_classes": 10, "input_shape": [8, 8, 1],
                "stem_width": 8, "stage_widths": [8, 16],
                "blocks_per_stage": [2, 2]},

@@ -17,12 +17,13 @@ from rtjax.optimize.store import SearchStore
 from tests.conftest import run_module
 
 # Two candidates (uniform 50% and 25%), one short rung, the sensitivity of
-# one group, no int8, no banded lowering search, short timing runs.
+# one group, no int8, no banded lowering search, short timing runs (one each).
 TINY = dict(batch_size=8, percentile=90, rung_steps=(4,), extra_rungs=0,
             keep_fractions=(0.5,), sensitivity_groups="stream1",
             uniform=(0.5, 0.25), thresholds=(),
             shallow=False, int8=False, max_candidates=2, max_finalists=2,
-            measure_seconds=0.2, final_seconds=0.4, auto_lowering=False,
+            measure_seconds=0.2, final_seconds=0.4, final_runs=1,
+            auto_lowering=False,
             search_minutes=30, latency_budget_ms=1e4, max_accuracy_drop=100)
 
 

@@ -17,7 +17,6 @@ removed and the steps written before it stay.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging as std_logging
 import os
@@ -251,10 +250,6 @@ class RunCheckpoints:
     CheckpointWriteError that says what was kept and how to go on."""
     if not out_of_space(error):
       return
-    # The manager's other writer threads may still be writing into the
-    # step's temporary directory: they end before it is removed.
-    with contextlib.suppress(Exception):  # the same failure, raised again
-      self._manager.close()
     if jax.process_index() == 0:
       suffix = ocp.path.atomicity.TMP_DIR_SUFFIX
       for partial in self.directory.glob(f"{step}{suffix}*"):

@@ -59,14 +59,15 @@ def int8_layer(model: nnx.Module, spec: dict, path: str) -> nnx.Module:
                       module_path=re.escape(path))[0]
 
 
-def block_drops(model: nnx.Module, spec: dict, val) -> list[dict]:
+def block_drops(model: nnx.Module, spec: dict, val,
+                parent_acc: float) -> list[dict]:
   """[{'name', 'index', 'accuracy_drop'}]: each droppable block removed
-  alone, validation accuracy lost (points) without fine-tuning; none when
-  the model is one block deep."""
+  alone, validation accuracy lost (points, against the parent's
+  `parent_acc`) without fine-tuning; none when the model is one block
+  deep."""
   name, args = spec["name"], spec["args"]
   if models.block_count(name, args) < 2:
     return []
-  parent_acc = evaluate(model, val, 512)["accuracy"]
   out = []
   for i in models.droppable_blocks(name, args):
     smaller, _ = models.drop_blocks(model, name, args, [i])
@@ -107,8 +108,8 @@ def measure(model: nnx.Module, spec: dict, val, batch: int, percentile: float,
   latency = serving.interleaved(served, batch, percentile, seconds)
   base = latency[0]
   out = {"parent": {"val_accuracy": parent_acc, **base}, "groups": [],
-         "int8": [], "blocks": block_drops(model, spec, val) if layer_drop
-         else []}
+         "int8": [], "blocks": block_drops(model, spec, val, parent_acc)
+         if layer_drop else []}
   for (kind, name, fraction, m), lat in zip(variants, latency[1:]):
     entry = {"name": name,
              "accuracy_drop": 100 * (parent_acc - evaluate(m, val, 512)[

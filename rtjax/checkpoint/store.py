@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging as std_logging
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -250,6 +251,7 @@ class RunCheckpoints:
     CheckpointWriteError that says what was kept and how to go on."""
     if not out_of_space(error):
       return
+    _join_orbax_writers()
     if jax.process_index() == 0:
       suffix = ocp.path.atomicity.TMP_DIR_SUFFIX
       for partial in self.directory.glob(f"{step}{suffix}*"):
@@ -269,6 +271,19 @@ class RunCheckpoints:
       self.wait()
     finally:
       self._manager.close()
+
+
+def _join_orbax_writers(timeout_s: float = 60.0) -> None:
+  """Orbax writes a step's items in threads of their own and stops waiting
+  at the first failure, while the others go on writing into the step's
+  temporary directory (its `_sharding` file, after a removal): removing the
+  directory is final only once they have ended."""
+  from orbax.checkpoint._src.futures import future  # no public handle
+  writer = getattr(future, "_SignalingThread", None)
+  for thread in threading.enumerate():
+    if (writer and isinstance(thread, writer)
+        and thread is not threading.current_thread()):
+      threading.Thread.join(thread, timeout_s)  # its own join re-raises
 
 
 def _reason(error: BaseException) -> str:

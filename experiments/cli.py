@@ -20,6 +20,7 @@ import jax
 from absl import app, flags, logging
 
 from rtjax import distributed
+from rtjax.checkpoint.store import out_of_space
 from rtjax.errors import ConfigError, FlagError, RunError, UserError  # noqa: F401 (re-exported)
 
 
@@ -51,8 +52,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def run(main: Callable[[list[str]], None]) -> None:
   """app.run(main) where a UserError ends as one line and exit code 2, a
-  RunError (a failed run) as one line and exit code 1; anything else keeps
-  its traceback."""
+  RunError (a failed run) or a full disk as one line and exit code 1;
+  anything else keeps its traceback."""
   def guarded(argv):
     try:
       return main(argv)
@@ -60,7 +61,23 @@ def run(main: Callable[[list[str]], None]) -> None:
       fail(str(e))
     except RunError as e:
       fail(str(e), code=1)
+    except OSError as e:
+      if not out_of_space(e):
+        raise
+      fail(f"no space left on device{_written_file(e)}; free some space and "
+           "rerun the same command (training resumes from its newest intact "
+           "checkpoint)", code=1)
   app.run(guarded, flags_parser=_parse_flags)
+
+
+def _written_file(error: BaseException | None) -> str:
+  """` writing <file>` for the first file named in an error's chain; a
+  failed write() names none."""
+  while error is not None:
+    if getattr(error, "filename", None):
+      return f" writing {error.filename}"
+    error = error.__cause__ or error.__context__
+  return ""
 
 
 def config(flag):

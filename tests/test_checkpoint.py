@@ -8,6 +8,7 @@ import errno
 import json
 import shutil
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -178,6 +179,21 @@ def test_full_disk_ends_with_one_line_and_the_rerun_resumes(trained,
   assert train_and_evaluate(config, run).step == 150
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                params_of(run), params_of(workdir))
+
+
+def test_a_full_disk_anywhere_ends_a_command_with_one_line(small_disk):
+  target = small_disk / "metrics.jsonl"
+  program = ("from experiments import cli\n"
+             "def main(argv):\n"
+             f"  with open({str(target)!r}, 'w') as f: f.write('x' * 2**21)\n"
+             "cli.run(main)\n")
+  result = subprocess.run([sys.executable, "-c", program], capture_output=True,
+                          text=True)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.splitlines()[-1] == (
+      "error: no space left on device; free some space and rerun the same "
+      "command (training resumes from its newest intact checkpoint)")
 
 
 @pytest.mark.slow

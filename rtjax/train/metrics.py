@@ -58,8 +58,14 @@ class MetricWriter:
     self._tensorboard.flush()
 
   def close(self) -> None:
-    if self._tensorboard is not None:
+    if self._tensorboard is None:
+      return
+    try:
       self._tensorboard.close()
+    except OSError:  # a full disk: its bytes cannot be written now or at exit
+      for writer in self._tensorboard.all_writers.values():
+        writer.event_writer._closed = True  # noqa: SLF001 (tensorboardX's exit hook retries otherwise)
+      raise
 
 
 def append_line(path: epath.Path, line: str, rewrite: bool | None = None) -> None:

@@ -6,7 +6,13 @@
 
 Everything after `--` goes to `python -m experiments.main` on each worker, run
 in a virtual environment that the setup step builds there with uv.
---dry_run prints the exact commands and runs nothing.
+
+Before anything is created, the experiment's train step and the serving
+executables its report times are compiled for --accelerator_type on this host
+(rtjax.target.preflight; needs the [tpu] extra): one that the TPU compiler
+refuses or that needs more HBM per chip than a chip has stops the launch with
+exit 2 and one line. --skip_preflight skips it. --dry_run prints the check's
+table and the exact commands, and runs nothing.
 """
 
 import shlex
@@ -14,7 +20,8 @@ import shlex
 from absl import flags
 
 from experiments import cli
-from rtjax import tpu
+from rtjax import target, tpu
+from rtjax.target import preflight
 
 _TPU = flags.DEFINE_string("tpu", None, "TPU name.", required=True)
 _ZONE = flags.DEFINE_string("zone", None, "GCP zone.", required=True)
@@ -45,6 +52,21 @@ _GIT_URL = flags.DEFINE_string("git_url", tpu.LaunchPlan.git_url, "Clone this "
 _GIT_REF = flags.DEFINE_string("git_ref", "main", "Ref to check out with --git_url.")
 _LOG_DIR = flags.DEFINE_string("launch_logs", tpu.LaunchPlan.log_dir,
                                "Local logs, one per worker.")
+_SKIP_PREFLIGHT = flags.DEFINE_bool(
+    "skip_preflight", False, "Launch without first compiling the experiment "
+    "for --accelerator_type on this host (the check needs libtpu: the [tpu] "
+    "extra).")
+
+
+def check(plan: tpu.LaunchPlan) -> None:
+  """The pre-flight table printed; a PreflightError (exit 2) when an
+  executable cannot run on the slice."""
+  rows = preflight.check(plan.main_args, plan.tpu.accelerator_type)
+  table = target.markdown_table(rows).splitlines()
+  print("\n".join(f"# {line}".rstrip() for line in [
+      f"pre-flight of the experiment on {plan.tpu.accelerator_type}:", *table]),
+        flush=True)
+  preflight.require_fit(rows)
 
 
 def main(argv):
@@ -56,6 +78,8 @@ def main(argv):
       delete_after=_DELETE.value, source_dir=_SOURCE.value,
       remote_dir=_REMOTE.value, git_url=_GIT_URL.value, git_ref=_GIT_REF.value,
       log_dir=_LOG_DIR.value)
+  if not _SKIP_PREFLIGHT.value:
+    check(plan)
   if _DRY_RUN.value:
     if not plan.git_url:
       print(f"# package the git-tracked files of {plan.source_dir} into "

@@ -70,7 +70,8 @@ def main(argv):
     rows = compare.compare(compare.load_all(
         compare.stage_checkpoints(_WORKDIR.value)), load_dataset(
             config.data, config.seed).test, iters=100)
-    print(compare.write_outputs(rows, (1, 256), _WORKDIR.value)["markdown"])
+    print(compare.write_outputs(rows, compare.REPORT_BATCH_SIZES,
+                                _WORKDIR.value)["markdown"])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from absl import flags, logging
 
 from configs import default, lenet5, mnist1d, vit
 from experiments import cli
-from rtjax import accelerators
 from rtjax import target as target_lib
 from rtjax.bench import provenance
 
@@ -71,7 +70,6 @@ def sources(targets, batch_sizes, dtypes):
 
 def main(argv):
   del argv
-  accelerators.prepare_host(cpu_only=True)  # before jax starts a backend
   unknown = [f for f in _FAMILIES.value if f not in FAMILIES]
   bad_dtypes = [d for d in _DTYPES.value if d not in target_lib.DTYPES]
   if unknown or bad_dtypes:

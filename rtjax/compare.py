@@ -111,9 +111,13 @@ def load_all(paths: Sequence[epath.PathLike]) -> list[Loaded]:
   return loaded
 
 
+# The batch buckets a run's report times (a launch's pre-flight compiles them).
+REPORT_BATCH_SIZES = (1, 256)
+
+
 def compare(loaded: list[Loaded], split: Split, reference: str | None = None,
-            batch_sizes: Sequence[int] = (1, 256), iters: int = 200,
-            warmup: int = 20, **serving) -> list[dict]:
+            batch_sizes: Sequence[int] = REPORT_BATCH_SIZES,
+            iters: int = 200, warmup: int = 20, **serving) -> list[dict]:
   """One row per checkpoint; latency keys `p50_ms_b{N}` / `p99_ms_b{N}`;
   `serving`: CompiledModel options (conv_lowering, embed_weights, dtype);
   each row also has the served program's accuracy and its change."""

@@ -21,7 +21,7 @@ NASTY = ["--config=configs/default.py:tiny",
 
 def dry_run(*flags):
   result = run_module("experiments.launch", "--tpu=rt", "--zone=us-west4-a",
-                      "--project=proj", "--dry_run", *flags)
+                      "--project=proj", "--dry_run", "--skip_preflight", *flags)
   assert result.returncode == 0, result.stderr[-2000:]
   return [line for line in result.stdout.splitlines()
           if not line.startswith("#")]
@@ -159,7 +159,8 @@ def assert_python_is_the_venvs(remote: str) -> None:
 def launch(env, tmp_path, *extra):
   return run_module("experiments.launch", "--tpu=rt", "--zone=z",
                     "--project=p", "--accelerator_type=v4-32", "--create",
-                    "--delete_after", f"--launch_logs={tmp_path / 'logs'}",
+                    "--delete_after", "--skip_preflight",
+                    f"--launch_logs={tmp_path / 'logs'}",
                     *extra, "--", "--config=configs/default.py:tpu",
                     env=env, timeout=120)
 
@@ -209,3 +210,41 @@ def test_failing_worker_stops_the_rest_and_is_named(fake_gcloud, tmp_path):
   assert not any("pkill" in word for call in calls() for word in call)
   assert tpu.STOP_SCRIPT in calls()[2][-1]  # setup frees the TPU the same way
   assert calls()[-1][2:4] == ["tpu-vm", "delete"]  # deleted even on failure
+
+
+# ---- the pre-flight check, with libtpu (the [tpu] extra) --------------------
+
+def preflight(*main_args):
+  pytest.importorskip("libtpu", reason="needs the rtjax[tpu] extra")
+  return run_module("experiments.launch", "--tpu=rt", "--zone=z",
+                    "--project=p", "--accelerator_type=v5litepod-8",
+                    "--dry_run", "--", *main_args, "--workdir=gs://b/r")
+
+
+def test_dry_run_prints_the_preflight_table_then_the_plan():
+  result = preflight("--config=configs/default.py:tpu")
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  rows = [line.split(" | ") for line in lines if line.startswith("# | resnet")]
+  assert [tuple(r[3:7]) for r in rows] == [
+      ("serve float32", "1", "1×8", "yes"), ("serve float32", "256", "8×1", "yes"),
+      ("train step float32", "256", "8×1", "yes")]
+  assert all(r[7].endswith("of 16 GiB") for r in rows)
+  assert "predicted (XLA:TPU cost model, uncalibrated)" in result.stdout
+  first_command = next(i for i, l in enumerate(lines) if l.startswith("gcloud"))
+  assert first_command > lines.index(next(l for l in lines if "resnet" in l))
+
+
+def test_weights_no_chip_holds_stop_the_launch_with_the_bytes():
+  # 4.9e9 float32 weights (19.6 GB): split 8 ways they serve one row, but
+  # the train step and batch 256 keep a whole copy on every 16 GiB chip.
+  result = preflight("--config=configs/mnist1d.py:mlp",
+                     "--config.model.args.hidden=(70000,70000)",
+                     "--config.train.batch_size=256")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  line = result.stderr.splitlines()[-1]  # after jax's INFO lines
+  assert line.startswith("error: pre-flight: serve (float32, batch 256")
+  assert "exceeds available HBM" in line and "--skip_preflight" in line
+  assert "gcloud" not in result.stdout  # no plan after a refusal
+  assert "| mlp | v5litepod-8 | serve float32 | 1 | 1×8 | yes |" in result.stdout

@@ -10,7 +10,7 @@ CONFIG ?= configs/default.py
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test,onnx,serve]'
+	$(PY) -m pip install --quiet -e '.[test,onnx,serve,tpu]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -25,6 +25,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# The host readied for libtpu (the [tpu] extra) as every entry point readies
+# it, before any test starts a jax backend; the commands tests start inherit
+# it.
+import experiments  # noqa: E402,F401
+
 
 @pytest.fixture
 def tiny_config():

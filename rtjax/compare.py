@@ -263,10 +263,12 @@ def plot(rows: list[dict], key: str, front: list[int], path: epath.Path,
 
 def write_outputs(rows: list[dict], batch_sizes: Sequence[int],
                   out_dir: epath.PathLike, budget_ms: float | None = None,
-                  results: epath.PathLike | None = None) -> dict:
+                  results: epath.PathLike | None = None,
+                  predicted: tuple[str, list[dict]] | None = None) -> dict:
   """compare.md, compare.json, compare.csv and compare.png in out_dir; with
   `results`, also the table under its provenance header there (and the plot
-  beside it, same name .png): what experiments/results/ holds."""
+  beside it, same name .png): what experiments/results/ holds. `predicted`:
+  (markdown, rows) for a TPU slice (rtjax.target), its own section."""
   out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   key = f"p99_ms_b{batch_sizes[0]}"
@@ -276,10 +278,13 @@ def write_outputs(rows: list[dict], batch_sizes: Sequence[int],
   if budget_ms is not None:
     table += (f"\nMost accurate under {budget_ms} ms ({key}): "
               f"{best['name'] if best else 'none fits'}\n")
+  if predicted:
+    table += "\n" + predicted[0]
   (out_dir / "compare.md").write_text(table)
   summary = {"rows": rows, "pareto_front": [rows[i]["name"] for i in front],
              "latency_key": key, "budget_ms": budget_ms,
-             "best_under_budget": best["name"] if best else None}
+             "best_under_budget": best["name"] if best else None,
+             "predicted": predicted[1] if predicted else None}
   (out_dir / "compare.json").write_text(json.dumps(summary, indent=1))
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))

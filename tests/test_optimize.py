@@ -366,6 +366,23 @@ def test_audit_flags_a_candidate_built_to_be_slower(trained):
   assert audit.audit(rows[0], rows[0], 0.0)["measured_p50"] == 1.0
 
 
+def test_audit_names_the_padding_that_ate_fewer_flops_on_a_slice():
+  parent = {"flops": 1e6, "t_predicted_s": 1e-6, "p50_ms": 0.0010,
+            "p_ms": 0.0010, "padding": {"data_share": 0.5,
+                                        "most_padded": "conv1 f32[8, 48]"}}
+  narrower = {**parent, "flops": 0.7e6, "p50_ms": 0.00099, "p_ms": 0.00099,
+              "padding": {"data_share": 0.375,
+                          "most_padded": "conv1 f32[8, 36]: 28%"}}
+  result = audit.audit(narrower, parent, floor_ms=0.0)
+  assert not result["paid"]
+  [reason] = [r for r in result["reasons"] if "padding" in r]
+  assert "1.43x fewer FLOPs" in reason and "conv1 f32[8, 36]" in reason
+  assert "38%" in reason and "50%" in reason
+  slightly = {**narrower, "flops": 0.9e6}  # 10% fewer: not padding's doing
+  assert not any("padding" in r for r in audit.audit(
+      slightly, parent, 0.0)["reasons"])
+
+
 def test_audit_names_int8_run_as_int32_and_dispatch_bound():
   hlo = ("%p = s8[3,3,4,4]{3,2,1,0} parameter(0)\n"
          "%c = s32[1,8,8,4]{3,2,1,0} convolution(%convert_fusion, "

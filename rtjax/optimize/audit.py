@@ -15,6 +15,7 @@ import re
 # nothing, so reports of different searches read alike): fixed here.
 PAYS = 1.05  # a measured p50 speedup below this did not pay
 DISPATCH_BOUND = 0.5  # the per-call floor's share that makes a call overhead-bound
+FEWER_FLOPS = 1.25  # 20% fewer FLOPs: a change padding should not eat
 
 _OP = re.compile(r"=\s*(\w+)\[[^=]*\b(convolution|dot)\((.*?)\)")
 
@@ -60,6 +61,13 @@ def audit(row: dict, parent: dict, floor_ms: float) -> dict:
     reasons.append(f"dispatch overhead dominates: a trivial jitted call "
                    f"takes {floor_ms:.4f} ms, {100 * share:.0f}% of this "
                    "call, and no model change removes it")
+  padding, parent_padding = row.get("padding"), parent.get("padding")
+  if padding and flops >= FEWER_FLOPS:
+    reasons.append(
+        f"padding ate its {flops:.2f}x fewer FLOPs on the slice's (8, 128) "
+        f"tiles: {padding['data_share']:.0%} of the tiles its arrays occupy "
+        f"hold data (the parent's {parent_padding['data_share']:.0%}); most "
+        f"padded: {padding['most_padded']}")
   if flops >= 1.2 and roofline < PAYS:
     reasons.append(f"memory-bound: XLA's cost model predicts only "
                    f"{roofline:.2f}x (bytes accessed barely fall) for "

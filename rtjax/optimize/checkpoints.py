@@ -14,21 +14,30 @@ from flax import nnx
 
 from rtjax.infer import options as options_lib
 from rtjax.models import forward_flops, param_count
+from rtjax.optimize import estimated
+from rtjax.target import Target
 
 
 def served_metadata(metadata: dict, *, stage: str, stage_type: str,
                     parent: str, options: dict, measured: dict,
-                    done: dict) -> dict:
+                    done: dict, target: Target | None = None) -> dict:
   """`metadata` re-labelled as a served checkpoint: the serving options for
-  this kind of device (others keep theirs) and what was measured with them."""
-  kind = options_lib.device_kind()
+  this kind of device (others keep theirs) and what was measured with them;
+  for a `target` slice, the options for a TPU and what was predicted there
+  (under 'serving_predicted', with the slice's name)."""
+  kind = "tpu" if target else options_lib.device_kind()
   serving = dict(metadata.get("serving") or {})
   serving[kind] = {k: options[k] for k in options_lib.OPTIONS}
+  figures = {"device_kind": kind, **measured}
+  if target:
+    figures.update(target=target.name, device=target.devices[0].device_kind,
+                   label=estimated.label(target.name))
+  else:
+    figures["device"] = jax.devices()[0].device_kind
+  key = "serving_predicted" if target else "serving_measured"
   return {**metadata, "stage": stage, "stage_type": stage_type,
           "parent": parent, "serving": serving,
-          "done": {**done, "serving_measured": {
-              "device_kind": kind, "device": jax.devices()[0].device_kind,
-              **measured}}}
+          "done": {**done, key: figures}}
 
 
 def int8_metadata(metadata: dict, model: nnx.Module, qspec: dict, *,

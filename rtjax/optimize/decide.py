@@ -19,7 +19,7 @@ def verdicts(final: dict, budget_ms: float, max_drop: float,
   for name, row in final.items():
     drop = -100 * row["test"]["change"]
     if row["p_ms"] > budget_ms:
-      out[name] = (f"over budget: {row['p_ms']:.4f} ms > {budget_ms:.4f} ms")
+      out[name] = (f"over budget: {row['p_ms']:.4g} ms > {budget_ms:.4g} ms")
     elif name == "parent" and not parent_fits:
       out[name] = "the reference (over budget when screened)"
     elif drop > max_drop:
@@ -48,7 +48,7 @@ def accuracy_unmet(final: dict, budget_ms: float, max_drop: float) -> str:
   best = max(fast, key=lambda n: final[n]["test"]["accuracy"])
   t = final[best]["test"]
   low, high = t["change_ci95"]
-  return (f"no candidate meets both the {budget_ms:.4f} ms budget and the "
+  return (f"no candidate meets both the {budget_ms:.4g} ms budget and the "
           f"{max_drop:g}-point accuracy limit: the most accurate within the "
           f"budget, {best}, loses {-100 * t['change']:.2f} points of test "
           f"accuracy (95% CI of the change {100 * low:+.2f} to "

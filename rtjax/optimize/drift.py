@@ -55,10 +55,10 @@ def describe(phase: str, reference_phase: str, note: dict,
              percentile: float) -> str:
   """One sentence for the report."""
   p = f"p{percentile:g}"
-  text = (f"{phase}: the parent's {p} moved from {note['reference_ms']:.4f} "
-          f"ms ({reference_phase}) to {note['first_ms']:.4f} ms, beyond the "
+  text = (f"{phase}: the parent's {p} moved from {note['reference_ms']:.4g} "
+          f"ms ({reference_phase}) to {note['first_ms']:.4g} ms, beyond the "
           f"spread of its runs ({100 * note['noise']:.1f}%); measured again: "
-          f"{note['again_ms']:.4f} ms")
+          f"{note['again_ms']:.4g} ms")
   if note["settled"]:
     return text + ", back within the noise."
   return (text + ", moved again: the machine's speed changed between the "

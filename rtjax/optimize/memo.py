@@ -30,7 +30,8 @@ from rtjax.checkpoint.stamp import params_digest
 from rtjax.infer import CompiledModel
 from rtjax.infer.cache import cache_counts
 from rtjax.infer import lowering as lowering_lib
-from rtjax.optimize import serving
+from rtjax.optimize import estimated, serving
+from rtjax.target import Target
 
 
 CACHE_SUBDIR = "xla_cache"
@@ -57,10 +58,16 @@ def _key(spec: dict, digest: str, batch: int, options: dict) -> str:
 
 class CompileMemo:
   """compile(model, spec, batch, options): serving.compile_with, once per
-  key; the figures of each key in `entries`."""
+  key; the figures of each key in `entries`. With a `target` slice, each
+  model is compiled for the slice and, for its predictions, for this host
+  in the same dtype (rtjax.optimize.estimated; the host twin once per
+  weights, batch and dtype)."""
 
-  def __init__(self, clock: Callable[[], float] = time.perf_counter):
+  def __init__(self, clock: Callable[[], float] = time.perf_counter,
+               target: Target | None = None):
     self._clock = clock
+    self.target = target
+    self._hosts: dict[str, CompiledModel] = {}
     self._models: dict[str, CompiledModel] = {}
     self.entries: dict[str, dict] = {}  # key -> what the report says of it
     self._aliases: dict[str, str] = {}  # another key of the same program
@@ -77,7 +84,7 @@ class CompileMemo:
       self.entries[self._aliases.get(key, key)]["reused"] += 1
       return self._models[key]
     start, hits = self._clock(), cache_counts().get("cache_hits", 0)
-    self._models[key] = serving.compile_with(model, spec, batch, options)
+    self._models[key] = self._build(model, spec, batch, options, digest)
     self.entries[key] = {
         "model": spec["name"], "args": spec["args"], "weights": digest[:12],
         "batch": batch, "options": options, "compiles": 1,
@@ -91,6 +98,18 @@ class CompileMemo:
       self._models.setdefault(pinned, self._models[key])
       self._aliases.setdefault(pinned, key)
     return self._models[key]
+
+  def _build(self, model: nnx.Module, spec: dict, batch: int, options: dict,
+             digest: str):
+    if self.target is None:
+      return serving.compile_with(model, spec, batch, options)
+    host_options = {"dtype": options["dtype"]}  # the predictions' numerics
+    host_key = _key(spec, digest, batch, host_options)
+    if host_key not in self._hosts:
+      self._hosts[host_key] = serving.compile_with(model, spec, batch,
+                                                   host_options)
+    return estimated.build(self.target, model, spec, batch, options,
+                           self._hosts[host_key])
 
   def summary(self) -> dict:
     """For the report: every key with its compiles, and the totals."""

@@ -15,7 +15,7 @@ import json
 from etils import epath
 
 from rtjax.compare import pareto_front
-from rtjax.optimize import audit, sensitivity
+from rtjax.optimize import audit, estimated, sensitivity
 from rtjax.optimize.halving import best_rung, spent_seconds
 from rtjax.optimize.screening import screened_p
 
@@ -57,7 +57,7 @@ def summarize(settings, budget: dict, sens: dict, recipes: list[dict],
                                "on validation")
     elif name not in trainees:
       predicted = screened_p(screen, name, budget.get("parent_p_ms"))
-      fate = (f"not trained: screening predicts {predicted:.4f} ms, over "
+      fate = (f"not trained: screening predicts {predicted:.4g} ms, over "
               f"the budget (+{100 * (settings.screen_slack - 1):.0f}%)"
               if predicted > budget.get("preliminary_ms", budget_ms)
               * settings.screen_slack else
@@ -162,8 +162,23 @@ def markdown(summary: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _target(summary: dict) -> str:
+  return summary["settings"].get("target") or ""
+
+
 def _p(summary: dict) -> str:
-  return f"p{summary['settings']['percentile']:g}"
+  """The latency figure's name: the percentile measured here, or a slice's
+  estimate (one figure, no percentile)."""
+  return "est." if _target(summary) else (
+      f"p{summary['settings']['percentile']:g}")
+
+
+def _ms(summary: dict, p50: float, p: float) -> str:
+  return f"{p:.4g}" if _target(summary) else f"{p50:.4g} / {p:.4g}"
+
+
+def _ms_label(summary: dict) -> str:
+  return _p(summary) if _target(summary) else f"p50 / {_p(summary)}"
 
 
 def _header(summary: dict) -> list[str]:
@@ -171,7 +186,7 @@ def _header(summary: dict) -> list[str]:
   memo = summary.get("compile_memo")
   lines = [
       f"# optimize: {summary['parent']}", "",
-      f"Budget **{b['budget_ms']:.4f} ms** {_p(summary)} at batch "
+      f"Budget **{b['budget_ms']:.4g} ms** {_p(summary)} at batch "
       f"{s['batch_size']} ({b['from']}); accuracy limit "
       f"{s['max_accuracy_drop']:g} points. Its measurements and fine-tunes "
       f"took {summary['spent_seconds'] / 60:.1f} of the "
@@ -187,19 +202,26 @@ def _header(summary: dict) -> list[str]:
               "(optimize.json lists each).", ""]
   for note in (summary.get("parent_drift") or {}).values():
     lines += [f"**The machine changed** in {note}", ""]
+  if _target(summary):
+    lines += [f"**For {_target(summary)}, not this host**: every latency "
+              f"(est.) is {estimated.label(_target(summary))}, of a call "
+              f"compiled for the slice at the batch size; it excludes "
+              f"{estimated.WHAT_IT_EXCLUDES}. Accuracy is measured here.", ""]
   return lines + [
       f"Parent served with {summary['parent_options']['options']} (the "
       "fastest of the options timed; every finalist gets its own).", "",
       "## Sensitivity (validation, no fine-tuning; speedups at the batch "
-      "size, one interleaved run)", "",
-      sensitivity.markdown(summary["sensitivity"], s["percentile"]),
+      f"size, {'estimated' if _target(summary) else 'one interleaved run'})",
+      "",
+      sensitivity.markdown(summary["sensitivity"], _p(summary)),
       "![sensitivity](sensitivity.png)", ""]
 
 
 def _candidates(summary: dict) -> list[str]:
   lines = ["## Candidates", "",
-           f"| candidate | what was done | FLOPs | screened p50 / "
-           f"{_p(summary)} ms | rungs: val acc. (* the finalist) | fate |",
+           f"| candidate | what was done | FLOPs | screened "
+           f"{_ms_label(summary)} ms | rungs: val acc. (* the finalist) | "
+           "fate |",
            "|" + " --- |" * 6]
   for r in summary["candidates"]:
     rungs = ", ".join(
@@ -211,7 +233,7 @@ def _candidates(summary: dict) -> list[str]:
         ("embedded", r["screen"].get("embed_weights")),
         ("xla dots", r["screen"].get("dot_kernels") == "xla")) if on]
     lines.append(f"| {r['name']} | {r['done']} | {r['screen']['flops']:,.0f} "
-                 f"| {r['screen']['p50_ms']:.4f} / {r['screen']['p_ms']:.4f}"
+                 f"| {_ms(summary, r['screen']['p50_ms'], r['screen']['p_ms'])}"
                  f"{' (' + ', '.join(served) + ')' if served else ''} "
                  f"| {rungs} | {r['fate']} |")
   return lines
@@ -234,12 +256,18 @@ def _scratch(summary: dict) -> list[str]:
 
 def _finalists(summary: dict) -> list[str]:
   s, p = summary["settings"], _p(summary)
-  lines = ["", f"## Finalists: {s['final_runs']} interleaved runs at "
-           f"batch {s['batch_size']} (medians; each run's {p} in brackets), "
-           "test split", "",
+  runs = (f"XLA:TPU's estimates on {_target(summary)}" if _target(summary)
+          else f"{s['final_runs']} interleaved runs")
+  lines = ["", f"## Finalists: {runs} at batch {s['batch_size']} (medians; "
+           f"each run's {p} in brackets), test split", "",
            f"| model | serving options | p50 ms | {p} ms | test acc. % "
            "(95% CI) | change vs parent (95% CI) | McNemar p | verdict |",
            "|" + " --- |" * 8]
+  if _target(summary):
+    lines[1] = (f"## Finalists: {runs} at batch {s['batch_size']}, test "
+                "split")
+    lines[3] = lines[3].replace(f"p50 ms | {p} ms", f"{p} ms")
+    lines[4] = "|" + " --- |" * 7
   for name, r in summary["final"].items():
     t, o = r["test"], r["options"]
     opts = (f"{o['conv_lowering']}, embed {o['embed_weights']}, "
@@ -247,9 +275,11 @@ def _finalists(summary: dict) -> list[str]:
             f"{o['dot_kernels']} dots")
     verdict = summary["verdicts"][name] or (
         "**chosen**" if name == summary["chosen"] else "eligible")
+    latency = (f"{r['p_ms']:.4g}" if _target(summary) else
+               f"{r['p50_ms']:.4g} | {r['p_ms']:.4g} "
+               f"[{', '.join(f'{v:.4g}' for v in r['p_ms_runs'])}]")
     lines.append(
-        f"| {name} | {opts} | {r['p50_ms']:.4f} | {r['p_ms']:.4f} "
-        f"[{', '.join(f'{v:.4f}' for v in r['p_ms_runs'])}] | "
+        f"| {name} | {opts} | {latency} | "
         f"{_pct(t['accuracy'])} ({_pct(t['ci95'][0])}-{_pct(t['ci95'][1])}) "
         f"| {_change(t)} | {t['p_value']:.3g} | {verdict} |")
   return lines
@@ -267,15 +297,15 @@ def _rivals(summary: dict) -> list[str]:
   c = rivals["chosen"]
   lines = ["", f"## Rivals: as many interleaved runs again with the "
            f"parent and the chosen model ({summary['chosen']}: {p} "
-           f"{c['p_ms']:.4f} ms here; budget in these runs "
-           f"{rivals['budget_ms']:.4f} ms)", "",
+           f"{c['p_ms']:.4g} ms here; budget in these runs "
+           f"{rivals['budget_ms']:.4g} ms)", "",
            f"| rival | {p} ms | meets the budget | test acc. % | change vs "
            "chosen (95% CI) | McNemar p | significantly more accurate? |",
            "|" + " --- |" * 7]
   for name, r in rivals["rows"].items():
     v = r["vs_chosen"]
     better = v["significant"] and v["change"] > 0
-    lines.append(f"| {name} | {r['p_ms']:.4f} | "
+    lines.append(f"| {name} | {r['p_ms']:.4g} | "
                  f"{'yes' if r['meets_budget'] else 'no'} | "
                  f"{_pct(v['accuracy'])} | {_change(v)} | {v['p_value']:.3g} "
                  f"| {'**yes**' if better else 'no'} |")
@@ -283,13 +313,15 @@ def _rivals(summary: dict) -> list[str]:
 
 
 def _audit(summary: dict) -> list[str]:
+  if _target(summary):
+    return _target_audit(summary)
   lines = ["", "## Audit: is it really faster?", "",
            "Predicted speedups from FLOPs and from XLA's cost model "
            "(t_compute + t_memory + t_comm, rtjax.bench.breakdown) against "
            "the measured p50 speedup over the parent in the same run "
            "(screening for candidates, the final runs for finalists). "
            "Fixed per-call floor (a trivial jitted call): "
-           f"{summary['floor_ms']:.4f} ms.", "",
+           f"{summary['floor_ms']:.4g} ms.", "",
            "| model | run | predicted (FLOPs) | predicted (roofline) | "
            f"measured p50 | measured {_p(summary)} | paid? |",
            "|" + " --- |" * 7]
@@ -304,13 +336,41 @@ def _audit(summary: dict) -> list[str]:
   return lines
 
 
+def _target_audit(summary: dict) -> list[str]:
+  """The audit for a slice: XLA:TPU's estimated speedup beside the FLOPs
+  ratio (all predicted), and why a compression did not pay there."""
+  lines = ["", f"## Audit: does it pay on {_target(summary)}?", "",
+           "Every figure predicted: the FLOPs ratio, the roofline's (t_compute"
+           " + t_memory + t_comm with the slice's published peaks) and "
+           f"{estimated.label(_target(summary))}, over the parent's, at the "
+           f"batch size. A candidate with {audit.FEWER_FLOPS:.2f}x fewer "
+           f"FLOPs or more whose estimated speedup is under {audit.PAYS:g}x "
+           "is named with the padding that ate it.", "",
+           "| model | stage | FLOPs ratio | roofline | estimated speedup "
+           "(XLA:TPU) | data in tiles | pays? |", "|" + " --- |" * 7]
+  rows = {r["name"]: r["screen"] for r in summary["candidates"]}
+  entries = [(r["name"], "screening", r["audit"])
+             for r in summary["candidates"]]
+  entries += [(n, "final", a) for n, a in summary["final_audit"].items()]
+  for name, stage, a in entries:
+    padding = (summary["final"].get(name) if stage == "final"
+               else rows.get(name) or {}).get("padding") or {}
+    share = (f"{padding['data_share']:.0%}" if "data_share" in padding
+             else "-")
+    paid = "yes" if a["paid"] else "**no**: " + "; ".join(a["reasons"])
+    lines.append(f"| {name} | {stage} | {a['predicted_flops']:.2f}x | "
+                 f"{a['predicted_roofline']:.2f}x | {a['measured_p50']:.2f}x "
+                 f"| {share} | {paid} |")
+  return lines
+
+
 def _outcome(summary: dict) -> str:
   if not summary["chosen"]:
     return f"**Nothing chosen**: {summary['unmet']}"
   r = summary["final"][summary["chosen"]]
   t = r["test"]
-  return (f"**Chosen: {summary['chosen']}**: {_p(summary)} {r['p_ms']:.4f} "
-          f"ms against the {summary['budget']['budget_ms']:.4f} ms budget, "
+  return (f"**Chosen: {summary['chosen']}**: {_p(summary)} {r['p_ms']:.4g} "
+          f"ms against the {summary['budget']['budget_ms']:.4g} ms budget, "
           f"test accuracy {_pct(t['accuracy'])}% (change "
           f"{100 * t['change']:+.2f} points, McNemar p = {t['p_value']:.3g}: "
           f"{'significant' if t['significant'] else 'not significant'} at "
@@ -343,7 +403,8 @@ def plot(summary: dict, path: epath.Path) -> None:
   front = pareto_front(points)
   ax.plot([points[i][1] for i in front], [100 * points[i][0] for i in front],
           "r--", label="Pareto front")
-  pct = f"p{summary['settings']['percentile']:g}"
+  pct = (f"XLA:TPU-estimated (on {_target(summary)}, predicted)"
+         if _target(summary) else _p(summary))
   ax.axvline(summary["budget"]["budget_ms"], color="gray", linestyle=":",
              label=f"budget {summary['budget']['budget_ms']:.3f} ms")
   ax.set_xlabel(f"{pct} latency at batch {summary['settings']['batch_size']}"

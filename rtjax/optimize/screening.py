@@ -13,7 +13,7 @@ from rtjax.bench import breakdown
 from rtjax.infer import lowering as lowering_lib
 from rtjax.infer import options as options_lib
 from rtjax.models import forward_flops
-from rtjax.optimize import audit, candidates, serving
+from rtjax.optimize import audit, candidates, estimated, serving
 from rtjax.train.evaluate import evaluate
 
 def cost_row(name, model, spec, compiled, lat, peaks, batch) -> dict:
@@ -27,13 +27,16 @@ def cost_row(name, model, spec, compiled, lat, peaks, batch) -> dict:
           "gflops_per_s": flops * batch / (lat["p50_ms"] * 1e-3) / 1e9,
           "int8_lowering": audit.int8_lowering(
               compiled.executables[batch].as_text()),
+          **({"padding": compiled.padding}
+             if isinstance(compiled, estimated.Estimated) else {}),
           **{k: lat[k] for k in ("p50_ms", "p90_ms", "p99_ms", "p_ms")}}
 
 
 def screen(parent, spec: dict, recipes: list[dict], batch: int,
            percentile: float, parent_options: dict, peaks: dict, val,
            seconds: float, runs: int = 3, run_seconds: float | None = None,
-           compiler: serving.Compiler = serving.compile_with) -> dict:
+           compiler: serving.Compiler = serving.compile_with,
+           kind: str | None = None) -> dict:
   """{name: cost row} for the parent and every recipe. First every
   candidate architecture in one interleaved run under each fixed serving
   variant (XLA's convs or every conv as patches, weights passed or
@@ -45,7 +48,8 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
   which give the latencies the search predicts from: their tail
   percentile needs hundreds of calls per model. The finalists get their
   tuned options; the settings' screen_slack leaves room for them.
-  `compiler`: serving.compile_with or a search's memo."""
+  `compiler`: serving.compile_with or a search's memo; `kind`: the device
+  the variants are for (default: the attached one's)."""
   base = {**parent_options, "round_widths_to": 0}
   built = {r["name"]: candidates.build(r, parent, spec) for r in recipes}
   variants, served = [], []
@@ -53,8 +57,8 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
     patches = lowering_lib.describe(lowering_lib.all_patches(
         model, s["args"]["input_shape"]))
     for conv_lowering, embed, dots in itertools.product(
-        dict.fromkeys(("xla", patches)), (False, True),
-        options_lib.dot_kernels()):
+        dict.fromkeys(("xla", patches)), serving.embed_choices(
+            options_lib.device_kind(kind)), options_lib.dot_kernels(kind)):
       options = {**base, "conv_lowering": conv_lowering,
                  "embed_weights": embed, "dot_kernels": dots}
       variants.append((name, options))

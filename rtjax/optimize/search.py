@@ -34,6 +34,8 @@ from rtjax.optimize import (candidates, checkpoints, decide, drift, finetune,
 from rtjax.optimize.memo import CompileMemo
 from rtjax.optimize.settings import Settings
 from rtjax.optimize.store import SearchStore
+from rtjax.target import Target, resolve
+from rtjax.target.predict import peaks as target_peaks
 from rtjax.train import read_metrics
 from rtjax.train.evaluate import evaluate
 
@@ -61,6 +63,8 @@ class Context:
   dataset: object = None
   rivals: dict = dataclasses.field(default_factory=dict)  # name -> path
   memo: CompileMemo = dataclasses.field(default_factory=CompileMemo)
+  target: Target | None = None  # a slice that is not attached
+
   # Interleaved runs of compiled models (serving.repeated's signature); the
   # final and rival phases time through it.
   timer: Callable[..., list[dict]] = serving.repeated
@@ -72,6 +76,25 @@ class Context:
   @property
   def batch(self) -> int:
     return self.settings.batch_size
+
+  @property
+  def kind(self) -> str | None:
+    """The kind of device serving options are chosen for (None: this
+    host's)."""
+    return "tpu" if self.target else None
+
+  @property
+  def auto_lowering(self) -> bool:
+    """Banded conv lowerings are timed on the attached device."""
+    return self.settings.auto_lowering and not self.target
+
+  @property
+  def int8(self) -> bool:
+    """int8 is tried on a slice whose published int8 rate exceeds its bf16
+    rate (v5e, v6e), on this host when asked."""
+    generation = self.target.generation if self.target else None
+    return self.settings.int8 and (not generation or (
+        generation.int8_ops_per_s or 0) > generation.bf16_flops_per_s)
 
   def phase(self, name: str, compute: Callable[[], object]):
     """A phase's recorded result, or run it, recording result and seconds."""
@@ -94,24 +117,27 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
   ctx = _context(checkpoint, workdir, settings, clock)
   parent_options = ctx.phase("parent_options", lambda: serving.choose_options(
       ctx.parent, ctx.spec, ctx.batch, settings.percentile,
-      ctx.dataset.val.images, settings.measure_seconds,
-      settings.auto_lowering, ctx.memo.compile))
+      ctx.dataset.val.images, settings.measure_seconds, ctx.auto_lowering,
+      ctx.memo.compile, kind=ctx.kind))
   budget = ctx.phase("budget", lambda: _budget(ctx, parent_options))
   sens = ctx.phase("sensitivity", lambda: sensitivity.measure(
       ctx.parent, ctx.spec, ctx.dataset.val, ctx.batch, settings.percentile,
-      parent_options["options"], settings.keep_fractions, settings.int8,
+      parent_options["options"], settings.keep_fractions, ctx.int8,
       settings.measure_seconds, settings.sensitivity_groups,
       ctx.memo.compile, settings.layer_drop))
   recipes = ctx.phase("recipes", lambda: candidates.recipes(
       ctx.spec, sens, settings.uniform, settings.thresholds,
       settings.shallow))
-  peaks = ctx.phase("peaks", lambda: breakdown.measure_peaks(1024, 64, 3))
-  ctx.phase("floor_ms", lambda: latency.call_floor_ms(ctx.batch))
+  peaks = ctx.phase("peaks", lambda: target_peaks(ctx.target, "float32")
+                    if ctx.target else breakdown.measure_peaks(1024, 64, 3))
+  # A slice's estimate is the device's time alone: no host call to floor it.
+  ctx.phase("floor_ms", lambda: 0.0 if ctx.target
+            else latency.call_floor_ms(ctx.batch))
   screen = ctx.phase("screen", lambda: screening.screen(
       ctx.parent, ctx.spec, recipes, ctx.batch, settings.percentile,
       parent_options["options"], peaks, ctx.dataset.val,
       settings.measure_seconds, settings.final_runs,
-      settings.final_seconds, ctx.memo.compile))
+      settings.final_seconds, ctx.memo.compile, ctx.kind))
   plan = _plan(ctx, budget, recipes, screen)
   recipe_of = {r["name"]: r for r in recipes}
   reserve = ctx.phase("reserve_seconds", lambda: _reserve_seconds(
@@ -133,8 +159,8 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
                  ("screening", screen["parent"]))
   if settings.budget_of_parent:  # relative to the parent in the same run
     budget = {**budget, "preliminary_ms": budget["budget_ms"],
-              **settings.budget(final["parent"]["p_ms"],
-                                " in the final interleaved runs")}
+              **settings.budget(final["parent"]["p_ms"], "" if ctx.target
+                                else " in the final interleaved runs")}
   return _conclude(ctx, plan, final, budget, paths, parent_options,
                    epath.Path(best_dir) if best_dir else ctx.workdir / "best")
 
@@ -147,6 +173,9 @@ def _context(checkpoint: epath.PathLike, workdir: epath.PathLike,
   workdir = epath.Path(workdir)
   ctx = Context(settings, epath.Path(checkpoint), workdir,
                 SearchStore(workdir), clock)
+  if settings.target:
+    ctx.target = resolve(settings.target)
+    ctx.memo = CompileMemo(target=ctx.target)
   ctx.parent, ctx.meta = load_checkpoint(ctx.parent_dir)
   if ctx.meta["model"].get("quantization"):
     raise UserError(f"{checkpoint} is a quantized checkpoint; give its float "
@@ -188,7 +217,8 @@ def _plan(ctx: Context, budget: dict, recipes: list[dict],
     rows = sorted(({**r, "p_ms": predicted[n]} for n, r in screen.items()),
                   key=lambda r: r["p_ms"])
     raise BudgetNotMet(_unmet(rows[0], budget_ms, ctx.store.get("floor_ms"),
-                              ctx.batch, s.percentile, "architecture"))
+                              ctx.batch, s.percentile, "architecture",
+                              ctx.target))
   under_budget = {n for n in screened_in if predicted[n] <= budget_ms}
   order = sorted(screened_in, key=lambda n: (
       n not in under_budget, 0.0 if n in under_budget else predicted[n],
@@ -218,7 +248,7 @@ def _conclude(ctx: Context, plan: dict, final: dict, budget: dict,
     if all(r["p_ms"] > budget_ms for r in final.values()):
       fastest = min(final.values(), key=lambda r: r["p_ms"])
       unmet = _unmet(fastest, budget_ms, floor, ctx.batch, s.percentile,
-                     "finalist")
+                     "finalist", ctx.target)
     else:
       unmet = decide.accuracy_unmet(final, budget_ms, s.max_accuracy_drop)
   sens = store.get("sensitivity")
@@ -370,8 +400,8 @@ def _served(ctx: Context, paths: dict, parent_options: dict
              if name in screened else None)
     options[name] = ctx.phase(f"options/{name}", lambda: serving.choose_options(
         model, meta["model"], ctx.batch, s.percentile, ctx.dataset.val.images,
-        s.measure_seconds, s.auto_lowering and not name.startswith("rival:"),
-        ctx.memo.compile, fixed))
+        s.measure_seconds, ctx.auto_lowering and not name.startswith("rival:"),
+        ctx.memo.compile, fixed, ctx.kind))
   compiled = {n: ctx.memo.compile(loaded[n][0], loaded[n][1]["model"],
                                   ctx.batch, options[n]["options"])
               for n in names}
@@ -424,15 +454,20 @@ def _final(ctx: Context, paths: dict, parent_options: dict, phase: str,
 
 
 def _unmet(row: dict, budget_ms: float, floor_ms: float, batch: int,
-           percentile: float, what: str) -> str:
+           percentile: float, what: str, target: Target | None = None) -> str:
   """What the closest candidate misses by, and what would be needed."""
   over = row["p_ms"] / budget_ms
   share = floor_ms / row["p_ms"]
-  text = (f"no candidate meets the {budget_ms:.4f} ms p{percentile:g} budget "
-          f"at batch {batch}: the fastest {what}, {row['name']}, measured "
-          f"{row['p_ms']:.4f} ms, {over:.2f}x over budget; it would need a "
-          f"further {over:.2f}x speedup. Host overhead (a trivial jitted "
-          f"call, {floor_ms:.4f} ms) is {100 * share:.0f}% of it")
+  figure, verb = ((f"XLA:TPU-estimated (on {target.name})", "is estimated at")
+                  if target else (f"p{percentile:g}", "measured"))
+  text = (f"no candidate meets the {budget_ms:.4g} ms {figure} budget "
+          f"at batch {batch}: the fastest {what}, {row['name']}, {verb} "
+          f"{row['p_ms']:.4g} ms, {over:.2f}x over budget; it would need a "
+          f"further {over:.2f}x speedup")
+  if target:
+    return text
+  text += (f". Host overhead (a trivial jitted call, {floor_ms:.4g} ms) is "
+           f"{100 * share:.0f}% of it")
   if floor_ms >= budget_ms:
     text += ("; the budget is below that floor, so no model meets it on "
              "this device")
@@ -461,4 +496,5 @@ def _write_best(ctx: Context, final: dict, chosen: str, budget: dict,
     save_complete_step(model, checkpoints.served_metadata(
         meta, stage=stage, stage_type="optimize", parent=row["path"],
         options=row["options"], measured=measured,
-        done={"candidate": name, "test": row["test"]}), directory)
+        done={"candidate": name, "test": row["test"]}, target=ctx.target),
+                       directory)

@@ -124,19 +124,27 @@ def measure(model: nnx.Module, spec: dict, val, batch: int, percentile: float,
   return out
 
 
-def markdown(sens: dict, percentile: float) -> str:
-  p = f"p{percentile:g}"
-  lines = ["| kind | group / layer | keep | val acc. drop (points) | speedup "
-           f"p50 | speedup {p} |", "|" + " --- |" * 6]
+def markdown(sens: dict, figure: str) -> str:
+  """The table; `figure` names the latency (p99, or 'est.' for a slice's
+  one estimate, shown alone)."""
+  one = figure == "est."
+  speedups = (f"speedup ({figure}) |" if one
+              else f"speedup p50 | speedup {figure} |")
+  lines = ["| kind | group / layer | keep | val acc. drop (points) | "
+           + speedups, "|" + " --- |" * (5 if one else 6)]
+
+  def cells(e):
+    return (f"{e['speedup_p']:.2f}x |" if one else
+            f"{e['speedup_p50']:.2f}x | {e['speedup_p']:.2f}x |")
   for e in sens["groups"]:
     lines.append(f"| prune | {e['name']} | {e['keep']:.2f} | "
-                 f"{e['accuracy_drop']:+.2f} | {e['speedup_p50']:.2f}x | "
-                 f"{e['speedup_p']:.2f}x |")
+                 f"{e['accuracy_drop']:+.2f} | {cells(e)}")
   for e in sens["int8"]:
     lines.append(f"| int8 | {e['name']} | | {e['accuracy_drop']:+.2f} | "
-                 f"{e['speedup_p50']:.2f}x | {e['speedup_p']:.2f}x |")
+                 f"{cells(e)}")
   for e in sens.get("blocks", []):
-    lines.append(f"| drop | {e['name']} | | {e['accuracy_drop']:+.2f} | | |")
+    lines.append(f"| drop | {e['name']} | | {e['accuracy_drop']:+.2f} | "
+                 + ("|" if one else "| |"))
   return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,7 @@ from rtjax.infer import lowering as lowering_lib
 from rtjax.infer import options as options_lib
 from rtjax.infer.precision import is_float_model
 from rtjax.models import model_class
+from rtjax.optimize import estimated
 
 # How a model is served at its best, for whoever asks (a search, or its
 # parent's measurement); not search settings.
@@ -49,7 +50,11 @@ Compiler = Callable[[nnx.Module, dict, int, dict], CompiledModel]
 def interleaved(served: Sequence[CompiledModel], batch: int, percentile: float,
                 seconds: float = 4.0) -> list[dict]:
   """Latency of each model at `batch`, in turns for about `seconds`, with
-  `p_ms` the `percentile`-th (rtjax.bench.latency.interleaved_latency)."""
+  `p_ms` the `percentile`-th (rtjax.bench.latency.interleaved_latency); for
+  models compiled for a slice that is not attached, XLA:TPU's estimate
+  (rtjax.optimize.estimated), and nothing runs."""
+  if served and isinstance(served[0], estimated.Estimated):
+    return estimated.rows(served)
   return interleaved_latency(served, batch, iters=100, warmup=10,
                              seconds=seconds, percentile=percentile)
 
@@ -69,27 +74,42 @@ def repeated(served: Sequence[CompiledModel], batch: int, percentile: float,
   return out
 
 
-def option_grid(model: nnx.Module, spec: dict,
-                fixed: dict | None = None) -> list[dict]:
-  """The option sets worth timing for this model on this kind of device,
-  simplest first (the device's defaults), those with the `fixed` options'
-  values only. Convs run as XLA's or all as patches, timed side by side
-  with the other options; choose_options may then refine the winner per
-  layer ('auto')."""
+def embed_choices(kind: str) -> tuple[bool, ...]:
+  """Weights passed, or also embedded as constants (a host-side remedy for
+  small models' per-call cost; a TPU slice's weights stay in HBM)."""
+  return (False,) if kind == "tpu" else (False, True)
+
+
+def width_multiples(kind: str) -> tuple[int, ...]:
+  """Padded widths worth trying: a CPU's vector width; a TPU's sublanes and
+  lanes (its (8, 128) tiles)."""
+  return (8, 128) if kind == "tpu" else (8,)
+
+
+def option_grid(model: nnx.Module, spec: dict, fixed: dict | None = None,
+                kind: str | None = None) -> list[dict]:
+  """The option sets worth timing for this model on this kind of device
+  (default: the attached one's), simplest first (the device's defaults),
+  those with the `fixed` options' values only. Convs run as XLA's or all as
+  patches, timed side by side with the other options; choose_options may
+  then refine the winner per layer ('auto')."""
+  kind = options_lib.device_kind(kind)
   floating = is_float_model(model) and not spec.get("quantization")
   cls = model_class(spec["name"])
-  ragged = floating and hasattr(cls, "prunable_groups") and any(
-      g.width % 8 for g in cls.prunable_groups(spec["args"]))
+  widths = [0]
+  if floating and hasattr(cls, "prunable_groups"):
+    groups = cls.prunable_groups(spec["args"])
+    widths += [m for m in width_multiples(kind)
+               if any(g.width % m for g in groups)]
   patches = lowering_lib.describe(lowering_lib.all_patches(
       model, spec["args"]["input_shape"])) if floating else "xla"
-  kind = options_lib.device_kind()
   grid = []
-  for lowering, embed, dtype, widths, dots in itertools.product(
-      dict.fromkeys(("xla", patches)), (False, True),
+  for lowering, embed, dtype, width, dots in itertools.product(
+      dict.fromkeys(("xla", patches)), embed_choices(kind),
       ("float32", "bfloat16") if floating else ("float32",),
-      (0, 8) if ragged else (0,), options_lib.dot_kernels(kind)):
+      widths, options_lib.dot_kernels(kind)):
     grid.append({"conv_lowering": lowering, "embed_weights": embed,
-                 "dtype": dtype, "round_widths_to": widths,
+                 "dtype": dtype, "round_widths_to": width,
                  "dot_kernels": dots})
   grid = [o for o in grid
           if all(o[k] == v for k, v in (fixed or {}).items())]
@@ -113,14 +133,15 @@ def choose_options(model: nnx.Module, spec: dict, batch: int,
                    percentile: float, val_images: np.ndarray,
                    seconds: float = 3.0, try_auto: bool = True,
                    compiler: Compiler = compile_with,
-                   fixed: dict | None = None) -> dict:
+                   fixed: dict | None = None, kind: str | None = None) -> dict:
   """{'options', 'trials'}: the fastest admissible option set at `batch` by
   the `percentile`-th latency of one interleaved run, then whether banded
   conv matmuls ('auto', timed per layer) beat XLA's convs under it; the
   conv lowering is recorded as the per-layer choice, not as 'auto'.
   `fixed`: options already measured for this architecture (a search's
-  screening), kept as they are."""
-  grid = option_grid(model, spec, fixed)
+  screening), kept as they are. `kind`: the device the options are for
+  (default: the attached one's)."""
+  grid = option_grid(model, spec, fixed, kind)
   served = [compiler(model, spec, batch, o) for o in grid]
   reference = np.argmax(served[0](val_images), -1)
   admissible = [i for i, s in enumerate(served)

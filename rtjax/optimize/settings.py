@@ -35,6 +35,12 @@ class Settings:
   """What the command's flags (and the `optimize` stage's keys) set."""
   latency_budget_ms: float = setting(
       0.0, "Latency budget (ms) at batch_size and percentile.")
+  target: str = setting(
+      "", "A Cloud TPU slice to optimize for instead of this host "
+      "(v5litepod-8, tpu:v5e:2x4; needs the [tpu] extra): every latency is "
+      "then XLA:TPU's estimate of a call's device time on the slice "
+      "(predicted, uncalibrated; no percentile), and accuracy is measured "
+      "here.")
   budget_of_parent: float = setting(
       0.0, "Instead of latency_budget_ms: this fraction of the parent's "
       "latency, measured first and again in the final interleaved runs.")
@@ -144,7 +150,9 @@ class Settings:
     budget_of_parent times the parent's latency measured `where`."""
     if self.latency_budget_ms:
       return {"budget_ms": self.latency_budget_ms, "from": "given"}
+    figure = (f"XLA:TPU estimate on {self.target}" if self.target
+              else f"p{self.percentile:g}")
     return {"budget_ms": self.budget_of_parent * parent_p_ms,
             "from": f"{self.budget_of_parent:g} x the parent's "
-                    f"p{self.percentile:g}{where} ({parent_p_ms:.4f} ms)",
+                    f"{figure}{where} ({parent_p_ms:.4g} ms)",
             "parent_p_ms": parent_p_ms}

@@ -13,12 +13,13 @@ rtjax.bench (whose roofline it reuses): a launch's pre-flight check and a
 search for a target ask it.
 """
 
-from rtjax.target.executables import (DTYPES, Executable, for_checkpoint,
-                                      for_config, serving, train)
+from rtjax.target.executables import (DTYPES, Executable, as_served,
+                                      for_checkpoint, for_config, serving,
+                                      train)
 from rtjax.target.predict import PREDICTED, predict
-from rtjax.target.table import lessons, markdown_table
+from rtjax.target.table import lessons, markdown_table, speedups
 from rtjax.target.topology import Target, resolve
 
-__all__ = ["DTYPES", "Executable", "PREDICTED", "Target", "for_checkpoint",
-           "for_config", "lessons", "markdown_table", "predict", "resolve",
-           "serving", "train"]
+__all__ = ["DTYPES", "Executable", "PREDICTED", "Target", "as_served",
+           "for_checkpoint", "for_config", "lessons", "markdown_table",
+           "predict", "resolve", "serving", "speedups", "train"]

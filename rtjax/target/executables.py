@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging as std_logging
 import time
 from typing import Callable, Sequence
 
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh, NamedSharding
 
 from rtjax import models
@@ -38,6 +40,7 @@ from rtjax.checkpoint import load_checkpoint
 from rtjax.compress.quantize import ptq
 from rtjax.data import dataset_spec
 from rtjax.infer import CompiledModel
+from rtjax.infer import options as options_lib
 from rtjax.infer import program as program_lib
 from rtjax.target.topology import Target
 from rtjax.train.metrics import TrainMetrics
@@ -63,16 +66,24 @@ class Executable:
 
 
 @contextlib.contextmanager
-def _without_persistent_cache():
+def without_persistent_cache():
   """jax's persistent compilation cache off: an executable compiled for
   devices that are not attached cannot be loaded back from it (jax warns
-  and compiles again), so writing it there only costs time and disk."""
+  and compiles again), so writing it there only costs time and disk. jax
+  decides once per process whether it uses the cache, so the decision is
+  reset on the way in and out (quietly: jax logs each reset)."""
   enabled = jax.config.jax_enable_compilation_cache
+  quiet = std_logging.getLogger("jax._src.compilation_cache")
+  level = quiet.level
+  quiet.setLevel(std_logging.WARNING)
   jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
   try:
     yield
   finally:
     jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+    quiet.setLevel(level)
 
 
 def _compile(what: str, dtype: str, batch: int, mesh: Mesh,
@@ -82,7 +93,7 @@ def _compile(what: str, dtype: str, batch: int, mesh: Mesh,
   start = time.perf_counter()
   compiled, error = None, None
   try:
-    with _without_persistent_cache():
+    with without_persistent_cache():
       compiled = build()
   except jax.errors.JaxRuntimeError as e:
     error = " ".join(str(e).split())[:400]
@@ -170,6 +181,17 @@ def for_config(config: ml_collections.ConfigDict, target: Target,
   return [*serving(model, spec["args"]["input_shape"], target, batch_sizes,
                    dtypes, spec=spec, model_axis=model_axis),
           train(spec, config.train, target, data.dtype)]
+
+
+def as_served(model: nnx.Module, metadata: dict, target: Target,
+              batch_sizes: Sequence[int]) -> list[Executable]:
+  """A loaded checkpoint's serving executables as it is served on a TPU:
+  in the dtype it recorded for 'tpu' (float32 unless a search for a slice
+  chose otherwise), a quantized one as int8, with its recorded options."""
+  spec = metadata["model"]
+  dtype = options_lib.resolve(None, metadata, "tpu")["dtype"]
+  return serving(model, spec["args"]["input_shape"], target, batch_sizes,
+                 (dtype,), spec=spec, metadata=metadata)
 
 
 def for_checkpoint(path, target: Target, batch_sizes: Sequence[int],

@@ -75,6 +75,25 @@ def markdown_table(rows: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def speedups(rows: Sequence[dict], reference: str,
+             batch_sizes: Sequence[int]) -> str:
+  """Per checkpoint (its rows' `family`), XLA:TPU's estimated speedup over
+  `reference`'s serving executable at each batch: what a compression is
+  predicted to buy on the slice."""
+  estimate = {(r["family"], r["batch"]): _estimate(r)
+              for r in rows if r["what"] == "serve"}
+  lines = [f"Estimated speedup over {reference} ({PREDICTED}):", "",
+           "| checkpoint | " + " | ".join(f"batch {b}" for b in batch_sizes)
+           + " |", "|---|" + "---|" * len(batch_sizes)]
+  for name in dict.fromkeys(r["family"] for r in rows):
+    cells = []
+    for b in batch_sizes:
+      mine, ref = estimate.get((name, b)), estimate.get((reference, b))
+      cells.append(f"{ref / mine:.2f}x" if mine and ref else "–")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def _find(rows, **match):
   return next((r for r in rows if r["compiled"] and all(
       r.get(k) == v for k, v in match.items())), None)

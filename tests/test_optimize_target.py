@@ -80,3 +80,23 @@ def test_the_report_says_what_was_predicted(target_search):
   finalists = text.split("## Finalists")[1].split("\n\n")[1]
   assert "p50" not in finalists and "p90" not in finalists
   assert "| est. ms |" in finalists
+
+
+def test_a_slice_adds_candidates_cut_to_whole_lane_tiles():
+  from rtjax.models import create_model
+  from rtjax.optimize import candidates
+  spec = {"name": "mlp", "args": {"num_classes": 10, "input_shape": [40],
+                                  "hidden": [512, 100], "residual": False}}
+  sens = {"groups": [], "int8": [], "blocks": []}
+  plain = candidates.recipes(spec, sens, (0.375,), (), shallow=False)
+  tiled = candidates.recipes(spec, sens, (0.375,), (), shallow=False,
+                             lanes=128)
+  assert [r["name"] for r in plain] == ["uniform37.5"]
+  assert [r["name"] for r in tiled] == ["uniform37.5", "uniform37.5_lanes"]
+  parent = create_model("mlp", spec["args"], 0)
+  _, cut = candidates.build(plain[0], parent, spec)
+  _, lanes = candidates.build(tiled[1], parent, spec)
+  assert cut["args"]["hidden"] == [192, 38]
+  assert lanes["args"]["hidden"] == [256, 100]  # 100 < one tile: all kept
+  small = {**spec, "args": {**spec["args"], "hidden": [64, 32]}}
+  assert len(candidates.recipes(small, sens, (0.5,), (), False, 128)) == 1

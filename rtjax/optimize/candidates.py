@@ -65,10 +65,19 @@ def _drops(spec: dict, blocks: list[dict]) -> list[tuple[str, list[int]]]:
   return [(n, d) for n, d in out if 0 < len(d) <= most]
 
 
+def _kept_widths(spec: dict, fraction: float, round_to: int) -> dict:
+  cls = models.model_class(spec["name"])
+  return {g.name: structured.kept_count(g.width, fraction, round_to, g.unit)
+          for g in cls.prunable_groups(spec["args"])}
+
+
 def recipes(spec: dict, sens: dict, uniform=UNIFORM,
-            thresholds=THRESHOLDS, shallow: bool = True) -> list[dict]:
+            thresholds=THRESHOLDS, shallow: bool = True,
+            lanes: int | None = None) -> list[dict]:
   """Candidate recipes, without duplicates (same keep map, same blocks
-  dropped or same args)."""
+  dropped or same args). With `lanes` (a TPU slice's), each uniform
+  fraction also with its kept widths rounded up to whole lane tiles, where
+  that differs from the plain cut and still removes units."""
   groups = group_names(spec)
   out, seen = [], set()
 
@@ -81,6 +90,13 @@ def recipes(spec: dict, sens: dict, uniform=UNIFORM,
     keep = {g: fraction for g in groups}
     add({"name": f"uniform{100 * fraction:g}", "kind": "prune",
          "keep": keep}, repr(sorted(keep.items())))
+    if not lanes:
+      continue
+    tiled = _kept_widths(spec, fraction, lanes)
+    full = _kept_widths(spec, 1.0, 1)
+    if tiled != _kept_widths(spec, fraction, 1) and tiled != full:
+      add({"name": f"uniform{100 * fraction:g}_lanes", "kind": "prune",
+           "keep": keep, "round_to": lanes}, repr(sorted(tiled.items())))
   for t in thresholds if groups else ():
     keep = {}
     for g in groups:
@@ -116,7 +132,8 @@ def build(recipe: dict, parent: nnx.Module, spec: dict, seed: int = 0
   if recipe["kind"] == "parent":
     return parent, spec
   if recipe["kind"] == "prune":
-    model, args = shrink_groups(parent, spec, recipe["keep"])
+    model, args = shrink_groups(parent, spec, recipe["keep"],
+                                round_to=recipe.get("round_to", 1))
   elif recipe["kind"] == "drop":
     model, args = models.drop_blocks(parent, spec["name"], spec["args"],
                                      recipe["drop"])

@@ -24,7 +24,10 @@ def _describe(recipe: dict) -> str:
   if recipe["kind"] == "prune":
     keep = ", ".join(f"{g} {f:.2f}" for g, f in recipe["keep"].items()
                      if f < 1.0)
-    return f"structured pruning, keep {keep}; distilled from the parent"
+    tiles = (f", widths rounded up to multiples of {recipe['round_to']} (the "
+             "slice's lanes)" if recipe.get("round_to", 1) > 1 else "")
+    return (f"structured pruning, keep {keep}{tiles}; distilled from the "
+            "parent")
   if recipe["kind"] == "drop":
     return (f"blocks {', '.join(map(str, recipe['drop']))} removed, the "
             "others with the parent's weights; distilled from the parent")

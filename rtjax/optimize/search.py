@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from rtjax import compare
+from rtjax import accelerators, compare
 from rtjax.bench import breakdown, latency
 from rtjax.checkpoint import (checkpoint_dataset, finished_stage,
                               load_checkpoint, save_complete_step)
@@ -127,7 +127,8 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
       ctx.memo.compile, settings.layer_drop))
   recipes = ctx.phase("recipes", lambda: candidates.recipes(
       ctx.spec, sens, settings.uniform, settings.thresholds,
-      settings.shallow))
+      settings.shallow, accelerators.TILES["float32"][1] if ctx.target
+      else None))
   peaks = ctx.phase("peaks", lambda: target_peaks(ctx.target, "float32")
                     if ctx.target else breakdown.measure_peaks(1024, 64, 3))
   # A slice's estimate is the device's time alone: no host call to floor it.

@@ -31,17 +31,18 @@ FRACTIONS = (0.75, 0.5, 0.25)
 
 
 def shrink_groups(model: nnx.Module, spec: dict, keep: dict[str, float],
-                  criterion: str = "l2") -> tuple[nnx.Module, dict]:
+                  criterion: str = "l2", round_to: int = 1
+                  ) -> tuple[nnx.Module, dict]:
   """The parent with each named group kept at its own fraction (groups not
-  named keep all units): one structured.shrink per distinct fraction over
-  the groups that share it, so coupled axes stay consistent; (smaller
-  model, its args)."""
+  named keep all units; kept counts rounded up to multiples of `round_to`):
+  one structured.shrink per distinct fraction over the groups that share
+  it, so coupled axes stay consistent; (smaller model, its args)."""
   args = spec["args"]
   for fraction in sorted({f for f in keep.values() if f < 1.0}, reverse=True):
     names = sorted(g for g, f in keep.items() if f == fraction)
     pattern = "^(" + "|".join(map(re.escape, names)) + ")$"
     model, args, _ = structured.shrink(model, spec["name"], args, fraction,
-                                       criterion, 1, pattern)
+                                       criterion, round_to, pattern)
   return model, args
 
 

@@ -71,6 +71,15 @@ def test_the_chosen_checkpoint_records_the_slice(target_search):
   assert predicted["p_ms"] == chosen["p_ms"]
 
 
+def test_a_workdir_searched_for_a_slice_is_not_resumed_for_another(
+    target_search, trained):
+  from rtjax.errors import UserError
+  workdir, _ = target_search
+  with pytest.raises(UserError, match="holds a search for v5litepod-8, not "
+                     "this host: give a new --workdir"):
+    run_search(trained[1], workdir, Settings(**TINY))
+
+
 def test_the_report_says_what_was_predicted(target_search):
   workdir, summary = target_search
   text = (workdir / "optimize.md").read_text()

@@ -174,6 +174,11 @@ def _context(checkpoint: epath.PathLike, workdir: epath.PathLike,
   workdir = epath.Path(workdir)
   ctx = Context(settings, epath.Path(checkpoint), workdir,
                 SearchStore(workdir), clock)
+  searched_for = ctx.phase("target", lambda: settings.target)
+  if searched_for != settings.target:  # its figures are another device's
+    raise UserError(
+        f"{workdir} holds a search for {searched_for or 'this host'}, not "
+        f"{settings.target or 'this host'}: give a new --workdir")
   if settings.target:
     ctx.target = resolve(settings.target)
     ctx.memo = CompileMemo(target=ctx.target)

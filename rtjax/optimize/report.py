@@ -68,7 +68,7 @@ def summarize(settings, budget: dict, sens: dict, recipes: list[dict],
     elif trained:
       fate = (f"dropped after rung {len(trained) - 1} (ranked: predicted "
               "to fit the budget first, by validation accuracy, then the "
-              "others by predicted latency)")
+              "others by their screened p50 ratio to the parent's)")
     else:
       fate = "not trained: out of search time"
     rows.append({**recipe, "done": _describe(recipe), "screen": screen[name],

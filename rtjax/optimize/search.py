@@ -149,7 +149,7 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
       60 * settings.search_minutes - reserve,
       eta=settings.halving_eta, max_finalists=settings.max_finalists,
       extra_rungs=settings.extra_rungs, fits=plan["under_budget"],
-      predicted=plan["predicted"], scratch=plan["scratch"],
+      predicted=plan["steady"], scratch=plan["scratch"],
       scratch_min_steps=int(settings.scratch_min_fraction
                             * ctx.meta["train"]["num_steps"]))
   paths = {n: str(_rung_dir(ctx, n, k)) for n, k in finalists.items()}
@@ -210,8 +210,9 @@ def _plan(ctx: Context, budget: dict, recipes: list[dict],
   """Whom to train, from screening: the architectures predicted within
   screen_slack of the budget, in the order halving ranks them (those
   predicted to meet the budget first, by accuracy before fine-tuning; then
-  the others, closest to the budget first: a student trained from scratch
-  has no accuracy yet to rank by). Raises BudgetNotMet when none is."""
+  the others, closest to the budget by screening.steady_p first: a student
+  trained from scratch has no accuracy yet to rank by). Raises
+  BudgetNotMet when none is."""
   s = ctx.settings
   budget_ms = budget["budget_ms"]
   predicted = {n: screening.screened_p(screen, n, budget.get("parent_p_ms"))
@@ -226,10 +227,12 @@ def _plan(ctx: Context, budget: dict, recipes: list[dict],
                               ctx.batch, s.percentile, "architecture",
                               ctx.target))
   under_budget = {n for n in screened_in if predicted[n] <= budget_ms}
+  steady = {n: screening.steady_p(screen, n, budget.get("parent_p_ms"))
+            for n in screened_in}
   order = sorted(screened_in, key=lambda n: (
-      n not in under_budget, 0.0 if n in under_budget else predicted[n],
+      n not in under_budget, 0.0 if n in under_budget else steady[n],
       -screen[n].get("untuned_val_accuracy", -1.0)))
-  return {"predicted": predicted, "parent_fits": parent_fits,
+  return {"predicted": predicted, "steady": steady, "parent_fits": parent_fits,
           "under_budget": under_budget, "scratch": [
               r["name"] for r in recipes if candidates.from_scratch(r)],
           "trainees": order[:s.max_candidates],

@@ -64,9 +64,9 @@ def audit(row: dict, parent: dict, floor_ms: float) -> dict:
   padding, parent_padding = row.get("padding"), parent.get("padding")
   if padding and flops >= FEWER_FLOPS:
     reasons.append(
-        f"padding ate its {flops:.2f}x fewer FLOPs on the slice's (8, 128) "
-        f"tiles: {padding['data_share']:.0%} of the tiles its arrays occupy "
-        f"hold data (the parent's {parent_padding['data_share']:.0%}); most "
+        f"padding ate its {flops:.2f}x fewer FLOPs on the slice's tiles: "
+        f"{padding['data_share']:.0%} of the tiles its arrays occupy hold "
+        f"data (the parent's {parent_padding['data_share']:.0%}); most "
         f"padded: {padding['most_padded']}")
   if flops >= 1.2 and roofline < PAYS:
     reasons.append(f"memory-bound: XLA's cost model predicts only "

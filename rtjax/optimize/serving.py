@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 from flax import nnx
 
+from rtjax import accelerators
 from rtjax.bench.latency import interleaved_latency
 from rtjax.infer import CompiledModel
 from rtjax.infer import lowering as lowering_lib
@@ -81,9 +82,9 @@ def embed_choices(kind: str) -> tuple[bool, ...]:
 
 
 def width_multiples(kind: str) -> tuple[int, ...]:
-  """Padded widths worth trying: a CPU's vector width; a TPU's sublanes and
-  lanes (its (8, 128) tiles)."""
-  return (8, 128) if kind == "tpu" else (8,)
+  """Padded widths worth trying: a CPU's vector width (8 floats); a TPU's
+  sublanes and lanes (its float32 tiles)."""
+  return accelerators.TILES["float32"] if kind == "tpu" else (8,)
 
 
 def option_grid(model: nnx.Module, spec: dict, fixed: dict | None = None,

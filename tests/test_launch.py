@@ -222,13 +222,13 @@ def preflight(*main_args):
 
 
 def test_dry_run_prints_the_preflight_table_then_the_plan():
-  result = preflight("--config=configs/default.py:tpu")
+  result = preflight("--config=configs/default.py:tiny")
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.splitlines()
   rows = [line.split(" | ") for line in lines if line.startswith("# | resnet")]
   assert [tuple(r[3:7]) for r in rows] == [
       ("serve float32", "1", "1×8", "yes"), ("serve float32", "256", "8×1", "yes"),
-      ("train step float32", "256", "8×1", "yes")]
+      ("train step float32", "64", "8×1", "yes")]
   assert all(r[7].endswith("of 16 GiB") for r in rows)
   assert "predicted (XLA:TPU cost model, uncalibrated)" in result.stdout
   first_command = next(i for i, l in enumerate(lines) if l.startswith("gcloud"))

@@ -88,12 +88,17 @@ def test_over_budget_candidates_rank_by_their_steadier_p50_ratio(tmp_path):
                        "untuned_val_accuracy": 0.8}}
   recipes = [{"name": "wide", "kind": "prune"},
              {"name": "narrow", "kind": "prune"}]
-  plan = search._plan(ctx, {"budget_ms": 1.0, "parent_p_ms": 2.0}, recipes,
+  plan = search._plan(ctx, {"budget_ms": 0.95, "parent_p_ms": 2.0}, recipes,
                       screen)
-  assert plan["under_budget"] == set()  # both over by the tail: 1.2, 1.4 ms
-  assert plan["trainees"] == ["narrow", "wide"]
+  assert plan["under_budget"] == set()  # over by the tail (1.2, 1.4 ms)
+  assert plan["trainees"] == ["narrow", "wide"]  # and by the medians
   assert plan["steady"] == {"wide": pytest.approx(1.6),
                             "narrow": pytest.approx(1.0)}
+  # At 1.0 ms `narrow` fits by its median ratio alone: it ranks by accuracy
+  # with those that fit.
+  plan = search._plan(ctx, {"budget_ms": 1.0, "parent_p_ms": 2.0}, recipes,
+                      screen)
+  assert plan["under_budget"] == {"narrow"}
 
 
 # ---- successive halving with a fake clock ------------------------------------

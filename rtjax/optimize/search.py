@@ -209,10 +209,11 @@ def _plan(ctx: Context, budget: dict, recipes: list[dict],
           screen: dict) -> dict:
   """Whom to train, from screening: the architectures predicted within
   screen_slack of the budget, in the order halving ranks them (those
-  predicted to meet the budget first, by accuracy before fine-tuning; then
-  the others, closest to the budget by screening.steady_p first: a student
-  trained from scratch has no accuracy yet to rank by). Raises
-  BudgetNotMet when none is."""
+  predicted to meet the budget by their tail or their median ratio to the
+  parent's first, by accuracy before fine-tuning; then the others, closest
+  to the budget by screening.steady_p first: a student trained from
+  scratch has no accuracy yet to rank by). Raises BudgetNotMet when none
+  is."""
   s = ctx.settings
   budget_ms = budget["budget_ms"]
   predicted = {n: screening.screened_p(screen, n, budget.get("parent_p_ms"))
@@ -226,9 +227,11 @@ def _plan(ctx: Context, budget: dict, recipes: list[dict],
     raise BudgetNotMet(_unmet(rows[0], budget_ms, ctx.store.get("floor_ms"),
                               ctx.batch, s.percentile, "architecture",
                               ctx.target))
-  under_budget = {n for n in screened_in if predicted[n] <= budget_ms}
   steady = {n: screening.steady_p(screen, n, budget.get("parent_p_ms"))
             for n in screened_in}
+  # Predicted to fit by either figure: the final runs measure it again.
+  under_budget = {n for n in screened_in
+                  if min(predicted[n], steady[n]) <= budget_ms}
   order = sorted(screened_in, key=lambda n: (
       n not in under_budget, 0.0 if n in under_budget else steady[n],
       -screen[n].get("untuned_val_accuracy", -1.0)))

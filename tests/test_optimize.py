@@ -92,13 +92,20 @@ def test_over_budget_candidates_rank_by_their_steadier_p50_ratio(tmp_path):
                       screen)
   assert plan["under_budget"] == set()  # over by the tail (1.2, 1.4 ms)
   assert plan["trainees"] == ["narrow", "wide"]  # and by the medians
-  assert plan["steady"] == {"wide": pytest.approx(1.6),
+  assert plan["steady"] == {"parent": pytest.approx(2.0),
+                            "wide": pytest.approx(1.6),
                             "narrow": pytest.approx(1.0)}
   # At 1.0 ms `narrow` fits by its median ratio alone: it ranks by accuracy
   # with those that fit.
   plan = search._plan(ctx, {"budget_ms": 1.0, "parent_p_ms": 2.0}, recipes,
                       screen)
   assert plan["under_budget"] == {"narrow"}
+  # A tail burst (3.0 ms, over budget x slack) does not screen out a
+  # candidate whose median ratio fits.
+  screen["narrow"]["p_ms"] = 3.0
+  plan = search._plan(ctx, {"budget_ms": 1.0, "parent_p_ms": 2.0}, recipes,
+                      screen)
+  assert "narrow" in plan["trainees"] and "narrow" in plan["under_budget"]
 
 
 # ---- successive halving with a fake clock ------------------------------------

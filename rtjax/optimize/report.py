@@ -17,7 +17,7 @@ from etils import epath
 from rtjax.compare import pareto_front
 from rtjax.optimize import audit, estimated, sensitivity
 from rtjax.optimize.halving import best_rung, spent_seconds
-from rtjax.optimize.screening import screened_p
+from rtjax.optimize.screening import screened_p, steady_p
 
 
 def _describe(recipe: dict) -> str:
@@ -59,7 +59,8 @@ def summarize(settings, budget: dict, sens: dict, recipes: list[dict],
                                "met the limits; another was more accurate "
                                "on validation")
     elif name not in trainees:
-      predicted = screened_p(screen, name, budget.get("parent_p_ms"))
+      predicted = min(screened_p(screen, name, budget.get("parent_p_ms")),
+                      steady_p(screen, name, budget.get("parent_p_ms")))
       fate = (f"not trained: screening predicts {predicted:.4g} ms, over "
               f"the budget (+{100 * (settings.screen_slack - 1):.0f}%)"
               if predicted > budget.get("preliminary_ms", budget_ms)

@@ -109,8 +109,9 @@ def steady_p(screen_rows: dict, name: str,
   parent's, times the parent's percentile latency. One burst of the
   machine's noise moves a tail ratio (in one MNIST-1D search uniform75's
   p99 ratio came out ahead of uniform50's, 1.61x against 1.44x, while at
-  p50 they stood at 1.28x and 1.92x), so a candidate fits when either
-  figure says so, and those over the budget are ranked by this."""
+  p50 they stood at 1.28x and 1.92x), so a candidate is screened in and
+  fits when either figure says so, and those over the budget are ranked by
+  this."""
   parent = screen_rows["parent"]
   reference = parent_p_ms or parent["p_ms"]
   return screen_rows[name]["p50_ms"] / parent["p50_ms"] * reference

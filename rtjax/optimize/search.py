@@ -218,8 +218,14 @@ def _plan(ctx: Context, budget: dict, recipes: list[dict],
   budget_ms = budget["budget_ms"]
   predicted = {n: screening.screened_p(screen, n, budget.get("parent_p_ms"))
                for n in screen}
+  steady = {n: screening.steady_p(screen, n, budget.get("parent_p_ms"))
+            for n in screen}
+  # Either figure may be the right one (the final runs measure again): a
+  # tail is at the mercy of one burst of noise, a median ratio misses how
+  # the tails differ.
+  likely = {n: min(predicted[n], steady[n]) for n in screen}
   screened_in = [r["name"] for r in recipes
-                 if predicted[r["name"]] <= budget_ms * s.screen_slack]
+                 if likely[r["name"]] <= budget_ms * s.screen_slack]
   parent_fits = predicted["parent"] <= budget_ms * s.screen_slack
   if not screened_in and not parent_fits:
     rows = sorted(({**r, "p_ms": predicted[n]} for n, r in screen.items()),
@@ -227,15 +233,11 @@ def _plan(ctx: Context, budget: dict, recipes: list[dict],
     raise BudgetNotMet(_unmet(rows[0], budget_ms, ctx.store.get("floor_ms"),
                               ctx.batch, s.percentile, "architecture",
                               ctx.target))
-  steady = {n: screening.steady_p(screen, n, budget.get("parent_p_ms"))
-            for n in screened_in}
-  # Predicted to fit by either figure: the final runs measure it again.
-  under_budget = {n for n in screened_in
-                  if min(predicted[n], steady[n]) <= budget_ms}
+  under_budget = {n for n in screened_in if likely[n] <= budget_ms}
   order = sorted(screened_in, key=lambda n: (
       n not in under_budget, 0.0 if n in under_budget else steady[n],
       -screen[n].get("untuned_val_accuracy", -1.0)))
-  return {"predicted": predicted, "steady": steady, "parent_fits": parent_fits,
+  return {"predicted": likely, "steady": steady, "parent_fits": parent_fits,
           "under_budget": under_budget, "scratch": [
               r["name"] for r in recipes if candidates.from_scratch(r)],
           "trainees": order[:s.max_candidates],

@@ -212,7 +212,22 @@ def test_failing_worker_stops_the_rest_and_is_named(fake_gcloud, tmp_path):
   assert calls()[-1][2:4] == ["tpu-vm", "delete"]  # deleted even on failure
 
 
-# ---- the pre-flight check, with libtpu (the [tpu] extra) --------------------
+# ---- the pre-flight check --------------------------------------------------
+
+def test_preflight_reads_the_experiment_from_the_launch_arguments():
+  from rtjax.target import preflight
+  config = preflight.experiment_config([
+      "--config=configs/compress.py:tiny", "--config.train.batch_size=32",
+      "--workdir=gs://b/r", "--multihost"])
+  assert config.train.batch_size == 32
+  assert preflight._dtypes(config) == ("float32", "int8")  # its int8 stage
+  assert preflight._dtypes(preflight.experiment_config(
+      ["--config=configs/default.py"])) == ("float32",)
+  with pytest.raises(errors.ConfigError, match="give no --config"):
+    preflight.experiment_config(["--workdir=gs://b/r"])
+
+
+# With libtpu (the [tpu] extra):
 
 def preflight(*main_args):
   pytest.importorskip("libtpu", reason="needs the rtjax[tpu] extra")

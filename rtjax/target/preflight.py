@@ -34,10 +34,13 @@ class PreflightError(LaunchError):
 def experiment_config(main_args: Sequence[str]) -> ml_collections.ConfigDict:
   """The config experiments.main would load from `main_args` (--config=
   file[:variant] and --config.* overrides; its other flags are ignored)."""
+  argv = ["launch", *main_args]
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values)
+  # ml_collections finds the --config.* overrides in `sys_argv`.
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values,
+                                  sys_argv=argv)
   try:
-    values(["launch", *main_args], known_only=True)
+    values(argv, known_only=True)
     config = values.config
     if config is None:
       raise ConfigError("the experiment's arguments after -- give no "
@@ -51,8 +54,8 @@ def experiment_config(main_args: Sequence[str]) -> ml_collections.ConfigDict:
 
 def _dtypes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """float32, and int8 when one of the pipeline's stages makes int8."""
-  stages = config.get("stages") or {}
-  kinds = {stage.get("type") for stage in stages.values()}
+  kinds = {config.stage[name].get("type")
+           for name in config.get("stages") or ()}
   return ("float32", "int8") if "int8" in kinds else ("float32",)
 
 

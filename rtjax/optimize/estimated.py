@@ -14,6 +14,7 @@ CompiledModel keeps its own (what the search's cost rows read).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -48,7 +49,7 @@ class Estimated:
   def conv_lowering(self) -> dict:
     return self.on_target.conv_lowering
 
-  @property
+  @functools.cached_property  # read by every timing phase
   def estimate_ms(self) -> float:
     costs = cost_analysis(self.executables[self.batch])
     if not costs.get(XLA_ESTIMATE_KEY):
@@ -56,7 +57,7 @@ class Estimated:
                          "this executable")
     return 1e3 * float(costs[XLA_ESTIMATE_KEY])
 
-  @property
+  @functools.cached_property
   def padding(self) -> dict:
     """The share of the padded tiles that holds data and the array whose
     padding wastes the most, from the slice's compiled layouts."""

@@ -17,7 +17,7 @@ from etils import epath
 from rtjax.compare import pareto_front
 from rtjax.optimize import audit, estimated, sensitivity
 from rtjax.optimize.halving import best_rung, spent_seconds
-from rtjax.optimize.screening import screened_p, steady_p
+from rtjax.optimize.screening import likely_p
 
 
 def _describe(recipe: dict) -> str:
@@ -59,8 +59,7 @@ def summarize(settings, budget: dict, sens: dict, recipes: list[dict],
                                "met the limits; another was more accurate "
                                "on validation")
     elif name not in trainees:
-      predicted = min(screened_p(screen, name, budget.get("parent_p_ms")),
-                      steady_p(screen, name, budget.get("parent_p_ms")))
+      predicted = likely_p(screen, name, budget.get("parent_p_ms"))
       fate = (f"not trained: screening predicts {predicted:.4g} ms, over "
               f"the budget (+{100 * (settings.screen_slack - 1):.0f}%)"
               if predicted > budget.get("preliminary_ms", budget_ms)
@@ -217,7 +216,8 @@ def _header(summary: dict) -> list[str]:
       "## Sensitivity (validation, no fine-tuning; speedups at the batch "
       f"size, {'estimated' if _target(summary) else 'one interleaved run'})",
       "",
-      sensitivity.markdown(summary["sensitivity"], _p(summary)),
+      sensitivity.markdown(summary["sensitivity"], _p(summary),
+                           one_figure=bool(_target(summary))),
       "![sensitivity](sensitivity.png)", ""]
 
 
@@ -260,18 +260,19 @@ def _scratch(summary: dict) -> list[str]:
 
 def _finalists(summary: dict) -> list[str]:
   s, p = summary["settings"], _p(summary)
-  runs = (f"XLA:TPU's estimates on {_target(summary)}" if _target(summary)
-          else f"{s['final_runs']} interleaved runs")
-  lines = ["", f"## Finalists: {runs} at batch {s['batch_size']} (medians; "
-           f"each run's {p} in brackets), test split", "",
-           f"| model | serving options | p50 ms | {p} ms | test acc. % "
-           "(95% CI) | change vs parent (95% CI) | McNemar p | verdict |",
-           "|" + " --- |" * 8]
   if _target(summary):
-    lines[1] = (f"## Finalists: {runs} at batch {s['batch_size']}, test "
-                "split")
-    lines[3] = lines[3].replace(f"p50 ms | {p} ms", f"{p} ms")
-    lines[4] = "|" + " --- |" * 7
+    how, latency_columns = f"XLA:TPU's estimates on {_target(summary)}", [
+        f"{p} ms"]
+  else:
+    how = (f"{s['final_runs']} interleaved runs (medians; each run's {p} in "
+           "brackets)")
+    latency_columns = ["p50 ms", f"{p} ms"]
+  columns = ["model", "serving options", *latency_columns,
+             "test acc. % (95% CI)", "change vs parent (95% CI)", "McNemar p",
+             "verdict"]
+  lines = ["", f"## Finalists: {how} at batch {s['batch_size']}, test split",
+           "", "| " + " | ".join(columns) + " |",
+           "|" + " --- |" * len(columns)]
   for name, r in summary["final"].items():
     t, o = r["test"], r["options"]
     opts = (f"{o['conv_lowering']}, embed {o['embed_weights']}, "
@@ -329,15 +330,18 @@ def _audit(summary: dict) -> list[str]:
            "| model | run | predicted (FLOPs) | predicted (roofline) | "
            f"measured p50 | measured {_p(summary)} | paid? |",
            "|" + " --- |" * 7]
-  entries = [(r["name"], "screening", r["audit"])
-             for r in summary["candidates"]]
-  entries += [(n, "final", a) for n, a in summary["final_audit"].items()]
-  for name, run, a in entries:
+  for name, run, a in _audit_entries(summary):
     paid = "yes" if a["paid"] else "**no**: " + "; ".join(a["reasons"])
     lines.append(f"| {name} | {run} | {a['predicted_flops']:.2f}x | "
                  f"{a['predicted_roofline']:.2f}x | {a['measured_p50']:.2f}x | "
                  f"{a['measured_p']:.2f}x | {paid} |")
   return lines
+
+
+def _audit_entries(summary: dict) -> list[tuple[str, str, dict]]:
+  """(model, run, audit): every candidate at screening, then the finalists."""
+  return ([(r["name"], "screening", r["audit"]) for r in summary["candidates"]]
+          + [(n, "final", a) for n, a in summary["final_audit"].items()])
 
 
 def _target_audit(summary: dict) -> list[str]:
@@ -353,10 +357,7 @@ def _target_audit(summary: dict) -> list[str]:
            "| model | stage | FLOPs ratio | roofline | estimated speedup "
            "(XLA:TPU) | data in tiles | pays? |", "|" + " --- |" * 7]
   rows = {r["name"]: r["screen"] for r in summary["candidates"]}
-  entries = [(r["name"], "screening", r["audit"])
-             for r in summary["candidates"]]
-  entries += [(n, "final", a) for n, a in summary["final_audit"].items()]
-  for name, stage, a in entries:
+  for name, stage, a in _audit_entries(summary):
     padding = (summary["final"].get(name) if stage == "final"
                else rows.get(name) or {}).get("padding") or {}
     share = (f"{padding['data_share']:.0%}" if "data_share" in padding

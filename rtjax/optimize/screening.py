@@ -115,3 +115,12 @@ def steady_p(screen_rows: dict, name: str,
   parent = screen_rows["parent"]
   reference = parent_p_ms or parent["p_ms"]
   return screen_rows[name]["p50_ms"] / parent["p50_ms"] * reference
+
+
+def likely_p(screen_rows: dict, name: str,
+             parent_p_ms: float | None = None) -> float:
+  """What screening predicts when deciding whether a candidate is trained
+  and fits: the lower of screened_p and steady_p (either may be the right
+  one; the final runs measure again)."""
+  return min(screened_p(screen_rows, name, parent_p_ms),
+             steady_p(screen_rows, name, parent_p_ms))

@@ -216,14 +216,10 @@ def _plan(ctx: Context, budget: dict, recipes: list[dict],
   is."""
   s = ctx.settings
   budget_ms = budget["budget_ms"]
-  predicted = {n: screening.screened_p(screen, n, budget.get("parent_p_ms"))
-               for n in screen}
-  steady = {n: screening.steady_p(screen, n, budget.get("parent_p_ms"))
-            for n in screen}
-  # Either figure may be the right one (the final runs measure again): a
-  # tail is at the mercy of one burst of noise, a median ratio misses how
-  # the tails differ.
-  likely = {n: min(predicted[n], steady[n]) for n in screen}
+  parent_p = budget.get("parent_p_ms")
+  predicted = {n: screening.screened_p(screen, n, parent_p) for n in screen}
+  steady = {n: screening.steady_p(screen, n, parent_p) for n in screen}
+  likely = {n: screening.likely_p(screen, n, parent_p) for n in screen}
   screened_in = [r["name"] for r in recipes
                  if likely[r["name"]] <= budget_ms * s.screen_slack]
   parent_fits = predicted["parent"] <= budget_ms * s.screen_slack
@@ -237,7 +233,7 @@ def _plan(ctx: Context, budget: dict, recipes: list[dict],
   order = sorted(screened_in, key=lambda n: (
       n not in under_budget, 0.0 if n in under_budget else steady[n],
       -screen[n].get("untuned_val_accuracy", -1.0)))
-  return {"predicted": likely, "steady": steady, "parent_fits": parent_fits,
+  return {"steady": steady, "parent_fits": parent_fits,
           "under_budget": under_budget, "scratch": [
               r["name"] for r in recipes if candidates.from_scratch(r)],
           "trainees": order[:s.max_candidates],

@@ -125,10 +125,10 @@ def measure(model: nnx.Module, spec: dict, val, batch: int, percentile: float,
   return out
 
 
-def markdown(sens: dict, figure: str) -> str:
-  """The table; `figure` names the latency (p99, or 'est.' for a slice's
-  one estimate, shown alone)."""
-  one = figure == "est."
+def markdown(sens: dict, figure: str, one_figure: bool = False) -> str:
+  """The table; `figure` names the latency (p99; 'est.' for a slice's one
+  estimate, shown alone with `one_figure`)."""
+  one = one_figure
   speedups = (f"speedup ({figure}) |" if one
               else f"speedup p50 | speedup {figure} |")
   lines = ["| kind | group / layer | keep | val acc. drop (points) | "

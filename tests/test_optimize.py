@@ -106,6 +106,12 @@ def test_over_budget_candidates_rank_by_their_steadier_p50_ratio(tmp_path):
   plan = search._plan(ctx, {"budget_ms": 1.0, "parent_p_ms": 2.0}, recipes,
                       screen)
   assert "narrow" in plan["trainees"] and "narrow" in plan["under_budget"]
+  # Both fit at 2.0 ms; narrow's less favourable figure (1.4 ms against
+  # wide's 1.6) leaves the wider margin: it goes first, though less accurate.
+  screen["narrow"]["p_ms"] = 1.4
+  plan = search._plan(ctx, {"budget_ms": 2.0, "parent_p_ms": 2.0}, recipes,
+                      screen)
+  assert plan["widest"] == "narrow" and plan["trainees"] == ["narrow", "wide"]
 
 
 # ---- successive halving with a fake clock ------------------------------------
@@ -192,6 +198,24 @@ def test_candidates_over_budget_rank_by_predicted_latency(tmp_path):
   # None predicted to fit: the closest to the budget go on, not the most
   # accurate (a, then b).
   assert trainer.calls[4:] == [("c", 1), ("b", 1)] and finalists == {"c": 1}
+
+
+def test_the_widest_margin_keeps_a_place_to_the_end(tmp_path):
+  # d is the least accurate at every rung: ranked by accuracy alone it is
+  # dropped at the first; reserved, it is a finalist beside the best.
+  trainer = Trainer()
+  store = SearchStore(tmp_path)
+  finalists = halving.successive_halving(
+      "abcd", (1, 2, 4), trainer, store, trainer.clock, budget_s=1e6, eta=2,
+      max_finalists=2, extra_rungs=0, fits="abcd", reserved="d")
+  assert finalists == {"d": 2, "a": 2}
+  assert all(store.get(f"rung{k}")["reserved"] for k in range(3))
+  # With a single finalist there is no place to spare: accuracy decides.
+  trainer = Trainer()
+  assert halving.successive_halving(
+      "abcd", (1, 2, 4), trainer, SearchStore(tmp_path / "one"),
+      trainer.clock, budget_s=1e6, eta=2, max_finalists=1, extra_rungs=0,
+      fits="abcd", reserved="d") == {"a": 2}
 
 
 def test_halving_keeps_as_many_as_the_finalists(tmp_path):

@@ -159,7 +159,7 @@ def _pct(x: float) -> str:
 def markdown(summary: dict) -> str:
   """optimize.md: the sections in the order the search ran them."""
   lines = (_header(summary) + _candidates(summary) + _scratch(summary)
-           + _finalists(summary))
+           + _reserved(summary) + _finalists(summary))
   lines += _rivals(summary) + _audit(summary) + _time(summary)
   lines += ["", "![accuracy vs latency](optimize.png)", "", _outcome(summary)]
   return "\n".join(lines) + "\n"
@@ -256,6 +256,17 @@ def _scratch(summary: dict) -> list[str]:
              f"{_pct(rule['parent_val_then'])}% validation accuracy by then "
              f"and {_pct(rule['parent_val_end'])}% at its end")
   return ["", text + "."]
+
+
+def _reserved(summary: dict) -> list[str]:
+  name = summary.get("reserved")
+  if not name:
+    return []
+  return ["", f"{name} kept one of the places at every rung: of the "
+          "candidates predicted to fit, the less favourable of its screened "
+          "figures (p50 and tail ratios to the parent's) left the widest "
+          "margin under the budget, which is set again from the parent's "
+          "final runs and can fall."]
 
 
 def _finalists(summary: dict) -> list[str]:

@@ -150,6 +150,7 @@ def run_search(checkpoint: epath.PathLike, workdir: epath.PathLike,
       eta=settings.halving_eta, max_finalists=settings.max_finalists,
       extra_rungs=settings.extra_rungs, fits=plan["under_budget"],
       predicted=plan["steady"], scratch=plan["scratch"],
+      reserved=plan["widest"],
       scratch_min_steps=int(settings.scratch_min_fraction
                             * ctx.meta["train"]["num_steps"]))
   paths = {n: str(_rung_dir(ctx, n, k)) for n, k in finalists.items()}
@@ -212,8 +213,9 @@ def _plan(ctx: Context, budget: dict, recipes: list[dict],
   predicted to meet the budget by their tail or their median ratio to the
   parent's first, by accuracy before fine-tuning; then the others, closest
   to the budget by screening.steady_p first: a student trained from
-  scratch has no accuracy yet to rank by). Raises BudgetNotMet when none
-  is."""
+  scratch has no accuracy yet to rank by); the one predicted to fit with
+  the widest margin first of all, as halving reserves it a place. Raises
+  BudgetNotMet when none is."""
   s = ctx.settings
   budget_ms = budget["budget_ms"]
   parent_p = budget.get("parent_p_ms")
@@ -230,11 +232,15 @@ def _plan(ctx: Context, budget: dict, recipes: list[dict],
                               ctx.batch, s.percentile, "architecture",
                               ctx.target))
   under_budget = {n for n in screened_in if likely[n] <= budget_ms}
+  # The widest margin by the less favourable figure: halving keeps it.
+  widest = min(under_budget, default=None, key=lambda n: max(
+      predicted[n], steady[n]))
   order = sorted(screened_in, key=lambda n: (
-      n not in under_budget, 0.0 if n in under_budget else steady[n],
+      n != widest, n not in under_budget,
+      0.0 if n in under_budget else steady[n],
       -screen[n].get("untuned_val_accuracy", -1.0)))
   return {"steady": steady, "parent_fits": parent_fits,
-          "under_budget": under_budget, "scratch": [
+          "under_budget": under_budget, "widest": widest, "scratch": [
               r["name"] for r in recipes if candidates.from_scratch(r)],
           "trainees": order[:s.max_candidates],
           "rungs": s.rung_steps or _default_rungs(ctx.meta)}
@@ -268,7 +274,8 @@ def _conclude(ctx: Context, plan: dict, final: dict, budget: dict,
       unmet, str(ctx.parent_dir))
   summary.update(rivals=rivals, compile_memo=ctx.memo.summary(),
                  parent_drift=store.get("parent_drift", {}),
-                 scratch=_scratch_rule(ctx, plan))
+                 scratch=_scratch_rule(ctx, plan),
+                 reserved=plan["widest"] if s.max_finalists >= 2 else None)
   report.write(summary, ctx.workdir, sens)
   if chosen is None:
     raise BudgetNotMet(unmet)

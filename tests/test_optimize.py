@@ -14,7 +14,7 @@ from rtjax.optimize import (audit, finetune, halving, memo, screening,
                             serving, stats)
 from rtjax.optimize.search import SCREENED_OPTIONS, Settings, run_search
 from rtjax.optimize.store import SearchStore
-from tests.conftest import run_module
+from tests.conftest import built_once, run_module
 
 # Two candidates (uniform 50% and 25%), one short rung, the sensitivity of
 # one group, no int8, no banded lowering search, short timing runs (one each).
@@ -124,9 +124,9 @@ class Trainer:
   `steps` seconds on the fake clock; can be told to die (as a SIGKILL
   would) at its n-th call."""
 
-  def __init__(self, die_at=None, scripted=None):
+  def __init__(self, die_at=None, scripted=None, per_job=0.0):
     self.now, self.calls, self.die_at = 0.0, [], die_at
-    self.scripted = scripted or {}
+    self.scripted, self.per_job = scripted or {}, per_job
 
   def clock(self):
     return self.now
@@ -135,7 +135,7 @@ class Trainer:
     if self.die_at is not None and len(self.calls) == self.die_at:
       raise KeyboardInterrupt("killed")
     self.calls.append((name, rung))
-    self.now += steps
+    self.now += self.per_job + steps
     if (name, rung) in self.scripted:
       return {"val_accuracy": self.scripted[name, rung]}
     return {"val_accuracy": ACCURACY[name] + rung / 100}
@@ -265,6 +265,20 @@ def test_the_last_extra_rung_is_cut_to_the_time_left(tmp_path):
   assert halving.spent_seconds(store) == 11 and finalists == {"a": 2}
 
 
+def test_a_jobs_fixed_cost_is_not_charged_per_step(tmp_path):
+  # Each job costs 10 s plus 1 s a step. After rungs of 10 and 30 steps
+  # (20 s and 40 s; 120 s for both candidates) the 90-step rung is 100 s:
+  # it fits in the 100 s left. Seconds per step of the jobs so far (2 and
+  # 1.33) would have put it at 150 s and cut it to 60 steps.
+  trainer = Trainer(per_job=10.0)
+  store = SearchStore(tmp_path)
+  halving.successive_halving(
+      "ab", (10, 30, 90), trainer, store, trainer.clock, budget_s=220,
+      eta=2, max_finalists=2, extra_rungs=0)
+  assert store.get("job/a/rung2")["steps"] == 90
+  assert halving.spent_seconds(store) == 220
+
+
 def test_halving_stops_at_the_time_limit(tmp_path):
   trainer = Trainer()
   store = SearchStore(tmp_path)
@@ -286,7 +300,11 @@ def tiny_search(trained, tmp_path_factory):
   """The search killed inside its second rung-0 job, resumed, then rerun
   on the finished workdir: (workdir, summary, trained jobs per run, memo
   keys of the models compiled per run)."""
-  workdir = tmp_path_factory.mktemp("optimize")
+  return built_once(tmp_path_factory, "tiny_search", lambda: _tiny_search(
+      trained, tmp_path_factory.mktemp("optimize")))
+
+
+def _tiny_search(trained, workdir):
   original, original_compile = finetune.train_rung, serving.compile_with
   calls, compiled = [], []
 

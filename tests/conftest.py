@@ -1,7 +1,9 @@
 """Shared fixtures: small configs that train in seconds on 2 CPU cores."""
 
 import atexit
+import fcntl
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -31,6 +33,26 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import experiments  # noqa: E402,F401
 
 
+def built_once(tmp_path_factory, name: str, build):
+  """A fixture's value built once per session, whichever pytest-xdist worker
+  asks first: the others wait on a lock and read it back (pickled), instead
+  of each building every session or module fixture its share of the tests
+  needs (a tiny search, a pipeline, a batch of refused commands: tens of
+  CPU seconds each). Paths in the value lie under the session's temporary
+  root, which every worker reads."""
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    return build()
+  root = tmp_path_factory.getbasetemp().parent
+  stored = root / f"{name}.pickle"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if stored.exists():
+      return pickle.loads(stored.read_bytes())
+    value = build()
+    stored.write_bytes(pickle.dumps(value))
+    return value
+
+
 @pytest.fixture
 def tiny_config():
   """configs/default.py:tiny, as `python -m experiments.main` would load it."""
@@ -42,11 +64,13 @@ def tiny_config():
 def trained(tmp_path_factory):
   """One tiny default run, shared by every test that only reads its outputs:
   (config, workdir, TrainResult)."""
-  from configs import default
-  from rtjax.train import train_and_evaluate
-  config = default.get_config("tiny")
-  workdir = tmp_path_factory.mktemp("tiny_run")
-  return config, workdir, train_and_evaluate(config, workdir)
+  def build():
+    from configs import default
+    from rtjax.train import train_and_evaluate
+    config = default.get_config("tiny")
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    return config, workdir, train_and_evaluate(config, workdir)
+  return built_once(tmp_path_factory, "trained", build)
 
 
 def free_port() -> int:
@@ -67,13 +91,15 @@ def run_module(module: str, *args: str, timeout: float = 300,
 @pytest.fixture(scope="session")
 def family_checkpoints(trained, tmp_path_factory):
   """A short-trained checkpoint of each model family: {name: workdir}."""
-  from configs import lenet5, vit
-  from rtjax.train import train_and_evaluate
-  paths = {"resnet": trained[1]}
-  for name, module in (("lenet5", lenet5), ("vit", vit)):
-    config = module.get_config()
-    config.train.num_steps, config.train.warmup_steps = 20, 5
-    workdir = tmp_path_factory.mktemp(name)
-    train_and_evaluate(config, workdir)
-    paths[name] = workdir
-  return paths
+  def build():
+    from configs import lenet5, vit
+    from rtjax.train import train_and_evaluate
+    paths = {"resnet": trained[1]}
+    for name, module in (("lenet5", lenet5), ("vit", vit)):
+      config = module.get_config()
+      config.train.num_steps, config.train.warmup_steps = 20, 5
+      workdir = tmp_path_factory.mktemp(name)
+      train_and_evaluate(config, workdir)
+      paths[name] = workdir
+    return paths
+  return built_once(tmp_path_factory, "family_checkpoints", build)

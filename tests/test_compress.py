@@ -15,6 +15,7 @@ from rtjax.checkpoint import load_checkpoint
 from rtjax.compress import pruning, quantize, structured
 from rtjax.errors import ConfigError
 from rtjax.models import quantized
+from tests.conftest import built_once
 
 
 def lenet():
@@ -170,11 +171,13 @@ def test_int8_conversion_round_trip(trained, tmp_path):
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
-  from configs import compress
-  from rtjax.pipeline import run_pipeline
-  config = compress.get_config("tiny")
-  workdir = tmp_path_factory.mktemp("compress")
-  return config, workdir, run_pipeline(config, workdir)
+  def build():
+    from configs import compress
+    from rtjax.pipeline import run_pipeline
+    config = compress.get_config("tiny")
+    workdir = tmp_path_factory.mktemp("compress")
+    return config, workdir, run_pipeline(config, workdir)
+  return built_once(tmp_path_factory, "pipeline_run", build)
 
 
 @pytest.mark.slow

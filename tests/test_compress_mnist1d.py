@@ -17,15 +17,17 @@ from rtjax.data import Split
 from rtjax.infer import CompiledModel
 from rtjax.infer.export import export_serving
 from rtjax.pipeline import run_pipeline
-from tests.conftest import run_module
+from tests.conftest import built_once, run_module
 
 
 @pytest.fixture(scope="module")
 def gru_chain(tmp_path_factory):
   """The tiny pipeline's workdir: GRU -> structured GRU, int8 GRU."""
-  workdir = tmp_path_factory.mktemp("compress_mnist1d")
-  run_pipeline(compress_mnist1d.get_config("tiny"), workdir)
-  return workdir
+  def build():
+    workdir = tmp_path_factory.mktemp("compress_mnist1d")
+    run_pipeline(compress_mnist1d.get_config("tiny"), workdir)
+    return workdir
+  return built_once(tmp_path_factory, "gru_chain", build)
 
 
 def test_full_config_pairs_every_student_with_a_twin():

@@ -16,7 +16,7 @@ from flax import nnx
 
 from rtjax.checkpoint import load_checkpoint
 from rtjax.train.metrics import read_metrics
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, built_once, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +52,11 @@ def params_of(path):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("two_processes")
-  finish(start(workdir))
-  return workdir
+  def build():
+    workdir = tmp_path_factory.mktemp("two_processes")
+    finish(start(workdir))
+    return workdir
+  return built_once(tmp_path_factory, "uninterrupted", build)
 
 
 def test_two_processes_train_and_only_process_0_writes(uninterrupted):

@@ -6,6 +6,7 @@ checkpoint records the slice and what was predicted there."""
 import pytest
 
 from rtjax.optimize.search import Settings, run_search
+from tests.conftest import built_once
 from tests.test_optimize import TINY, fake_clock
 
 pytestmark = pytest.mark.slow
@@ -14,14 +15,16 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def target_search(trained, tmp_path_factory):
   pytest.importorskip("libtpu", reason="needs the rtjax[tpu] extra")
-  workdir = tmp_path_factory.mktemp("optimize_target")
   # One candidate, no sensitivity entries: the slice's compiles are the cost.
   settings = Settings(**{**TINY, "uniform": (0.5,), "keep_fractions": (),
                          "max_candidates": 1, "max_finalists": 1,
                          "latency_budget_ms": 0.0, "budget_of_parent": 2.0,
                          "target": "v5litepod-8"})
-  return workdir, run_search(trained[1], workdir, settings,
-                             clock=fake_clock())
+  def build():
+    workdir = tmp_path_factory.mktemp("optimize_target")
+    return workdir, run_search(trained[1], workdir, settings,
+                               clock=fake_clock())
+  return built_once(tmp_path_factory, "target_search", build)
 
 
 def test_every_latency_is_the_slices_estimate(target_search):

@@ -23,7 +23,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.conftest import run_module
+from tests.conftest import built_once, run_module
 
 pytestmark = pytest.mark.slow  # a dozen commands, each a fresh process
 
@@ -173,6 +173,11 @@ def trained_workdir(trained):
 def refused(tmp_path_factory, trained_workdir):
   """{case name: Outcome}: every case's command run once, concurrently, the
   checkpoint cases each on its own copy of the trained workdir."""
+  return built_once(tmp_path_factory, "refused", lambda: _refuse_all(
+      tmp_path_factory, trained_workdir))
+
+
+def _refuse_all(tmp_path_factory, trained_workdir):
   outcomes: dict[str, Outcome] = {}
   for name, case in CASES.items():
     outcomes[name] = Outcome(None, case, str(tmp_path_factory.mktemp(name)))

@@ -122,6 +122,15 @@ def _train_rung(names: Sequence[str], k: int, steps: int,
   return False
 
 
+def _ranked(names: Sequence[str], store: SearchStore, k: int,
+            first: str | None, fits: Collection[str],
+            predicted: Mapping[str, float]) -> list[str]:
+  """Rung k's trained candidates in the order they are promoted."""
+  return sorted(names, key=lambda n: (
+      n != first, n not in fits, 0.0 if n in fits else predicted.get(n, 0.0),
+      -store.get(f"job/{n}/rung{k}")["val_accuracy"]))
+
+
 def successive_halving(names: Sequence[str], rungs: Sequence[int],
                        train: Callable[[str, int, int], dict],
                        store: SearchStore, clock: Callable[[], float],
@@ -147,7 +156,6 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
   all are promoted past every halving rung but the last planned one.
   `reserved` keeps one of the places at every rung, when there are at
   least two (the widest predicted margin)."""
-  predicted = predicted or {}
   first = reserved if max_finalists >= 2 else None
   survivors, planned, trained_steps = list(names), len(rungs), 0
   for k in range(planned + extra_rungs):
@@ -158,10 +166,7 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
                                 budget_s, rungs[0] if k >= planned - 1
                                 else None)
       trained = [n for n in survivors if f"job/{n}/rung{k}" in store]
-      ranked = sorted(trained, key=lambda n: (
-          n != first, n not in fits,
-          0.0 if n in fits else predicted.get(n, 0.0),
-          -store.get(f"job/{n}/rung{k}")["val_accuracy"]))
+      ranked = _ranked(trained, store, k, first, fits, predicted or {})
       protected = [n for n in ranked if n in scratch
                    and trained_steps < scratch_min_steps]
       if k >= planned - 1:  # the finalists; later rungs only train longer

@@ -67,8 +67,9 @@ def _estimate(store: SearchStore, name: str, steps: int) -> float:
   if line := _line(own):
     return line[0] + line[1] * steps
   names = {k.split("/")[1] for k in jobs}
-  slopes = [line[1] for n in names if (line := _line(
-      [v for k, v in jobs.items() if k.startswith(f"job/{n}/")]))]
+  fits = [_line([v for k, v in jobs.items() if k.startswith(f"job/{n}/")])
+          for n in names]
+  slopes = [fit[1] for fit in fits if fit]
   if own and slopes:
     slope = float(np.median(slopes))
     start = np.median([max(j["seconds"] - slope * j["steps"], 0.0)

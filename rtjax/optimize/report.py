@@ -129,7 +129,8 @@ def time_spent(store, settings) -> dict:
     reason = (
         "no candidate was trained" if last is None else
         "the next fine-tune, estimated from the jobs so far (a cost per "
-        "job and per step), did not fit before the time kept for the final phase "
+        "job and per step), did not fit before the time kept for the final "
+        "phase "
         f"({reserve:.0f} s; it took {parts[-2][1] + parts[-1][1]:.0f} s)"
         if last["out_of_time"] else
         f"every planned rung and the {settings.extra_rungs} extra rung(s) "

@@ -35,11 +35,12 @@ import experiments  # noqa: E402,F401
 
 def built_once(tmp_path_factory, name: str, build):
   """A fixture's value built once per session, whichever pytest-xdist worker
-  asks first: the others wait on a lock and read it back (pickled), instead
-  of each building every session or module fixture its share of the tests
-  needs (a tiny search, a pipeline, a batch of refused commands: tens of
-  CPU seconds each). Paths in the value lie under the session's temporary
-  root, which every worker reads."""
+  asks first: the others wait on a lock and read it back (pickled). Without
+  it every worker builds each session fixture its tests use (the tiny run,
+  the family checkpoints), and each module fixture whose tests worksteal
+  spread over workers (a tiny search, a pipeline: tens of CPU seconds
+  each). Paths in the value lie under the session's temporary root, which
+  every worker reads."""
   if "PYTEST_XDIST_WORKER" not in os.environ:
     return build()
   root = tmp_path_factory.getbasetemp().parent

@@ -275,7 +275,8 @@ def _conclude(ctx: Context, plan: dict, final: dict, budget: dict,
   summary.update(rivals=rivals, compile_memo=ctx.memo.summary(),
                  parent_drift=store.get("parent_drift", {}),
                  scratch=_scratch_rule(ctx, plan),
-                 reserved=plan["widest"] if s.max_finalists >= 2 else None)
+                 reserved=plan["widest"] if store.get("rung0", {}).get(
+                     "reserved") else None)
   report.write(summary, ctx.workdir, sens)
   if chosen is None:
     raise BudgetNotMet(unmet)

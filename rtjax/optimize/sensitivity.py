@@ -128,14 +128,13 @@ def measure(model: nnx.Module, spec: dict, val, batch: int, percentile: float,
 def markdown(sens: dict, figure: str, one_figure: bool = False) -> str:
   """The table; `figure` names the latency (p99; 'est.' for a slice's one
   estimate, shown alone with `one_figure`)."""
-  one = one_figure
-  speedups = (f"speedup ({figure}) |" if one
+  speedups = (f"speedup ({figure}) |" if one_figure
               else f"speedup p50 | speedup {figure} |")
   lines = ["| kind | group / layer | keep | val acc. drop (points) | "
-           + speedups, "|" + " --- |" * (5 if one else 6)]
+           + speedups, "|" + " --- |" * (5 if one_figure else 6)]
 
   def cells(e):
-    return (f"{e['speedup_p']:.2f}x |" if one else
+    return (f"{e['speedup_p']:.2f}x |" if one_figure else
             f"{e['speedup_p50']:.2f}x | {e['speedup_p']:.2f}x |")
   for e in sens["groups"]:
     lines.append(f"| prune | {e['name']} | {e['keep']:.2f} | "
@@ -145,7 +144,7 @@ def markdown(sens: dict, figure: str, one_figure: bool = False) -> str:
                  f"{cells(e)}")
   for e in sens.get("blocks", []):
     lines.append(f"| drop | {e['name']} | | {e['accuracy_drop']:+.2f} | "
-                 + ("|" if one else "| |"))
+                 + ("|" if one_figure else "| |"))
   return "\n".join(lines) + "\n"
 
 

@@ -558,3 +558,19 @@ def test_screening_predicts_from_the_percentile_ratio():
   assert screening.screened_p(rows, "small") == pytest.approx(1.0)
   # Scaled to the parent's latency the budget was set from.
   assert screening.screened_p(rows, "small", parent_p_ms=3.0) == pytest.approx(1.5)
+
+
+def test_screening_tries_the_parents_own_lowering_where_the_layers_exist():
+  from rtjax.models.registry import create_model, full_args, model_class
+  args = full_args(model_class("cnn1d"), {"num_classes": 10,
+                                          "input_shape": [40, 1]})
+  spec = {"name": "cnn1d", "args": args}
+  model = create_model("cnn1d", args)
+  patches = "conv1:patches,conv2:patches,conv3:patches"
+  # A mixed choice is a third variant; a uniform one adds nothing; a layer
+  # the candidate lacks (here a made-up one) is left out.
+  assert screening._lowerings(model, spec, "conv1:patches") == [
+      "xla", patches, "conv1:patches"]
+  assert screening._lowerings(model, spec, "xla") == ["xla", patches]
+  assert screening._lowerings(model, spec, "conv1:patches,deep/conv9:patches"
+                              ) == ["xla", patches, "conv1:patches"]

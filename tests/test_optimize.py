@@ -562,6 +562,7 @@ def test_screening_predicts_from_the_percentile_ratio():
 
 def test_screening_tries_the_parents_own_lowering_where_the_layers_exist():
   from rtjax.models.registry import create_model, full_args, model_class
+  from rtjax.optimize import serving
   args = full_args(model_class("cnn1d"), {"num_classes": 10,
                                           "input_shape": [40, 1]})
   spec = {"name": "cnn1d", "args": args}
@@ -569,8 +570,11 @@ def test_screening_tries_the_parents_own_lowering_where_the_layers_exist():
   patches = "conv1:patches,conv2:patches,conv3:patches"
   # A mixed choice is a third variant; a uniform one adds nothing; a layer
   # the candidate lacks (here a made-up one) is left out.
-  assert screening._lowerings(model, spec, "conv1:patches") == [
+  assert serving.conv_lowerings(model, spec, "conv1:patches") == [
       "xla", patches, "conv1:patches"]
-  assert screening._lowerings(model, spec, "xla") == ["xla", patches]
-  assert screening._lowerings(model, spec, "conv1:patches,deep/conv9:patches"
+  assert serving.conv_lowerings(model, spec, "xla") == ["xla", patches]
+  assert serving.conv_lowerings(model, spec, "conv1:patches,deep/conv9:patches"
                               ) == ["xla", patches, "conv1:patches"]
+  # A finalist's option grid keeps the lowering screening chose for it.
+  grid = serving.option_grid(model, spec, {"conv_lowering": "conv1:patches"})
+  assert grid and {o["conv_lowering"] for o in grid} == {"conv1:patches"}

@@ -55,7 +55,7 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
   variants, served = [], []
   for name, (model, s) in built.items():
     for conv_lowering, embed, dots in itertools.product(
-        _lowerings(model, s, parent_options["conv_lowering"]),
+        serving.conv_lowerings(model, s, parent_options["conv_lowering"]),
         serving.embed_choices(
             options_lib.device_kind(kind)), options_lib.dot_kernels(kind)):
       options = {**base, "conv_lowering": conv_lowering,
@@ -85,23 +85,6 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
       row["untuned_val_accuracy"] = evaluate(model, val, 512)["accuracy"]
     out[name] = row
   return out
-
-
-def _lowerings(model, spec: dict, parent_lowering: str) -> list[str]:
-  """The conv lowerings a candidate is screened under: XLA's convs, every
-  conv as patches, and the parent's own per-layer choice where the
-  candidate has those layers (pruning keeps the layer names). A mixed choice
-  can beat both uniform ones: in one MNIST-1D search uniform50 screened at
-  0.58x the parent's p50 as all patches, and its tuned conv1-only patches
-  ran at 0.49x in the final runs."""
-  blocks = lowering_lib.candidate_blocks(model, spec["args"]["input_shape"])
-  chosen = lowering_lib.parse_lowering(parent_lowering)
-  own = {path: block for path, block in (
-      chosen.items() if isinstance(chosen, dict) else ())
-         if block in blocks.get(path, ())}
-  return list(dict.fromkeys((
-      "xla", lowering_lib.describe(lowering_lib.all_patches(
-          model, spec["args"]["input_shape"])), lowering_lib.describe(own))))
 
 
 def screened_p(screen_rows: dict, name: str,

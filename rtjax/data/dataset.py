@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +62,9 @@ def split_by_seed(images: np.ndarray, labels: np.ndarray, fraction: float,
   if fraction <= 0:
     empty = Split(images[:0], labels[:0])
     return Split(images, labels), empty
+  # Imported here: scikit-learn takes ~0.8 s to import and every command
+  # imports this module, most of them to read a checkpoint, not to split.
+  from sklearn.model_selection import train_test_split
   keep_x, held_x, keep_y, held_y = train_test_split(
       images, labels, test_size=fraction, random_state=seed, stratify=labels)
   return Split(keep_x, keep_y), Split(held_x, held_y)

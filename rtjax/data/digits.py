@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from sklearn.datasets import load_digits
 
 from rtjax.data.dataset import Dataset, DatasetSpec, split_by_seed
 from rtjax.data.registry import register
@@ -12,6 +11,7 @@ from rtjax.data.registry import register
 
 def _digit_images() -> tuple[np.ndarray, np.ndarray]:
   """(1797, 8, 8, 1) float32 in [0, 1] and int32 labels."""
+  from sklearn.datasets import load_digits  # ~0.8 s: only when loaded
   bunch = load_digits()
   images = (bunch.images / 16.0).astype(np.float32)[..., None]
   return images, bunch.target.astype(np.int32)

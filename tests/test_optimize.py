@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from rtjax.optimize import (audit, finetune, halving, memo, screening,
-                            serving, stats)
+from rtjax.optimize import (audit, candidates, finetune, halving, memo,
+                            screening, serving, stats)
 from rtjax.optimize.search import SCREENED_OPTIONS, Settings, run_search
 from rtjax.optimize.store import SearchStore
 from tests.conftest import built_once, run_module
@@ -536,7 +536,6 @@ def test_optimize_stage_ends_a_pipeline(trained, tiny_search, tmp_path):
 
 
 def test_layer_dropping_candidates_from_the_sensitivity():
-  from rtjax.optimize import candidates
   from rtjax.models.registry import full_args, model_class
   spec = {"name": "vit", "args": full_args(model_class("vit"), {
       "num_classes": 10, "input_shape": [8, 8, 1], "depth": 4})}
@@ -548,6 +547,15 @@ def test_layer_dropping_candidates_from_the_sensitivity():
   # The cheapest first; DistilBERT's every other block; the last half.
   assert made == {"drop1": [1], "drop2": [1, 3], "drop3": [1, 2, 3],
                   "drop_last2": [2, 3]}  # every other block is drop2's
+
+
+def test_recipes_that_round_to_the_same_widths_are_trained_once():
+  # 4 units: 37.5% rounds up to 50%'s two units; 100% keeps every unit.
+  spec = {"name": "mlp", "args": {"num_classes": 10, "input_shape": [40],
+                                  "hidden": [4], "residual": False}}
+  made = candidates.recipes(spec, {"groups": [], "int8": [], "blocks": []},
+                            (1.0, 0.75, 0.5, 0.375, 0.25), (), shallow=False)
+  assert [r["name"] for r in made] == ["uniform75", "uniform50", "uniform25"]
 
 
 def test_screening_predicts_from_the_percentile_ratio():

@@ -65,47 +65,49 @@ def _drops(spec: dict, blocks: list[dict]) -> list[tuple[str, list[int]]]:
   return [(n, d) for n, d in out if 0 < len(d) <= most]
 
 
-def _kept_widths(spec: dict, fraction: float, round_to: int) -> dict:
+def _kept_widths(spec: dict, keep: dict, round_to: int = 1) -> dict:
+  """{group: units kept} of a keep map: what identifies a pruned
+  architecture (fractions of a narrow group can round to the same count)."""
   cls = models.model_class(spec["name"])
-  return {g.name: structured.kept_count(g.width, fraction, round_to, g.unit)
+  return {g.name: structured.kept_count(g.width, keep[g.name], round_to,
+                                        g.unit)
           for g in cls.prunable_groups(spec["args"])}
 
 
 def recipes(spec: dict, sens: dict, uniform=UNIFORM,
             thresholds=THRESHOLDS, shallow: bool = True,
             lanes: int | None = None) -> list[dict]:
-  """Candidate recipes, without duplicates (same keep map, same blocks
-  dropped or same args). With `lanes` (a TPU slice's), each uniform
-  fraction also with its kept widths rounded up to whole lane tiles, where
-  that differs from the plain cut and still removes units."""
+  """Candidate recipes, without duplicates (the same kept widths, blocks
+  dropped or args) and without pruned ones that keep every unit. With
+  `lanes` (a TPU slice's), each uniform fraction also with its kept widths
+  rounded up to whole lane tiles, where that differs from the plain cut."""
   groups = group_names(spec)
-  out, seen = [], set()
+  full = repr(sorted(_kept_widths(spec, dict.fromkeys(groups, 1.0)).items())
+              ) if groups else None
+  out, seen = [], {full}
 
   def add(recipe, key):
     if key not in seen:
       seen.add(key)
       out.append(recipe)
 
+  def widths(keep, round_to=1):
+    return repr(sorted(_kept_widths(spec, keep, round_to).items()))
+
   for fraction in uniform if groups else ():
-    keep = {g: fraction for g in groups}
+    keep = dict.fromkeys(groups, fraction)
     add({"name": f"uniform{100 * fraction:g}", "kind": "prune",
-         "keep": keep}, repr(sorted(keep.items())))
-    if not lanes:
-      continue
-    tiled = _kept_widths(spec, fraction, lanes)
-    full = _kept_widths(spec, 1.0, 1)
-    if tiled != _kept_widths(spec, fraction, 1) and tiled != full:
+         "keep": keep}, widths(keep))
+    if lanes:
       add({"name": f"uniform{100 * fraction:g}_lanes", "kind": "prune",
-           "keep": keep, "round_to": lanes}, repr(sorted(tiled.items())))
+           "keep": keep, "round_to": lanes}, widths(keep, lanes))
   for t in thresholds if groups else ():
     keep = {}
     for g in groups:
       entries = [e for e in sens["groups"] if e["name"] == g]
       gain = max((e["speedup_p50"] for e in entries), default=1.0)
       keep[g] = _keep_for(entries, t) if gain >= NO_GAIN else 1.0
-    if any(f < 1.0 for f in keep.values()):
-      add({"name": f"sens{t:g}", "kind": "prune", "keep": keep},
-          repr(sorted(keep.items())))
+    add({"name": f"sens{t:g}", "kind": "prune", "keep": keep}, widths(keep))
   for name, drop in _drops(spec, sens.get("blocks", [])):
     add({"name": name, "kind": "drop", "drop": drop}, repr(drop))
   reason = models.no_shallower_reason(spec["name"])

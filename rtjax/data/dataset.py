@@ -22,12 +22,14 @@ class Split:
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """What a dataset declares without loading: one example's shape and dtype
-  and the number of classes (of a token dataset: its vocabulary size). It
-  has the attributes a model is built from, as a loaded Dataset has."""
+  and the number of classes (of a token dataset: its vocabulary size, and
+  the vocabulary itself, token i being its i-th character). It has the
+  attributes a model is built from, as a loaded Dataset has."""
   name: str
   input_shape: tuple[int, ...]
   num_classes: int
   dtype: str = "float32"
+  vocabulary: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Dataset:
   val: Split
   test: Split
   num_classes: int
+  vocabulary: str = ""  # a token dataset's: token i is its i-th character
 
   @property
   def input_shape(self) -> tuple[int, ...]:
@@ -46,14 +49,15 @@ class Dataset:
   @property
   def spec(self) -> DatasetSpec:
     return DatasetSpec(self.name, self.input_shape, self.num_classes,
-                       str(self.train.images.dtype))
+                       str(self.train.images.dtype), self.vocabulary)
 
   def describe(self) -> dict:
     """What a checkpoint records so a consumer can rebuild the same data."""
     return {"name": self.name, "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
             "sizes": {"train": len(self.train), "val": len(self.val),
-                      "test": len(self.test)}}
+                      "test": len(self.test)},
+            **({"vocabulary": self.vocabulary} if self.vocabulary else {})}
 
 
 def split_by_seed(images: np.ndarray, labels: np.ndarray, fraction: float,

@@ -20,7 +20,7 @@ Require = Callable[[bool, str, str], None]
 
 @dataclasses.dataclass(frozen=True)
 class DatasetType:
-  spec: DatasetSpec
+  spec: DatasetSpec | Callable[[ml_collections.ConfigDict], DatasetSpec]
   load: Callable[[ml_collections.ConfigDict, int], Dataset]
   check: Callable[[ml_collections.ConfigDict, Require], None]
 
@@ -28,16 +28,21 @@ class DatasetType:
 _DATASETS: dict[str, DatasetType] = {}
 
 
-def register(spec: DatasetSpec,
+def register(spec: DatasetSpec | Callable[[ml_collections.ConfigDict],
+                                         DatasetSpec],
              check: Callable[[ml_collections.ConfigDict, Require], None]
-             = lambda data_config, require: None):
+             = lambda data_config, require: None, name: str | None = None):
   """Decorator on a loader `load(data_config, seed) -> Dataset`: makes it the
-  dataset `spec.name`. `check(data_config, require)` validates the keys only
-  this dataset reads with `require(condition, key under data., message)`."""
+  dataset `spec.name`. `spec` is what it declares, or a function of its
+  `config.data` that does (a token dataset's example length is a setting;
+  then `name` names it). `check(data_config, require)` validates the keys
+  only this dataset reads with `require(condition, key under data.,
+  message)`."""
+  name = name or spec.name
   def wrap(load):
-    if spec.name in _DATASETS:
-      raise ValueError(f"dataset {spec.name!r} registered twice")
-    _DATASETS[spec.name] = DatasetType(spec, load, check)
+    if name in _DATASETS:
+      raise ValueError(f"dataset {name!r} registered twice")
+    _DATASETS[name] = DatasetType(spec, load, check)
     return load
   return wrap
 
@@ -56,7 +61,8 @@ def dataset_type(name: str) -> DatasetType:
 
 def dataset_spec(data_config) -> DatasetSpec:
   """What the dataset a config's `data` section names declares; reads no data."""
-  return dataset_type(data_config.name).spec
+  spec = dataset_type(data_config.name).spec
+  return spec if isinstance(spec, DatasetSpec) else spec(data_config)
 
 
 def check_dataset(data_config, require: Require) -> None:
@@ -76,7 +82,8 @@ def load_dataset(data_config, seed: int) -> Dataset:
   kind = dataset_type(data_config.name)
   kind.check(data_config, _require)
   dataset = kind.load(data_config, seed)
-  if dataset.spec != kind.spec:
-    raise ValueError(f"dataset {data_config.name!r} declared {kind.spec} but "
+  declared = dataset_spec(data_config)
+  if dataset.spec != declared:
+    raise ValueError(f"dataset {data_config.name!r} declared {declared} but "
                      f"loaded {dataset.spec}")
   return dataset

@@ -248,7 +248,7 @@ def test_cifar10_corrupt_batch_is_a_data_error_naming_the_file(
 def test_unknown_dataset_is_a_config_error():
   with pytest.raises(ConfigError, match=r"data.name: unknown dataset 'mnist'; "
                      r"set --config.data.name to one of cifar10, digits, "
-                     r"digits32, mnist1d$"):
+                     r"digits32, mnist1d, shakespeare$"):
     load_dataset(data_config(name="mnist"), seed=0)
   with pytest.raises(ConfigError, match="unknown dataset 'mnist'"):
     dataset_spec(data_config(name="mnist"))

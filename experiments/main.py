@@ -62,9 +62,11 @@ def main(argv):
             flush=True)
       return
     test = outcome.metrics.get("test", {})
+    bits = (f", {test['bits_per_token']:.3f} bits/token"
+            if "bits_per_token" in test else "")
     print(f"{stage}: step {outcome.step}: test accuracy "
           f"{test.get('accuracy', float('nan')):.4f} (loss "
-          f"{test.get('loss', float('nan')):.4f}); checkpoints in "
+          f"{test.get('loss', float('nan')):.4f}{bits}); checkpoints in "
           f"{outcome.checkpoint_dir}", flush=True)
   if _REPORT.value and jax.process_count() == 1:
     rows = compare.compare(compare.load_all(

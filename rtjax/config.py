@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mnist1d = ml_collections.ConfigDict()
   c.data.mnist1d.num_samples = 5000  # num_samples // 10 per class
   c.data.mnist1d.seed = 42  # the generator's, not the split seed (c.seed)
+  # shakespeare: input characters per example (its split is by play; see
+  # rtjax.data.shakespeare).
+  c.data.context = 128
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64

@@ -38,6 +38,16 @@ def percentiles(seconds: Sequence[float], batch: int) -> dict[str, float]:
           "calls": len(ms)}
 
 
+def sample_inputs(model: CompiledModel, batch: int, seed: int = 0
+                  ) -> np.ndarray:
+  """`batch` rows to time a model on: normal features, or token id 0 for a
+  token model (its compute does not depend on which tokens)."""
+  shape = (batch, *model.input_shape)
+  if not np.issubdtype(model.input_dtype, np.floating):
+    return np.zeros(shape, model.input_dtype)
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
 def interleaved_latency(served: Sequence[CompiledModel], batch: int,
                         iters: int = 200, warmup: int = 20, seed: int = 0,
                         seconds: float | None = None, max_iters: int = 3000,
@@ -54,9 +64,7 @@ def interleaved_latency(served: Sequence[CompiledModel], batch: int,
   `percentile`, that one too as `p_ms`."""
   calls = {}
   for k, model in enumerate(served):
-    images = np.random.default_rng(seed).normal(
-        size=(batch, *model.input_shape)).astype(np.float32)
-    x = jax.device_put(images, model.input_sharding)
+    x = jax.device_put(sample_inputs(model, batch, seed), model.input_sharding)
     calls[k] = (lambda m, x: lambda: m.run_bucket(x).block_until_ready())(model, x)
   if seconds is not None:
     probe = time_calls(calls, 3, warmup=2)
@@ -93,10 +101,10 @@ def host_overhead(model: CompiledModel, iters: int = 500,
   """p50 of three batch-1 paths, timed in turns: a trivial jitted call (the
   dispatch floor), the compiled model on a device-resident input, and the
   full request (numpy in, pad, run, trim, numpy out)."""
-  images = np.zeros((1, *model.input_shape), np.float32)
+  images = np.zeros((1, *model.input_shape), model.input_dtype)
   bucket = model.bucket_for(1)
-  on_device = jax.device_put(np.zeros((bucket, *model.input_shape), np.float32),
-                             model.input_sharding)
+  on_device = jax.device_put(np.zeros((bucket, *model.input_shape),
+                                      model.input_dtype), model.input_sharding)
   paths = {"trivial_jit": trivial_call(on_device),
            "device_call": lambda: model.run_bucket(on_device).block_until_ready(),
            "request": lambda: model(images)}

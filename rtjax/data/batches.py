@@ -79,5 +79,6 @@ def eval_batches(split: Split, batch_size: int
     if pad:
       images = np.concatenate([images, np.zeros((pad, *images.shape[1:]),
                                                 images.dtype)])
-      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+      labels = np.concatenate([labels, np.zeros((pad, *labels.shape[1:]),
+                                                labels.dtype)])
     yield images, labels, mask

@@ -29,7 +29,7 @@ from rtjax.infer import program as program_lib
 from rtjax.infer.fold import fold_batchnorm
 from rtjax.checkpoint import load_checkpoint
 from rtjax.errors import FlagError, InputError
-from rtjax.models.registry import tensor_parallel_rules
+from rtjax.models.registry import input_dtype, tensor_parallel_rules
 
 DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
 
@@ -95,6 +95,7 @@ class CompiledModel:
          "embed_weights": embed_weights, "round_widths_to": round_widths_to,
          "dot_kernels": dot_kernels}, model, spec)
     self._check_buckets(input_shape, batch_sizes)
+    self.input_dtype = np.dtype(input_dtype(model))
     self._rules, self._spec = tensor_parallel_rules(model), spec
     self.programs = self._programs(self._served_model(model, spec))
     self._compile()
@@ -240,7 +241,7 @@ class CompiledModel:
                        program.place())
     images = jax.make_array_from_process_local_data(
         self.input_sharding, np.zeros((batch // self.num_processes,
-                                       *self.input_shape), np.float32))
+                                       *self.input_shape), self.input_dtype))
     return lambda: compiled(state, images).block_until_ready()
 
   def _time_pair(self, a, b) -> tuple[float, float]:
@@ -270,7 +271,7 @@ class CompiledModel:
     return self.executables[images.shape[0]](self.states[images.shape[0]], images)
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images, np.float32)
+    images = np.asarray(images, self.input_dtype)
     if images.shape[1:] != self.input_shape:
       raise InputError(f"inputs of shape {images.shape[1:]} given to a model "
                        f"compiled for {self.input_shape}")
@@ -299,7 +300,7 @@ class CompiledModel:
     if count == local:
       padded = rows
     else:
-      padded = np.zeros((local, *self.input_shape), np.float32)
+      padded = np.zeros((local, *self.input_shape), self.input_dtype)
       padded[:count] = rows
     if self.num_processes == 1:
       out = self.executables[bucket](self.states[bucket], padded)

@@ -15,6 +15,7 @@ from etils import epath
 from flax import nnx
 
 from rtjax.infer.fold import fold_batchnorm
+from rtjax.models.registry import input_dtype
 
 
 def export_serving(model: nnx.Module, input_shape: Sequence[int],
@@ -29,13 +30,14 @@ def export_serving(model: nnx.Module, input_shape: Sequence[int],
     return nnx.merge(graphdef, state)(images)  # weights become constants
 
   batch = jax.export.symbolic_shape("batch")
-  spec = jax.ShapeDtypeStruct((*batch, *input_shape), jnp.float32)
+  dtype = jnp.dtype(input_dtype(model))
+  spec = jax.ShapeDtypeStruct((*batch, *input_shape), dtype)
   exported = jax.export.export(jax.jit(serve))(spec)
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(exported.serialize())
   manifest = {"format": "jax_export", "input_shape": list(input_shape),
-              "input_dtype": "float32", "batch_dim": "symbolic",
+              "input_dtype": dtype.name, "batch_dim": "symbolic",
               "metadata": metadata or {}}
   path.with_name(path.name + ".json").write_text(json.dumps(manifest, indent=1))
   return path

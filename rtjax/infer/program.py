@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from rtjax import models
 from rtjax.errors import FlagError
 from rtjax.infer import mesh as mesh_lib
 from rtjax.infer import precision
@@ -72,6 +73,7 @@ class Program:
   shardings: Any
   input_sharding: NamedSharding
   input_shape: tuple[int, ...]
+  input_dtype: np.dtype  # float32 features, or a token model's int32 ids
 
   def abstract_weights(self):
     """The weights as jax.ShapeDtypeStruct with their shardings: all that
@@ -83,8 +85,8 @@ class Program:
         self.weights, self.shardings)
 
   def input_spec(self, batch: int) -> jax.ShapeDtypeStruct:
-    """`batch` float32 rows split over the mesh's data axis."""
-    return jax.ShapeDtypeStruct((batch, *self.input_shape), jnp.float32,
+    """`batch` rows split over the mesh's data axis."""
+    return jax.ShapeDtypeStruct((batch, *self.input_shape), self.input_dtype,
                                 sharding=self.input_sharding)
 
   def lower(self, batch: int) -> jax.stages.Lowered:
@@ -112,8 +114,10 @@ def build(model: nnx.Module, input_shape: Sequence[int], mesh: Mesh,
   dtype = jnp.dtype(dtype)
   graphdef, state = nnx.split(transformed(
       model, lambda m: precision.with_dtype(m, dtype), f"dtype {dtype}"))
+  inputs = np.dtype(models.input_dtype(model))
+  cast = jnp.issubdtype(inputs, jnp.floating)  # token ids stay integers
   run = (lambda m, images: m(images) if dtype == jnp.float32
-         else m(images.astype(dtype)).astype(jnp.float32))
+         else m(images.astype(dtype) if cast else images).astype(jnp.float32))
   if embed_weights:  # host copies become constants: no weight inputs
     if holds_shapes(state):
       raise FlagError("embed_weights compiles the weights' values into the "
@@ -127,4 +131,4 @@ def build(model: nnx.Module, input_shape: Sequence[int], mesh: Mesh,
   jitted = jax.jit(forward, in_shardings=(shardings, input_sharding),
                    out_shardings=input_sharding)
   return Program(jitted, state, shardings, input_sharding,
-                 tuple(int(d) for d in input_shape))
+                 tuple(int(d) for d in input_shape), inputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+import jax.numpy as jnp
 from flax import nnx
 
 from rtjax.errors import ConfigError
@@ -75,6 +76,12 @@ def tensor_parallel_rules(model: nnx.Module) -> tuple:
   """The sharding rules `model`'s family declares (or the default)."""
   return getattr(type(model), "tensor_parallel_rules",
                  DEFAULT_TENSOR_PARALLEL_RULES)
+
+
+def input_dtype(model: nnx.Module):
+  """What the model's inputs are: float32 features, or what its family
+  declares (`input_dtype`: a decoder's int32 token ids)."""
+  return getattr(type(model), "input_dtype", jnp.float32)
 
 
 def create_model(name: str, args: dict[str, Any], seed: int = 0) -> nnx.Module:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from rtjax.models.modes import inference_view
+from rtjax.models.registry import input_dtype
 
 
 def param_count(model: nnx.Module) -> int:
@@ -37,7 +37,7 @@ def forward_flops(model: nnx.Module, input_shape: Sequence[int],
   def forward(state, x):
     return nnx.merge(graphdef, state)(x)
 
-  x = jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32)
+  x = jax.ShapeDtypeStruct((batch_size, *input_shape), input_dtype(model))
   lowered = jax.jit(forward).lower(state, x)
   return float(cost_analysis(lowered).get("flops", 0.0))
 
@@ -72,7 +72,7 @@ def layer_shapes(model: nnx.Module, input_shape: Sequence[int],
       return out
 
     jax.eval_shape(forward, state, jax.ShapeDtypeStruct(
-        (batch_size, *input_shape), jnp.float32))
+        (batch_size, *input_shape), input_dtype(model)))
   finally:
     for cls, call in originals.items():
       cls.__call__ = call

@@ -1,0 +1,231 @@
+"""Decoder-only Transformer over tokens, for next-token prediction.
+
+Token embedding -> blocks of pre-norm (RMSNorm) causal self-attention with
+rotary positions (RoPE) and an MLP (GELU, or gated SiLU: SwiGLU) -> RMSNorm
+-> logits through the embedding itself (tied). Attention may be grouped
+(GQA: fewer key/value heads than query heads, each shared by a group of
+query heads), which shrinks the key/value cache a generation engine keeps.
+Input (batch, T) int32 tokens; output (batch, T, vocabulary) logits, where
+position t predicts token t + 1. No biases; no position table (RoPE
+rotates queries and keys by position), so nothing fixes T but the config.
+
+Prunable, per block: key/value heads (each takes its group of query heads
+with it) and MLP units; whole blocks drop around the residual stream.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rtjax.models.depth import trim
+from rtjax.models.groups import Axis, Group, per_block
+from rtjax.models.registry import (DEFAULT_TENSOR_PARALLEL_RULES, KERNEL,
+                                   register)
+
+ROPE_BASE = 10000.0
+
+
+def rotary(x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+  """x (batch, T, heads, head_dim) rotated by each token's position
+  (batch, T): pairs (i, i + head_dim/2) turn by position / base^(2i/d)."""
+  half = x.shape[-1] // 2
+  freq = ROPE_BASE ** (-np.arange(half, dtype=np.float32) / half)
+  angle = positions[..., None, None].astype(jnp.float32) * freq
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin],
+                         axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal self-attention, `kv_heads` key/value heads each shared by
+  `groups` query heads (query columns ordered key/value head first, so one
+  pruned key/value head takes a contiguous block of query columns)."""
+
+  def __init__(self, dim: int, kv_heads: int, groups: int, head_dim: int,
+               *, rngs: nnx.Rngs):
+    self.kv_heads, self.groups, self.head_dim = kv_heads, groups, head_dim
+    linear = lambda i, o: nnx.Linear(i, o, use_bias=False, rngs=rngs)
+    self.query = linear(dim, kv_heads * groups * head_dim)
+    self.key = linear(dim, kv_heads * head_dim)
+    self.value = linear(dim, kv_heads * head_dim)
+    self.out = linear(kv_heads * groups * head_dim, dim)
+
+  def project(self, x: jnp.ndarray, positions: jnp.ndarray):
+    """Rotated queries (batch, T, kv_heads, groups, head_dim) and keys and
+    values (batch, T, kv_heads, head_dim) of the tokens x at `positions`."""
+    batch, tokens, _ = x.shape
+    heads = lambda y: y.reshape(batch, tokens, self.kv_heads, self.head_dim)
+    q = self.query(x).reshape(batch, tokens, self.kv_heads * self.groups,
+                              self.head_dim)
+    q = rotary(q, positions).reshape(batch, tokens, self.kv_heads,
+                                     self.groups, self.head_dim)
+    return q, rotary(heads(self.key(x)), positions), heads(self.value(x))
+
+  def attend(self, q, keys, values, visible) -> jnp.ndarray:
+    """Output projection of q's attention over keys/values (batch, S, ...),
+    `visible` (batch, T, S) saying which key each query may see."""
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, keys) / np.sqrt(self.head_dim)
+    logits = jnp.where(visible[:, None, None], logits,
+                       jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    attended = jnp.einsum("bkgts,bskd->btkgd", weights.astype(values.dtype),
+                          values)
+    return self.out(attended.reshape(*q.shape[:2], -1))
+
+  def __call__(self, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+    q, k, v = self.project(x, positions)
+    causal = positions[:, :, None] >= positions[:, None, :]
+    return self.attend(q, k, v, causal)
+
+
+class Block(nnx.Module):
+  """x + attention(norm(x)), then x + MLP(norm(x))."""
+
+  def __init__(self, dim: int, kv_heads: int, groups: int, head_dim: int,
+               mlp_dim: int, gated: bool, *, rngs: nnx.Rngs):
+    self.norm1 = nnx.RMSNorm(dim, rngs=rngs)
+    self.attention = Attention(dim, kv_heads, groups, head_dim, rngs=rngs)
+    self.norm2 = nnx.RMSNorm(dim, rngs=rngs)
+    linear = lambda i, o: nnx.Linear(i, o, use_bias=False, rngs=rngs)
+    self.mlp_in = linear(dim, mlp_dim)
+    self.mlp_gate = linear(dim, mlp_dim) if gated else None
+    self.mlp_out = linear(mlp_dim, dim)
+
+  def mlp(self, x: jnp.ndarray) -> jnp.ndarray:
+    h = self.norm2(x)
+    if self.mlp_gate is None:
+      return self.mlp_out(nnx.gelu(self.mlp_in(h)))
+    return self.mlp_out(nnx.silu(self.mlp_gate(h)) * self.mlp_in(h))
+
+  def __call__(self, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+    x = x + self.attention(self.norm1(x), positions)
+    return x + self.mlp(x)
+
+
+# ---- structured pruning: key/value heads and MLP units per block -----------
+
+def _heads(args: dict) -> tuple[list[int], list[int]]:
+  """(query heads, key/value heads) per block."""
+  depth = args["depth"]
+  heads = [int(h) for h in per_block(args["num_heads"], depth)]
+  kv = args.get("num_kv_heads")
+  kv = heads if kv is None else [int(k) for k in per_block(kv, depth)]
+  return heads, kv
+
+
+def _prunable_groups(args: dict) -> list[Group]:
+  hd = args["head_dim"]
+  heads, kv = _heads(args)
+  mlps = per_block(args["mlp_dim"], args["depth"])
+  groups = []
+  for i in range(args["depth"]):
+    a, b, g = f"blocks/{i}/attention", f"blocks/{i}", heads[i] // kv[i]
+    axes = [Axis(f"{a}/query/kernel", 1, block=hd * g),
+            Axis(f"{a}/key/kernel", 1, block=hd),
+            Axis(f"{a}/value/kernel", 1, block=hd),
+            Axis(f"{a}/out/kernel", 0, block=hd * g)]
+    groups.append(Group(f"{b}/heads", kv[i], axes, axes, unit=hd))
+    mlp = [Axis(f"{b}/mlp_in/kernel", 1), Axis(f"{b}/mlp_out/kernel", 0)]
+    if args.get("gated"):
+      mlp.append(Axis(f"{b}/mlp_gate/kernel", 1))
+    groups.append(Group(f"{b}/mlp", mlps[i], mlp, mlp))
+  return groups
+
+
+def _with_widths(args: dict, widths: dict) -> dict:
+  heads, kv = _heads(args)
+  kept = [widths[f"blocks/{i}/heads"] for i in range(args["depth"])]
+  return {**args, "num_kv_heads": kept,
+          "num_heads": [k * (h // v) for k, h, v in zip(kept, heads, kv)],
+          "mlp_dim": [widths[f"blocks/{i}/mlp"] for i in range(args["depth"])]}
+
+
+def _shallower(args: dict) -> list[dict]:
+  """Half the blocks (at least one), per-block widths trimmed with them."""
+  depth = max(1, args["depth"] // 2)
+  if depth == args["depth"]:
+    return []
+  kv = args.get("num_kv_heads")
+  return [{**args, "depth": depth, "num_heads": trim(args["num_heads"], depth),
+           "num_kv_heads": None if kv is None else trim(kv, depth),
+           "mlp_dim": trim(args["mlp_dim"], depth)}]
+
+
+def _without_blocks(args: dict, drop) -> dict:
+  keep = [i for i in range(args["depth"]) if i not in set(drop)]
+  pick = lambda v: [v[i] for i in keep] if isinstance(v, (list, tuple)) else v
+  return {**args, "depth": len(keep), "num_heads": pick(args["num_heads"]),
+          "num_kv_heads": pick(args.get("num_kv_heads")),
+          "mlp_dim": pick(args["mlp_dim"])}
+
+
+@register("decoder")
+class Decoder(nnx.Module):
+  """Tokens -> embedding -> causal blocks -> RMSNorm -> tied logits."""
+
+  input_dtype = jnp.int32  # token ids, not features
+  # Tensor parallelism over the mesh's `model` axis: q/k/v and the MLP's
+  # first layers split by output units (heads, hidden units), the attention
+  # output and the MLP's second layer by input units (XLA adds the
+  # all-reduce); the embedding, shared by input and logits, is replicated.
+  tensor_parallel_rules = (
+      (r"(^|/)(query|key|value|mlp_in|mlp_gate)/" + KERNEL, -1),
+      (r"(^|/)(out|mlp_out)/" + KERNEL, -2),
+      (r"(^|/)embed/embedding$", None),
+      (r"(^|/)norm[^/]*/scale$", None),
+      *DEFAULT_TENSOR_PARALLEL_RULES,
+  )
+  prunable_groups = staticmethod(_prunable_groups)
+  with_widths = staticmethod(_with_widths)
+  shallower = staticmethod(_shallower)
+  block_stacks = ("blocks",)
+  droppable_blocks = staticmethod(lambda args: list(range(args["depth"])))
+  without_blocks = staticmethod(_without_blocks)
+
+  def __init__(self,
+               num_classes: int,
+               input_shape: Sequence[int],
+               embed_dim: int = 128,
+               depth: int = 4,
+               num_heads: int | Sequence[int] = 4,
+               num_kv_heads: int | Sequence[int] | None = None,
+               head_dim: int = 32,
+               mlp_dim: int | Sequence[int] = 512,
+               gated: bool = False,
+               *,
+               rngs: nnx.Rngs):
+    """`num_classes`: the vocabulary size; `input_shape`: (context,), the
+    longest sequence it is trained on; `num_kv_heads`: None for one
+    key/value head per query head, fewer for grouped-query attention (each
+    block's must divide its num_heads); `gated`: SwiGLU instead of GELU."""
+    (self.context,) = input_shape
+    args = {"depth": depth, "num_heads": num_heads,
+            "num_kv_heads": num_kv_heads}
+    heads, kv = _heads(args)
+    mlps = per_block(mlp_dim, depth)
+    if len(heads) != depth or len(kv) != depth or len(mlps) != depth:
+      raise ValueError(f"decoder: num_heads, num_kv_heads and mlp_dim need "
+                       f"one entry per block ({depth})")
+    if head_dim % 2 or any(k < 1 or h % k for h, k in zip(heads, kv)):
+      raise ValueError(f"decoder: head_dim must be even (RoPE pairs) and "
+                       f"each block's num_kv_heads must divide its num_heads, "
+                       f"got head_dim {head_dim}, {heads} and {kv}")
+    self.embed = nnx.Embed(num_classes, embed_dim, rngs=rngs)
+    self.blocks = nnx.List([
+        Block(embed_dim, k, h // k, head_dim, int(m), gated, rngs=rngs)
+        for h, k, m in zip(heads, kv, mlps)])
+    self.norm = nnx.RMSNorm(embed_dim, rngs=rngs)
+
+  def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
+    """Logits (batch, T, vocabulary) of every position's next token."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = self.embed(tokens)
+    for block in self.blocks:
+      x = block(x, positions)
+    return self.embed.attend(self.norm(x))

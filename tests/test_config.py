@@ -64,7 +64,7 @@ def test_unknown_key_in_a_config_file_is_named():
     ("train.optimizer", "lamb", "unknown optimizer 'lamb'"),
     ("train.warmup_steps", 5000, "train.warmup_steps"),
     ("data.name", "mnist", "unknown dataset 'mnist'"),
-    ("model.name", "alexnet", "known: cnn1d, gru, lenet5, lstm, mlp, resnet, transformer1d, vit"),
+    ("model.name", "alexnet", "known: cnn1d, decoder, gru, lenet5, lstm, mlp, resnet, transformer1d, vit"),
     ("data.test_fraction", 1.5, "data.test_fraction"),
     ("checkpoint.every_steps", -1, "checkpoint.every_steps"),
 ])

@@ -95,7 +95,7 @@ def test_flops_positive_for_every_family(name):
 
 
 def test_unknown_model_lists_known_ones():
-  with pytest.raises(ConfigError, match="known models: cnn1d, gru, lenet5, lstm, mlp, resnet, transformer1d, vit"):
+  with pytest.raises(ConfigError, match="known models: cnn1d, decoder, gru, lenet5, lstm, mlp, resnet, transformer1d, vit"):
     models.create_model("alexnet", {})
 
 
@@ -123,6 +123,8 @@ SMALL = {
     "lstm": ({"hidden": [4, 4]}, [6, 1]),
     "transformer1d": ({"embed_dim": 8, "depth": 2, "num_heads": 2,
                        "head_dim": 4, "mlp_dim": 8}, [6, 1]),
+    "decoder": ({"embed_dim": 8, "depth": 2, "num_heads": 2, "num_kv_heads": 1,
+                 "head_dim": 4, "mlp_dim": 8}, [6]),
 }
 
 

@@ -49,6 +49,7 @@ def test_kv_heads_must_divide_query_heads():
     models.create_model("decoder", {**ARGS, "num_kv_heads": 3})
 
 
+@pytest.mark.slow
 def test_tiny_lm_trains_and_reports_bits_per_character(tmp_path):
   from rtjax.train import train_and_evaluate
   config = lm.get_config("tiny")

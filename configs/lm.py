@@ -1,4 +1,4 @@
-r"""python -m experiments.main --config=configs/lm.py:cpu --workdir=workdirs/lm_cpu
+r"""python -m experiments.main --config=configs/lm.py:cpu --workdir=workdirs/lm/cpu
 
 Character language models on Shakespeare's plays (rtjax.data.shakespeare:
 split by play, 78 characters), decoder family (rtjax.models.decoder):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from rtjax.data import check_dataset, dataset_spec
+from rtjax.data import check_dataset, dataset_spec, shakespeare
 from rtjax.errors import ConfigError
 from rtjax.models import DATASET_ARGS, model_arg_names, model_names
 
@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mnist1d.seed = 42  # the generator's, not the split seed (c.seed)
   # shakespeare: input characters per example (its split is by play; see
   # rtjax.data.shakespeare).
-  c.data.context = 128
+  c.data.context = shakespeare.CONTEXT
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64

@@ -40,7 +40,8 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
   """{name: cost row} for the parent and every recipe. First every
   candidate architecture in one interleaved run under each fixed serving
   variant (XLA's convs, every conv as patches or the parent's own
-  per-layer lowering, weights passed or embedded, each kind of dot kernels this device has: which wins changes
+  per-layer lowering, weights passed or embedded, each kind of dot kernels
+  this device has: which wins changes
   with the widths, and tuning one per candidate here would rank them
   partly by the noise of the tuning runs), the fastest at p50 kept; then
   the parent as it is served and each architecture in its fastest variant,

@@ -41,9 +41,9 @@ def screen(parent, spec: dict, recipes: list[dict], batch: int,
   candidate architecture in one interleaved run under each fixed serving
   variant (XLA's convs, every conv as patches or the parent's own
   per-layer lowering, weights passed or embedded, each kind of dot kernels
-  this device has: which wins changes
-  with the widths, and tuning one per candidate here would rank them
-  partly by the noise of the tuning runs), the fastest at p50 kept; then
+  this device has: which wins changes with the widths, and tuning one per
+  candidate here would rank them partly by the noise of the tuning runs),
+  the fastest at p50 kept; then
   the parent as it is served and each architecture in its fastest variant,
   `runs` interleaved runs of `run_seconds` (default `seconds`; medians),
   which give the latencies the search predicts from: their tail

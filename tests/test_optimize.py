@@ -570,7 +570,6 @@ def test_screening_predicts_from_the_percentile_ratio():
 
 def test_screening_tries_the_parents_own_lowering_where_the_layers_exist():
   from rtjax.models.registry import create_model, full_args, model_class
-  from rtjax.optimize import serving
   args = full_args(model_class("cnn1d"), {"num_classes": 10,
                                           "input_shape": [40, 1]})
   spec = {"name": "cnn1d", "args": args}

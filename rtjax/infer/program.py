@@ -24,10 +24,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from rtjax import models
 from rtjax.errors import FlagError
 from rtjax.infer import mesh as mesh_lib
 from rtjax.infer import precision
+from rtjax.models.registry import input_dtype
 
 
 def holds_shapes(tree) -> bool:
@@ -114,7 +114,7 @@ def build(model: nnx.Module, input_shape: Sequence[int], mesh: Mesh,
   dtype = jnp.dtype(dtype)
   graphdef, state = nnx.split(transformed(
       model, lambda m: precision.with_dtype(m, dtype), f"dtype {dtype}"))
-  inputs = np.dtype(models.input_dtype(model))
+  inputs = np.dtype(input_dtype(model))
   cast = jnp.issubdtype(inputs, jnp.floating)  # token ids stay integers
   run = (lambda m, images: m(images) if dtype == jnp.float32
          else m(images.astype(dtype) if cast else images).astype(jnp.float32))

@@ -123,13 +123,15 @@ def _train_rung(names: Sequence[str], k: int, steps: int,
   return False
 
 
-def _ranked(names: Sequence[str], store: SearchStore, k: int,
-            first: str | None, fits: Collection[str],
-            predicted: Mapping[str, float]) -> list[str]:
-  """Rung k's trained candidates in the order they are promoted."""
+def ranked(names: Sequence[str], accuracy: Mapping[str, float],
+           first: str | None, fits: Collection[str],
+           predicted: Mapping[str, float]) -> list[str]:
+  """The order candidates are promoted in: `first` (the reserved place),
+  then those predicted to fit the budget by accuracy, then the others
+  closest to the budget (`predicted` ms) first."""
   return sorted(names, key=lambda n: (
       n != first, n not in fits, 0.0 if n in fits else predicted.get(n, 0.0),
-      -store.get(f"job/{n}/rung{k}")["val_accuracy"]))
+      -accuracy.get(n, -1.0)))
 
 
 def successive_halving(names: Sequence[str], rungs: Sequence[int],
@@ -167,16 +169,17 @@ def successive_halving(names: Sequence[str], rungs: Sequence[int],
                                 budget_s, rungs[0] if k >= planned - 1
                                 else None)
       trained = [n for n in survivors if f"job/{n}/rung{k}" in store]
-      ranked = _ranked(trained, store, k, first, fits, predicted or {})
-      protected = [n for n in ranked if n in scratch
+      order = ranked(trained, {n: store.get(f"job/{n}/rung{k}")[
+          "val_accuracy"] for n in trained}, first, fits, predicted or {})
+      protected = [n for n in order if n in scratch
                    and trained_steps < scratch_min_steps]
       if k >= planned - 1:  # the finalists; later rungs only train longer
         protected = []
-        promoted = (ranked[:max_finalists] if k == planned - 1 else
-                    sorted(survivors, key=lambda n: n not in ranked))
+        promoted = (order[:max_finalists] if k == planned - 1 else
+                    sorted(survivors, key=lambda n: n not in order))
       else:  # never fewer than the finalists the last rung will keep
-        ranked = [n for n in ranked if n not in protected]
-        promoted = ranked[:max(max_finalists, math.ceil(len(ranked) / eta))]
+        order = [n for n in order if n not in protected]
+        promoted = order[:max(max_finalists, math.ceil(len(order) / eta))]
       store.put(f"rung{k}", {
           "trained": trained, "promoted": promoted + protected,
           "protected": protected, "reserved": first in promoted,

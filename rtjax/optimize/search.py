@@ -235,10 +235,9 @@ def _plan(ctx: Context, budget: dict, recipes: list[dict],
   # The widest margin by the less favourable figure: halving keeps it.
   widest = min(under_budget, default=None, key=lambda n: max(
       predicted[n], steady[n]))
-  order = sorted(screened_in, key=lambda n: (
-      n != widest, n not in under_budget,
-      0.0 if n in under_budget else steady[n],
-      -screen[n].get("untuned_val_accuracy", -1.0)))
+  order = halving.ranked(screened_in, {
+      n: screen[n]["untuned_val_accuracy"] for n in screened_in
+      if "untuned_val_accuracy" in screen[n]}, widest, under_budget, steady)
   return {"steady": steady, "parent_fits": parent_fits,
           "under_budget": under_budget, "widest": widest, "scratch": [
               r["name"] for r in recipes if candidates.from_scratch(r)],

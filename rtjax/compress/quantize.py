@@ -22,7 +22,7 @@ def calibrate(model: nnx.Module, spec: dict, input_shape,
   batches (eagerly) and return its quantization statistics as a pure dict."""
   observer = qwix.quantize_model(
       nnx.clone(model), qwix.QtProvider(rules(spec, qwix.QtRule, static=True)),
-      sample_input(input_shape))
+      sample_input(model, input_shape))
   observer = nnx.view(observer, use_running_average=True,
                       raise_if_not_found=False)
   for images in batches:

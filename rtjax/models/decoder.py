@@ -9,6 +9,12 @@ Input (batch, T) int32 tokens; output (batch, T, vocabulary) logits, where
 position t predicts token t + 1. No biases; no position table (RoPE
 rotates queries and keys by position), so nothing fixes T but the config.
 
+Generation runs the same modules over a key/value cache (`__call__` with
+`cache`): each call writes its tokens' keys and values at their positions,
+then attends over the cache a chunk of CACHE_CHUNK positions at a time, up
+to the furthest position asked, so one compiled step serves every position
+and a short context reads only the chunks it fills.
+
 Prunable, per block: key/value heads (each takes its group of query heads
 with it) and MLP units; whole blocks drop around the residual stream.
 """
@@ -28,6 +34,7 @@ from rtjax.models.registry import (DEFAULT_TENSOR_PARALLEL_RULES, KERNEL,
                                    register)
 
 ROPE_BASE = 10000.0
+CACHE_CHUNK = 64  # cache positions one step of cached attention reads
 
 
 def rotary(x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
@@ -83,6 +90,77 @@ class Attention(nnx.Module):
     causal = positions[:, :, None] >= positions[:, None, :]
     return self.attend(q, k, v, causal)
 
+  def cached(self, x: jnp.ndarray, positions: jnp.ndarray, cache):
+    """The tokens x at consecutive `positions` (batch, T) (each row from its
+    own start), their keys and values written into `cache` (keys, values:
+    (batch, S, kv_heads, head_dim)) before they attend over it: (output,
+    cache)."""
+    q, k, v = self.project(x, positions)
+    write = jax.vmap(lambda c, new, start:
+                     jax.lax.dynamic_update_slice_in_dim(c, new, start, 0))
+    keys, values = (write(c, new.astype(c.dtype), positions[:, 0])
+                    for c, new in zip(cache, (k, v)))
+    attended = chunked_attention(q, keys, values, positions)
+    return self.out(attended.reshape(*q.shape[:2], -1)), (keys, values)
+
+
+def keys_read(position: int, length: int) -> int:
+  """Cache positions one token at `position` attends over (whole chunks up
+  to its own) in a cache of `length`."""
+  chunk = min(CACHE_CHUNK, length)
+  return chunk * (position // chunk + 1)
+
+
+def step_flops(model: nnx.Module, keys: int) -> tuple[int, int]:
+  """FLOPs of one token through a float decoder: (its matmuls: projections,
+  MLP and logits; its attention over `keys` cached positions)."""
+  vocabulary, dim = model.embed.embedding.shape
+  matmuls, attention = 2 * vocabulary * dim, 0
+  for block in model.blocks:
+    matmuls += sum(2 * m.in_features * m.out_features
+                   for _, m in nnx.iter_graph(block)
+                   if isinstance(m, nnx.Linear))
+    a = block.attention
+    attention += 2 * 2 * a.kv_heads * a.groups * a.head_dim * keys
+  return matmuls, attention
+
+
+def chunked_attention(q, keys, values, positions) -> jnp.ndarray:
+  """q (batch, T, kv, groups, d) at `positions` (batch, T) attending over
+  cached keys/values (batch, S, kv, d), key s visible where s <= position;
+  online softmax over chunks of CACHE_CHUNK keys, only as many as the
+  furthest position reaches. Returns (batch, T, kv, groups, d)."""
+  batch, tokens, kv, groups, dim = q.shape
+  chunk = min(CACHE_CHUNK, keys.shape[1])
+  if keys.shape[1] % chunk:
+    raise ValueError(f"cache length {keys.shape[1]} is not a multiple of "
+                     f"{chunk}")
+  scale = 1.0 / np.sqrt(dim)
+
+  def step(i, carry):
+    best, total, acc = carry
+    start = i * chunk
+    k = jax.lax.dynamic_slice_in_dim(keys, start, chunk, 1)
+    v = jax.lax.dynamic_slice_in_dim(values, start, chunk, 1)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * scale
+    visible = start + jnp.arange(chunk) <= positions[:, :, None]
+    logits = jnp.where(visible[:, None, None], logits,
+                       jnp.finfo(jnp.float32).min)
+    new_best = jnp.maximum(best, logits.max(-1))
+    weights = jnp.exp(logits - new_best[..., None])
+    fade = jnp.exp(best - new_best)
+    acc = acc * fade[..., None] + jnp.einsum(
+        "bkgts,bskd->bkgtd", weights.astype(v.dtype), v).astype(jnp.float32)
+    return new_best, total * fade + weights.sum(-1), acc
+
+  shape = (batch, kv, groups, tokens)
+  init = (jnp.full(shape, jnp.finfo(jnp.float32).min), jnp.zeros(shape),
+          jnp.zeros((*shape, dim)))
+  chunks = positions.max() // chunk + 1
+  _, total, acc = jax.lax.fori_loop(0, chunks, step, init)
+  out = acc / total[..., None]
+  return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)
+
 
 class Block(nnx.Module):
   """x + attention(norm(x)), then x + MLP(norm(x))."""
@@ -106,6 +184,11 @@ class Block(nnx.Module):
   def __call__(self, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
     x = x + self.attention(self.norm1(x), positions)
     return x + self.mlp(x)
+
+  def cached(self, x: jnp.ndarray, positions: jnp.ndarray, cache):
+    attended, cache = self.attention.cached(self.norm1(x), positions, cache)
+    x = x + attended
+    return x + self.mlp(x), cache
 
 
 # ---- structured pruning: key/value heads and MLP units per block -----------
@@ -222,10 +305,32 @@ class Decoder(nnx.Module):
         for h, k, m in zip(heads, kv, mlps)])
     self.norm = nnx.RMSNorm(embed_dim, rngs=rngs)
 
-  def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
-    """Logits (batch, T, vocabulary) of every position's next token."""
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  def __call__(self, tokens: jnp.ndarray, cache=None, start=None):
+    """Logits (batch, T, vocabulary) of every position's next token.
+
+    With `cache` (as `empty_cache` makes), row b's tokens sit at positions
+    start[b], start[b] + 1, ...: their keys and values are written into the
+    cache and they attend over it; returns (logits, cache). (One method for
+    both, as qwix quantizes a model's __call__.)"""
+    steps = jnp.arange(tokens.shape[1])
+    if cache is None:
+      positions = jnp.broadcast_to(steps, tokens.shape)
+    else:
+      positions = start[:, None] + steps
     x = self.embed(tokens)
-    for block in self.blocks:
-      x = block(x, positions)
-    return self.embed.attend(self.norm(x))
+    new_cache = []
+    for i, block in enumerate(self.blocks):
+      if cache is None:
+        x = block(x, positions)
+      else:
+        x, layer = block.cached(x, positions, cache[i])
+        new_cache.append(layer)
+    logits = self.embed.attend(self.norm(x))
+    return logits if cache is None else (logits, new_cache)
+
+  def empty_cache(self, batch: int, length: int, dtype=jnp.float32):
+    """Zero keys and values, (batch, length, kv_heads, head_dim) per block:
+    `length` positions for `batch` sequences."""
+    return [tuple(jnp.zeros((batch, length, b.attention.kv_heads,
+                             b.attention.head_dim), dtype) for _ in "kv")
+            for b in self.blocks]

@@ -15,6 +15,7 @@ import qwix
 from flax import nnx
 
 from rtjax.errors import ConfigError
+from rtjax.models.registry import input_dtype
 
 # Weight / activation types per scheme; weights are quantized per output
 # channel, activations per tensor (dynamic, or static when calibrated).
@@ -46,21 +47,23 @@ def rules(spec: dict, rule_class, static: bool):
   return [rule_class(module_path=spec["module_path"], **kwargs)]
 
 
-def sample_input(input_shape) -> jax.Array:
-  return jnp.zeros((1, *input_shape), jnp.float32)
+def sample_input(model: nnx.Module, input_shape) -> jax.Array:
+  """One example of zeros in the model's input dtype (a decoder's token
+  ids are integers), for qwix to trace the model with."""
+  return jnp.zeros((1, *input_shape), input_dtype(model))
 
 
 def qat_model(model: nnx.Module, spec: dict, input_shape) -> nnx.Module:
   """Fake-quantized training model (straight-through gradients), float weights."""
   return qwix.quantize_model(model, qwix.QtProvider(rules(
-      spec, qwix.QtRule, static=False)), sample_input(input_shape))
+      spec, qwix.QtRule, static=False)), sample_input(model, input_shape))
 
 
 def ptq_shell(model: nnx.Module, spec: dict, input_shape) -> nnx.Module:
   return qwix.quantize_model(
       model, qwix.PtqProvider(rules(spec, qwix.QuantizationRule,
                                      spec["static_activations"])),
-      sample_input(input_shape))
+      sample_input(model, input_shape))
 
 
 def rebuild(model: nnx.Module, spec: dict, input_shape) -> nnx.Module:

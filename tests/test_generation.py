@@ -1,0 +1,155 @@
+"""The decoding engine (rtjax.infer.engine) and the request loop over its
+slots (rtjax.infer.generation): greedy tokens equal recomputing the whole
+prefix, a seed's text does not depend on its neighbours, stop strings and
+limits end requests, int8 weights decode through the cache, and
+experiments.generate streams text or refuses a prompt in one line."""
+
+import json
+
+import numpy as np
+import pytest
+
+from rtjax import models
+from rtjax.bench.generation import full_forward, recomputed_greedy
+from rtjax.compress import quantize
+from rtjax.errors import InputError
+from rtjax.infer import generation
+from rtjax.infer.engine import Engine
+from rtjax.infer.sampling import Sampling
+from tests.conftest import run_module
+
+VOCABULARY = "abcdefghijklmnopqrstuvwxyz .,\n"
+CONTEXT = 128  # two chunks of the cache's attention loop
+ARGS = {"num_classes": len(VOCABULARY), "input_shape": [CONTEXT],
+        "embed_dim": 32, "depth": 2, "num_heads": 4, "num_kv_heads": 2,
+        "head_dim": 8, "mlp_dim": 48, "gated": True}
+# Lengths that take one bucket, several pieces, and cross a cache chunk.
+PROMPTS = ["t", "the king", "what say you, my lord", "o" * 40,
+           "now is the winter of our discontent made glorious summer by this "
+           "sun of york"]
+
+
+def assert_same_greedy_tokens(model, engine, completions):
+  forward = full_forward(model)
+  for done in completions:
+    ids = engine.encode(done.request.prompt)
+    reference, gaps = recomputed_greedy(forward, ids, len(done.tokens),
+                                        CONTEXT)
+    for step, (got, want) in enumerate(zip(done.tokens, reference)):
+      if got != want:  # only where the two best logits tie
+        assert gaps[step] < 1e-4, (done.request.prompt, step, gaps[step])
+        break
+
+
+@pytest.fixture(scope="module")
+def model():
+  return models.create_model("decoder", ARGS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+  return Engine(model, CONTEXT, slots=8, buckets=(16, 32),
+                vocabulary=VOCABULARY)
+
+
+def test_greedy_tokens_equal_recomputing_the_prefix(model, engine):
+  # Ten requests through eight slots, of different lengths: freed slots
+  # take the waiting requests, beside others at other positions.
+  requests = [generation.Request(p, max_tokens=40 - 3 * i)
+              for i, p in enumerate(PROMPTS + [p[::-1] for p in PROMPTS])]
+  completions = generation.run(engine, requests)
+  assert [len(c.tokens) for c in completions] == [40 - 3 * i
+                                                  for i in range(10)]
+  assert_same_greedy_tokens(model, engine, completions)
+  # Prefill pieces: 77 characters as 32 + 32 + 16 at offsets 0, 32, 64.
+  assert [engine.piece(o, 77 - o) for o in (0, 32, 64)] == [32, 32, 16]
+  assert set(engine.executables) == {"prefill/16", "prefill/32", "insert",
+                                     "generate", "zeros/slots",
+                                     "zeros/prompt"}
+
+
+def test_a_seed_gives_the_same_text_alone_and_beside_others(engine):
+  mine = generation.Request("the king", 30, Sampling(1.0, 0, 0.9, seed=7))
+  alone = generation.run(engine, [mine])[0]
+  others = [generation.Request(p, 20 + i, Sampling(t, k, p_, seed=i))
+            for i, (p, t, k, p_) in enumerate([
+                ("o", 1.5, 5, 1.0), ("what say", 0.0, 0, 1.0),
+                ("now is", 0.7, 0, 0.5), ("the king", 1.0, 0, 0.9),
+                ("t", 1.0, 3, 0.8), ("a" * 40, 2.0, 0, 1.0),
+                ("my lord", 0.3, 10, 0.95)])]
+  beside = generation.run(engine, [*others[:3], mine, *others[3:]])
+  assert beside[3].tokens == alone.tokens  # beside 7 others in 8 slots
+  again = generation.run(engine, [
+      generation.Request("the king", 30, Sampling(1.0, 0, 0.9, seed=8))])[0]
+  assert again.tokens != alone.tokens  # the seed matters
+  greedy = generation.run(engine, [generation.Request("the king", 30)])[0]
+  top1 = generation.run(engine, [
+      generation.Request("the king", 30, Sampling(2.0, 1, 1.0, seed=5))])[0]
+  assert top1.tokens == greedy.tokens  # top_k 1 leaves only the argmax
+
+
+def test_stop_strings_limits_and_the_streamed_text(engine):
+  free = generation.run(engine, [generation.Request("the king", 40)])[0]
+  stop = free.text[10:13]
+  streamed = []
+  done = generation.run(
+      engine, [generation.Request("the king", 40, stop=(stop, "#never#"))],
+      on_text=lambda index, text: streamed.append(text))[0]
+  assert done.finish_reason == "stop"
+  assert done.text == free.text[:free.text.find(stop)]
+  assert "".join(streamed) == done.text  # nothing of the stop string leaked
+  assert free.finish_reason == "length"
+  # A prompt of 120 leaves room for 8 tokens in a context of 128.
+  full = generation.run(engine, [generation.Request("a" * 120, 50)])[0]
+  assert (len(full.tokens), full.finish_reason) == (8, "length")
+  assert generation.held_back("the ki", ["king", "xx"]) == 2
+  assert generation.held_back("the ki", ["q"]) == 0
+  with pytest.raises(InputError, match="not in the vocabulary"):
+    generation.run(engine, [generation.Request("THE KING")])
+  with pytest.raises(InputError, match="a prompt of 128 tokens"):
+    engine.prefill(np.zeros(128, np.int32))
+
+
+def test_int8_weights_decode_through_the_cache():
+  model = models.create_model("decoder", ARGS, seed=3)
+  served, _ = quantize.ptq(model, [CONTEXT], "w8")
+  engine = Engine(served, CONTEXT, slots=2, buckets=(16, 32),
+                  vocabulary=VOCABULARY)
+  requests = [generation.Request(p, max_tokens=20) for p in PROMPTS[1:3]]
+  assert_same_greedy_tokens(served, engine, generation.run(engine, requests))
+
+
+def test_the_same_tokens_on_two_device_meshes():
+  result = run_module("tests.generation_on_mesh", timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  tokens = json.loads(result.stdout.strip().splitlines()[-1])
+  assert tokens["data:2"] == tokens["one device"]
+  assert tokens["model:2"] == tokens["one device"]
+
+
+@pytest.fixture(scope="module")
+def lm_checkpoint(model, tmp_path_factory):
+  from rtjax.checkpoint import save_complete_step
+  workdir = tmp_path_factory.mktemp("lm")
+  save_complete_step(model, {"model": {"name": "decoder", "args": ARGS},
+                             "dataset": {"vocabulary": VOCABULARY}}, workdir)
+  return workdir
+
+
+def test_generate_streams_text_and_reports_token_times(lm_checkpoint):
+  result = run_module("experiments.generate", f"--checkpoint={lm_checkpoint}",
+                      "--prompt=the king", "--max_tokens=12",
+                      "--num_samples=2", "--temperature=1.0", timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.startswith("the king")
+  assert "--- sample 1 (seed 1) ---" in result.stdout
+  assert "24 tokens in 2 sample(s); TTFT" in result.stdout
+
+
+def test_generate_refuses_a_character_outside_the_vocabulary(lm_checkpoint):
+  result = run_module("experiments.generate", f"--checkpoint={lm_checkpoint}",
+                      "--prompt=ROMEO:", timeout=120)
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: character 'R' is not in the vocabulary of 30 characters")

@@ -1,0 +1,75 @@
+"""Text from a decoder language model's checkpoint, streamed as it is
+generated, then its time to first token and time per output token.
+
+  python -m experiments.generate --checkpoint=workdirs/lm/cpu --prompt="ROMEO:"
+  python -m experiments.generate --checkpoint=workdirs/lm/cpu --prompt="ROMEO:" \\
+      --temperature=0.8 --top_p=0.95 --seed=1 --num_samples=4 --stop=$'\\n\\n'
+
+The model runs in rtjax.infer.engine (prefill, one compiled generate step
+over a KV cache); --num_samples requests (seeds seed, seed + 1, ...) share
+its slots, the first streamed, the others printed as they end.
+"""
+
+import sys
+
+from absl import flags
+
+from experiments import cli
+from rtjax.infer import generation
+from rtjax.infer import engine as engine_lib
+from rtjax.infer.sampling import Sampling
+
+_CHECKPOINT = cli.define_checkpoint()
+_PROMPT = flags.DEFINE_string("prompt", "\n", "Text to continue; every "
+                              "character must be in the model's vocabulary.")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Tokens to generate at "
+                                   "most (the context may end it sooner).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0: greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely "
+                              "tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of "
+                            "tokens whose probability reaches p (1: all).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sample i uses seed + i.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples, generated "
+                                    "side by side in as many slots.")
+_STOP = flags.DEFINE_multi_string("stop", [], "End a sample at this text "
+                                  "(not printed); repeatable.")
+_SERVING = cli.ServingFlags()
+
+
+def main(argv):
+  del argv
+  serving = _SERVING.setup()
+  if _NUM_SAMPLES.value < 1:
+    raise cli.FlagError("--num_samples must be at least 1")
+  model, context, metadata = engine_lib.load_decoder(_CHECKPOINT.value)
+  engine_lib.encode(engine_lib.vocabulary_of(metadata), _PROMPT.value)
+  requests = [generation.Request(
+      _PROMPT.value, _MAX_TOKENS.value,
+      Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
+               _SEED.value + i), tuple(_STOP.value))
+      for i in range(_NUM_SAMPLES.value)]
+  engine = engine_lib.Engine(model, context, metadata, slots=len(requests),
+                             dtype=serving["dtype"],
+                             dot_kernels=serving["dot_kernels"])
+
+  def show(index, text):
+    if index == 0:
+      sys.stdout.write(text)
+      sys.stdout.flush()
+
+  sys.stdout.write(_PROMPT.value)
+  completions = generation.run(engine, requests, on_text=show)
+  for i, done in enumerate(completions[1:], 1):
+    sys.stdout.write(f"\n--- sample {i} (seed {_SEED.value + i}) ---\n"
+                     f"{_PROMPT.value}{done.text}")
+  stats = generation.summary(completions)
+  print(f"\n\n{stats['tokens']} tokens in {len(completions)} sample(s); "
+        f"TTFT {stats['ttft_ms_p50']:.1f} ms; TPOT "
+        f"{stats.get('tpot_ms_p50', float('nan')):.2f} ms; "
+        f"{stats['tokens_per_s']:.0f} tokens/s "
+        f"(compiled in {sum(engine.compile_seconds.values()):.1f} s)")
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -9,6 +9,13 @@ then MLPerf LoadGen scenarios on the first checkpoint.
   python -m experiments.bench --checkpoints=workdirs/default --loadgen=SingleStream,Server,Offline \
       --loadgen_seconds=10 --server_latency_ms=5 --find_peak_qps
 
+A decoder language model is measured generating instead (rtjax.bench.
+generation): TTFT per prompt-length bucket, TPOT and tokens/s at 1 and
+--slots slots, TPOT as the context fills, greedy tokens against recomputing
+the prefix, and with --peers a PyTorch twin with its own KV cache in turns:
+  python -m experiments.bench --checkpoints=workdirs/lm/target --peers \
+      --results=experiments/results/generate_target.md
+
 Each checkpoint is rebuilt from its metadata, BatchNorm folded and
 AOT-compiled per batch size (compile time reported apart); calls alternate
 between the checkpoints, and speedups are against the first one. With
@@ -19,13 +26,16 @@ PyTorch on its weights (rtjax.bench.peers).
 import dataclasses
 import json
 
+import jax
 from absl import flags
 from etils import epath
 
 from experiments import cli
 from rtjax.bench import breakdown, loadgen, provenance, report, side_by_side
-from rtjax.checkpoint import checkpoint_dataset, run_name
-from rtjax.infer import CompiledModel
+from rtjax.bench import generation as generation_bench
+from rtjax.checkpoint import checkpoint_dataset, load_checkpoint, run_name
+from rtjax.infer import CompiledModel, make_mesh, parse_mesh
+from rtjax.infer.engine import Engine
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", None, "Checkpoint paths; the "
                                  "first is the reference.", required=True)
@@ -101,11 +111,30 @@ _STREAM = flags.DEFINE_list("stream_chunks", [], "Also stream the first "
 _PUBLISHED = flags.DEFINE_list("published_peaks", [], "Also predict with these "
                                f"chips' published peaks: {', '.join(breakdown.PUBLISHED_PEAKS)}.")
 
+_SLOTS = flags.DEFINE_integer("slots", 8, "Language models: requests the "
+                              "engine decodes side by side.", lower_bound=1)
+_GEN_TOKENS = flags.DEFINE_integer("gen_tokens", 128, "Language models: "
+                                   "tokens each request generates.",
+                                   lower_bound=2)
+_PROMPTS = flags.DEFINE_integer("prompts", 20, "Language models: prompts "
+                                "(windows of the test text) per measurement.",
+                                lower_bound=1)
+_GEN_ROUNDS = flags.DEFINE_integer("gen_rounds", 5, "Language models: turns "
+                                   "of the engine and its twin.",
+                                   lower_bound=1)
+_MESH = flags.DEFINE_string("mesh", "", "Language models: the engine's mesh, "
+                            "e.g. model:2 (simulated CPU devices: XLA_FLAGS="
+                            "--xla_force_host_platform_device_count=2); "
+                            "default: one device.")
+
 _SERVING = cli.ServingFlags()
 
 def main(argv):
   del argv
   serving = _SERVING.setup()
+  model, metadata = load_checkpoint(_CHECKPOINTS.value[0])
+  if hasattr(model, "empty_cache"):
+    return bench_generation(model, metadata, serving)
   batches = cli.batch_sizes(_BATCH_SIZES)
   stream_chunks = (cli.positive_ints("stream_chunks", _STREAM.value)
                    if _STREAM.value else [])
@@ -138,6 +167,42 @@ def main(argv):
          "peers": peer_results, "streaming": streaming,
          "loadgen": scenarios},
         indent=1))
+
+
+def bench_generation(model, metadata, serving: dict) -> None:
+  """The first checkpoint's decoder generating; the tables to --results."""
+  mesh = make_mesh(parse_mesh(_MESH.value) if _MESH.value
+                   else {"data": 1}, None if _MESH.value else jax.devices()[:1])
+  context = metadata["model"]["args"]["input_shape"][0]
+  options = {"dtype": serving["dtype"], "dot_kernels": serving["dot_kernels"],
+             "mesh": mesh}
+  engines = {n: Engine(model, context, metadata, slots=n, **options)
+             for n in sorted({1, _SLOTS.value})}
+  engine = engines[_SLOTS.value]
+  stream = checkpoint_dataset(metadata).test.images.reshape(-1)
+  texts = generation_bench.prompts(stream, _PROMPTS.value, 16,
+                                   engine.vocabulary)
+  twin = None
+  if _PEERS.value:
+    from rtjax.bench import torch_decoder
+    twin = torch_decoder.decoder_twin(model)
+  agreement = generation_bench.greedy_agreement(
+      engine, model, texts, _GEN_TOKENS.value, twin)
+  ttft = generation_bench.ttft_by_bucket(engines[1], stream, _PROMPTS.value,
+                                         breakdown.measure_peaks())
+  contexts = sorted({c for c in (16, 64, 128, 256) if c < context}
+                    | {context})
+  by_context = generation_bench.step_time_by_context(
+      engine, model, stream, contexts, 16,
+      max(1, _PROMPTS.value // _SLOTS.value))
+  against = (generation_bench.slots_against_twin(
+      engines, twin, texts, _GEN_TOKENS.value, _GEN_ROUNDS.value)
+      if twin is not None else [])
+  table = generation_bench.markdown(engine, ttft, by_context, agreement,
+                                    against)
+  print(table)
+  if _RESULTS.value:
+    provenance.write_results(_RESULTS.value, table)
 
 
 def run_loadgen(path: str, serving: dict) -> dict:

@@ -1,0 +1,230 @@
+"""Generation measured as a user waits for it: time to first token (TTFT)
+per prompt-length bucket, time per output token (TPOT, MLPerf's: (last
+token time - first token time) / (tokens - 1) per request) and tokens/s, at
+1 and N slots, TPOT as the context fills against the FLOPs' prediction, and
+a PyTorch twin with its own KV cache on the same weights, in turns.
+
+Prompts are windows of the checkpoint's own test text. Each step prints its
+lines and returns rows for the results file.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from rtjax.bench import breakdown
+from rtjax.infer import generation
+from rtjax.infer.engine import Engine
+from rtjax.models import decoder
+
+
+def _ms(values) -> dict[str, float]:
+  values = np.asarray(values, np.float64) * 1e3
+  return {"p50_ms": float(np.percentile(values, 50)),
+          "p99_ms": float(np.percentile(values, 99))}
+
+
+def prompts(stream: np.ndarray, count: int, length: int,
+            vocabulary: str) -> list[str]:
+  """`count` different windows of `length` characters of a token stream."""
+  starts = np.linspace(0, len(stream) - length - 1, count).astype(int)
+  return ["".join(vocabulary[t] for t in stream[s:s + length])
+          for s in starts]
+
+
+def ttft_by_bucket(engine: Engine, stream: np.ndarray, repeats: int,
+                   peaks: dict) -> list[dict]:
+  """Per prompt-length bucket, prompts of that length run alone: TTFT
+  p50/p99 beside the prefill executable's predicted time (XLA's cost
+  analysis over this machine's peaks)."""
+  rows = []
+  for bucket in engine.buckets:
+    length = min(bucket, engine.context - 1)
+    requests = [generation.Request(p, max_tokens=1) for p in
+                prompts(stream, repeats, length, engine.vocabulary)]
+    ttft = [generation.run(engine, [r])[0].ttft_s for r in requests]
+    predicted = breakdown.breakdown(engine.executables[f"prefill/{bucket}"],
+                                    peaks)["t_predicted_s"]
+    rows.append({"prompt": length, "bucket": bucket, **_ms(ttft),
+                 "predicted_ms": predicted * 1e3})
+    print(f"TTFT prompt {length:>4}: p50 {rows[-1]['p50_ms']:.2f} ms, p99 "
+          f"{rows[-1]['p99_ms']:.2f} ms (predicted {predicted * 1e3:.2f} ms)",
+          flush=True)
+  return rows
+
+
+def step_time_by_context(engine: Engine, model, stream: np.ndarray,
+                         contexts: Sequence[int], window: int, repeats: int
+                         ) -> list[dict]:
+  """Time per generate step with every slot holding a request whose prompt
+  ends `window` tokens short of each context length, so the steps timed
+  (those after every slot's first token) feed positions just under it;
+  against the ratio one step's FLOPs predict from the cache chunks its
+  attention reads there (rtjax.models.decoder.step_flops)."""
+  rows = []
+  for context in contexts:
+    length = max(1, context - window)
+    requests = [generation.Request(p, max_tokens=context - length)
+                for p in prompts(stream, engine.slots * repeats, length,
+                                 engine.vocabulary)]
+    steps = []
+    for start in range(0, len(requests), engine.slots):
+      done = generation.run(engine, requests[start:start + engine.slots])
+      last_insert = max(c.token_times[0] for c in done)
+      steps += list(np.diff([last_insert] + [
+          t for t in done[0].token_times[1:]]))
+    keys = decoder.keys_read(context - 2, engine.context)
+    matmuls, attention = decoder.step_flops(model, keys)
+    rows.append({"context": context, "keys_read": keys, **_ms(steps),
+                 "flops": matmuls + attention,
+                 "attention_share": attention / (matmuls + attention)})
+  for row in rows:
+    row["measured_ratio"] = row["p50_ms"] / rows[0]["p50_ms"]
+    row["predicted_ratio"] = row["flops"] / rows[0]["flops"]
+    print(f"generate step at context {row['context']:>4} ({engine.slots} "
+          f"slots): p50 {row['p50_ms']:.3f} ms, x{row['measured_ratio']:.2f} "
+          f"measured, x{row['predicted_ratio']:.2f} predicted by FLOPs",
+          flush=True)
+  return rows
+
+
+def full_forward(model):
+  """The model's logits over a whole (1, T) sequence, no cache: jitted
+  (split and merged, as a qwix model changes itself when called)."""
+  import jax
+  from flax import nnx
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda s, tokens: nnx.merge(graphdef, s)(tokens))
+  return lambda tokens: forward(state, tokens)
+
+
+def recomputed_greedy(forward, prompt: np.ndarray, count: int, context: int
+                      ) -> tuple[list[int], list[float]]:
+  """`count` greedy tokens by running `forward` (full_forward) over the
+  whole prefix for each, and each step's gap between its two largest
+  logits."""
+  sequence, out, gaps = list(prompt), [], []
+  for _ in range(count):
+    padded = np.zeros((1, context), np.int32)  # causal: padding is unseen
+    padded[0, :len(sequence)] = sequence
+    logits = np.asarray(forward(padded))[0, len(sequence) - 1]
+    top2 = np.sort(logits)[-2:]
+    out.append(int(np.argmax(logits)))
+    gaps.append(float(top2[1] - top2[0]))
+    sequence.append(out[-1])
+  return out, gaps
+
+
+def greedy_agreement(engine: Engine, model, texts: Sequence[str], count: int,
+                     twin=None) -> dict:
+  """The engine's greedy tokens for `texts` against recomputing the whole
+  prefix for each token (and against the PyTorch twin, when given): per
+  reference, the sequences identical and, where one parts, its step and
+  the recomputed top-2 logit gap there (a near tie that float rounding may
+  break either way)."""
+  ours = generation.run(engine, [generation.Request(t, count) for t in texts])
+  prompts_ids = [engine.encode(t) for t in texts]
+  forward = full_forward(model)
+  recomputed = [recomputed_greedy(forward, ids, count, engine.context)
+                for ids in prompts_ids]
+  others = {"recomputed": [tokens for tokens, _ in recomputed]}
+  if twin is not None:
+    from rtjax.bench import torch_decoder
+    others["torch twin"] = list(torch_decoder.greedy(
+        twin, np.stack(prompts_ids), count)[0])
+  result = {"sequences": len(texts), "tokens": count}
+  for name, sequences in others.items():
+    partings = []
+    for row, (done, theirs) in enumerate(zip(ours, sequences)):
+      differ = np.flatnonzero(np.asarray(done.tokens) != np.asarray(theirs))
+      if len(differ):
+        step = int(differ[0])
+        _, gaps = recomputed_greedy(forward, np.concatenate(
+            [prompts_ids[row], done.tokens[:step]]), 1, engine.context)
+        partings.append({"prompt": row, "step": step, "top2_gap": gaps[0]})
+    result[name] = partings
+    print(f"greedy, engine vs {name}, {len(texts)} prompts x {count} tokens:"
+          f" {len(texts) - len(partings)} identical; partings {partings}",
+          flush=True)
+  return result
+
+
+def slots_against_twin(engines: dict[int, Engine], twin, texts: Sequence[str],
+                       count: int, rounds: int) -> list[dict]:
+  """For each slot count n: n prompts of `texts` generating `count` greedy
+  tokens each on the engine (n slots) and on the twin (a batch of n), the
+  two in turns for `rounds`: TPOT p50/p99 and tokens/s of each."""
+  from rtjax.bench import torch_decoder
+  import time
+  rows = []
+  for slots, engine in engines.items():
+    chosen = list(texts[:slots])
+    ids = np.stack([engine.encode(t) for t in chosen])
+    tpot = {"rtjax": [], "torch": []}
+    rate = {"rtjax": [], "torch": []}
+    for _ in range(rounds):
+      done = generation.run(engine, [generation.Request(t, count)
+                                     for t in chosen])
+      stats = generation.summary(done)
+      tpot["rtjax"] += [c.tpot_s for c in done]
+      rate["rtjax"].append(stats["tokens_per_s"])
+      start = time.perf_counter()
+      _, times = torch_decoder.greedy(twin, ids, count)
+      tpot["torch"] += [(times[-1] - times[0]) / (count - 1)] * slots
+      rate["torch"].append(slots * count / (times[-1] - start))
+    for who in ("rtjax", "torch"):
+      rows.append({"slots": slots, "who": who, **_ms(tpot[who]),
+                   "tokens_per_s": float(np.median(rate[who]))})
+    ratio = rows[-2]["p50_ms"] / rows[-1]["p50_ms"]
+    rows[-2]["tpot_vs_torch"] = ratio
+    print(f"{slots} slot(s), {count} tokens: TPOT p50 rtjax "
+          f"{rows[-2]['p50_ms']:.3f} ms, torch {rows[-1]['p50_ms']:.3f} ms "
+          f"(ratio {ratio:.2f}); tokens/s {rows[-2]['tokens_per_s']:.0f} vs "
+          f"{rows[-1]['tokens_per_s']:.0f}", flush=True)
+  return rows
+
+
+def markdown(engine: Engine, ttft: list[dict], by_context: list[dict],
+             agreement: dict | None, against: list[dict]) -> str:
+  compiled = ", ".join(f"{n} {s:.1f} s"
+                       for n, s in engine.compile_seconds.items())
+  lines = [f"Executables compiled once each ({len(engine.executables)}, "
+           f"ahead of time): {compiled}. One `generate` executable served "
+           "every position below.", "",
+           "| prompt tokens | bucket | TTFT p50 ms | TTFT p99 ms | "
+           "predicted prefill ms (cost analysis) |", "|" + " --- |" * 5]
+  lines += [f"| {r['prompt']} | {r['bucket']} | {r['p50_ms']:.2f} | "
+            f"{r['p99_ms']:.2f} | {r['predicted_ms']:.2f} |" for r in ttft]
+  lines += ["", f"Time per generate step as the context fills "
+            f"({engine.slots} slots, each step feeding positions just under "
+            "the context):", "",
+            "| context | cache positions read | step p50 ms | step p99 ms | "
+            "measured ratio to the first | predicted ratio (step FLOPs) | "
+            "attention share of step FLOPs |", "|" + " --- |" * 7]
+  lines += [f"| {r['context']} | {r['keys_read']} | {r['p50_ms']:.3f} | "
+            f"{r['p99_ms']:.3f} | {r['measured_ratio']:.2f} | "
+            f"{r['predicted_ratio']:.2f} | {100 * r['attention_share']:.0f}% |"
+            for r in by_context]
+  if against:
+    lines += ["", "Greedy decoding beside the PyTorch twin (its own KV "
+              "cache, scaled_dot_product_attention; eager, "
+              "torch.inference_mode), in turns:", "",
+              "| slots (batch) | engine | TPOT p50 ms | TPOT p99 ms | "
+              "tokens/s | TPOT / torch's |", "|" + " --- |" * 6]
+    lines += [f"| {r['slots']} | {r['who']} | {r['p50_ms']:.3f} | "
+              f"{r['p99_ms']:.3f} | {r['tokens_per_s']:.0f} | "
+              + (f"{r['tpot_vs_torch']:.2f} |" if "tpot_vs_torch" in r
+                 else "- |") for r in against]
+  if agreement:
+    lines += ["", f"Greedy tokens checked first, {agreement['sequences']} "
+              f"prompts x {agreement['tokens']} tokens, the engine against:"]
+    for name, partings in agreement.items():
+      if isinstance(partings, list):
+        lines.append(
+            f"- {name}: {agreement['sequences'] - len(partings)} identical; "
+            "where one parts (step, top-2 logit gap of the recomputed "
+            "prefix): " + (", ".join(f"{p['step']} ({p['top2_gap']:.2g})"
+                                      for p in partings) or "none"))
+  return "\n".join(lines) + "\n"

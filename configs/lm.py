@@ -12,6 +12,11 @@ Variants (`:name`):
                 are RMSNorm and RoPE here): a reference point
   cpu           the headline model for this 2-core CPU (GQA, SwiGLU),
                 trained in at most 5 minutes here
+  target        the best model trained in at most 15 minutes here: cpu's
+                blocks six deep, context 256, batches of 8 (wider models
+                saw too few tokens in that time; lm_shakespeare.md's
+                notes): the model a draft from the compression pipeline
+                speeds up
   tiny          a few steps of a two-block model (tests)
 """
 
@@ -22,6 +27,9 @@ MODELS = {
                      "head_dim": 32, "mlp_dim": 512},
     "cpu": {"embed_dim": 128, "depth": 4, "num_heads": 4, "num_kv_heads": 2,
             "head_dim": 32, "mlp_dim": 384, "gated": True},
+    "target": {"embed_dim": 128, "depth": 6, "num_heads": 4,
+               "num_kv_heads": 2, "head_dim": 32, "mlp_dim": 384,
+               "gated": True},
     "tiny": {"embed_dim": 32, "depth": 2, "num_heads": 2, "head_dim": 16,
              "mlp_dim": 64},
 }
@@ -29,6 +37,7 @@ MODELS = {
 RECIPES = {
     "nanogpt_baby": (64, 12, 2000, 1e-3, 100),
     "cpu": (128, 16, 1400, 2e-3, 100),
+    "target": (256, 8, 2000, 2e-3, 100),
     "tiny": (32, 16, 30, 3e-3, 5),
 }
 

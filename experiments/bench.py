@@ -176,8 +176,9 @@ def bench_generation(model, metadata, serving: dict) -> None:
   context = metadata["model"]["args"]["input_shape"][0]
   options = {"dtype": serving["dtype"], "dot_kernels": serving["dot_kernels"],
              "mesh": mesh}
+  fewest = mesh.shape["data"]  # slots split over the data axis
   engines = {n: Engine(model, context, metadata, slots=n, **options)
-             for n in sorted({1, _SLOTS.value})}
+             for n in sorted({fewest, _SLOTS.value})}
   engine = engines[_SLOTS.value]
   stream = checkpoint_dataset(metadata).test.images.reshape(-1)
   texts = generation_bench.prompts(stream, _PROMPTS.value, 16,
@@ -188,18 +189,19 @@ def bench_generation(model, metadata, serving: dict) -> None:
     twin = torch_decoder.decoder_twin(model)
   agreement = generation_bench.greedy_agreement(
       engine, model, texts, _GEN_TOKENS.value, twin)
-  ttft = generation_bench.ttft_by_bucket(engines[1], stream, _PROMPTS.value,
-                                         breakdown.measure_peaks())
+  peaks = breakdown.measure_peaks()
+  ttft = generation_bench.ttft_by_bucket(engines[fewest], stream,
+                                         _PROMPTS.value, peaks)
   contexts = sorted({c for c in (16, 64, 128, 256) if c < context}
                     | {context})
   by_context = generation_bench.step_time_by_context(
-      engine, model, stream, contexts, 16,
-      max(1, _PROMPTS.value // _SLOTS.value))
+      engine, model, stream, contexts, 16, _GEN_ROUNDS.value)
   against = (generation_bench.slots_against_twin(
       engines, twin, texts, _GEN_TOKENS.value, _GEN_ROUNDS.value)
       if twin is not None else [])
+  step = breakdown.breakdown(engine.executables["generate"], peaks)
   table = generation_bench.markdown(engine, ttft, by_context, agreement,
-                                    against)
+                                    against, step["t_predicted_s"])
   print(table)
   if _RESULTS.value:
     provenance.write_results(_RESULTS.value, table)

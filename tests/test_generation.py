@@ -86,6 +86,9 @@ def test_a_seed_gives_the_same_text_alone_and_beside_others(engine):
   top1 = generation.run(engine, [
       generation.Request("the king", 30, Sampling(2.0, 1, 1.0, seed=5))])[0]
   assert top1.tokens == greedy.tokens  # top_k 1 leaves only the argmax
+  nucleus = generation.run(engine, [
+      generation.Request("the king", 30, Sampling(2.0, 0, 1e-6, seed=5))])[0]
+  assert nucleus.tokens == greedy.tokens  # as does a tiny top_p
 
 
 def test_stop_strings_limits_and_the_streamed_text(engine):

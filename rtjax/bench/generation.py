@@ -10,6 +10,7 @@ lines and returns rows for the results file.
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import numpy as np
@@ -36,15 +37,15 @@ def prompts(stream: np.ndarray, count: int, length: int,
 
 def ttft_by_bucket(engine: Engine, stream: np.ndarray, repeats: int,
                    peaks: dict) -> list[dict]:
-  """Per prompt-length bucket, prompts of that length run alone: TTFT
-  p50/p99 beside the prefill executable's predicted time (XLA's cost
+  """Per prompt-length bucket, prompts of that length run alone (the first
+  untimed): TTFT p50/p99 beside the prefill executable's predicted time (XLA's cost
   analysis over this machine's peaks)."""
   rows = []
   for bucket in engine.buckets:
     length = min(bucket, engine.context - 1)
     requests = [generation.Request(p, max_tokens=1) for p in
-                prompts(stream, repeats, length, engine.vocabulary)]
-    ttft = [generation.run(engine, [r])[0].ttft_s for r in requests]
+                prompts(stream, repeats + 1, length, engine.vocabulary)]
+    ttft = [generation.run(engine, [r])[0].ttft_s for r in requests][1:]
     predicted = breakdown.breakdown(engine.executables[f"prefill/{bucket}"],
                                     peaks)["t_predicted_s"]
     rows.append({"prompt": length, "bucket": bucket, **_ms(ttft),
@@ -56,29 +57,32 @@ def ttft_by_bucket(engine: Engine, stream: np.ndarray, repeats: int,
 
 
 def step_time_by_context(engine: Engine, model, stream: np.ndarray,
-                         contexts: Sequence[int], window: int, repeats: int
+                         contexts: Sequence[int], window: int, rounds: int
                          ) -> list[dict]:
   """Time per generate step with every slot holding a request whose prompt
   ends `window` tokens short of each context length, so the steps timed
-  (those after every slot's first token) feed positions just under it;
-  against the ratio one step's FLOPs predict from the cache chunks its
-  attention reads there (rtjax.models.decoder.step_flops)."""
+  (those after the last slot's first token) feed positions just under it;
+  the contexts in turns for `rounds`; against the ratio one step's FLOPs
+  predict from the cache chunks its attention reads there
+  (rtjax.models.decoder.step_flops)."""
+  steps = {context: [] for context in contexts}
+  for turn in range(rounds + 1):  # the first turn warms up, untimed
+    for context in contexts:
+      length = max(1, context - window)
+      texts = prompts(stream, engine.slots * (rounds + 1), length,
+                      engine.vocabulary)[turn::rounds + 1]
+      done = generation.run(engine, [generation.Request(
+          t, max_tokens=context - length) for t in texts])
+      last_insert = max(c.token_times[0] for c in done)
+      if turn:
+        steps[context] += list(np.diff([last_insert,
+                                        *done[0].token_times[1:]]))
   rows = []
   for context in contexts:
-    length = max(1, context - window)
-    requests = [generation.Request(p, max_tokens=context - length)
-                for p in prompts(stream, engine.slots * repeats, length,
-                                 engine.vocabulary)]
-    steps = []
-    for start in range(0, len(requests), engine.slots):
-      done = generation.run(engine, requests[start:start + engine.slots])
-      last_insert = max(c.token_times[0] for c in done)
-      steps += list(np.diff([last_insert] + [
-          t for t in done[0].token_times[1:]]))
     keys = decoder.keys_read(context - 2, engine.context)
     matmuls, attention = decoder.step_flops(model, keys)
-    rows.append({"context": context, "keys_read": keys, **_ms(steps),
-                 "flops": matmuls + attention,
+    rows.append({"context": context, "keys_read": keys,
+                 **_ms(steps[context]), "flops": matmuls + attention,
                  "attention_share": attention / (matmuls + attention)})
   for row in rows:
     row["measured_ratio"] = row["p50_ms"] / rows[0]["p50_ms"]
@@ -155,25 +159,26 @@ def slots_against_twin(engines: dict[int, Engine], twin, texts: Sequence[str],
                        count: int, rounds: int) -> list[dict]:
   """For each slot count n: n prompts of `texts` generating `count` greedy
   tokens each on the engine (n slots) and on the twin (a batch of n), the
-  two in turns for `rounds`: TPOT p50/p99 and tokens/s of each."""
+  two in turns for `rounds` after one untimed: TPOT p50/p99 and tokens/s
+  of each (the engine prefills its prompts one by one, the twin as one
+  batch)."""
   from rtjax.bench import torch_decoder
-  import time
   rows = []
   for slots, engine in engines.items():
     chosen = list(texts[:slots])
     ids = np.stack([engine.encode(t) for t in chosen])
     tpot = {"rtjax": [], "torch": []}
     rate = {"rtjax": [], "torch": []}
-    for _ in range(rounds):
+    for turn in range(rounds + 1):  # the first turn warms up, untimed
       done = generation.run(engine, [generation.Request(t, count)
                                      for t in chosen])
-      stats = generation.summary(done)
-      tpot["rtjax"] += [c.tpot_s for c in done]
-      rate["rtjax"].append(stats["tokens_per_s"])
       start = time.perf_counter()
       _, times = torch_decoder.greedy(twin, ids, count)
-      tpot["torch"] += [(times[-1] - times[0]) / (count - 1)] * slots
-      rate["torch"].append(slots * count / (times[-1] - start))
+      if turn:
+        tpot["rtjax"] += [c.tpot_s for c in done]
+        rate["rtjax"].append(generation.summary(done)["tokens_per_s"])
+        tpot["torch"] += [(times[-1] - times[0]) / (count - 1)] * slots
+        rate["torch"].append(slots * count / (times[-1] - start))
     for who in ("rtjax", "torch"):
       rows.append({"slots": slots, "who": who, **_ms(tpot[who]),
                    "tokens_per_s": float(np.median(rate[who]))})
@@ -187,7 +192,11 @@ def slots_against_twin(engines: dict[int, Engine], twin, texts: Sequence[str],
 
 
 def markdown(engine: Engine, ttft: list[dict], by_context: list[dict],
-             agreement: dict | None, against: list[dict]) -> str:
+             agreement: dict | None, against: list[dict],
+             step_predicted_s: float) -> str:
+  """The tables; `step_predicted_s`: the generate executable's predicted
+  time (XLA's cost analysis, which counts its attention loop's body
+  once)."""
   compiled = ", ".join(f"{n} {s:.1f} s"
                        for n, s in engine.compile_seconds.items())
   lines = [f"Executables compiled once each ({len(engine.executables)}, "
@@ -199,7 +208,9 @@ def markdown(engine: Engine, ttft: list[dict], by_context: list[dict],
             f"{r['p99_ms']:.2f} | {r['predicted_ms']:.2f} |" for r in ttft]
   lines += ["", f"Time per generate step as the context fills "
             f"({engine.slots} slots, each step feeding positions just under "
-            "the context):", "",
+            "the context). Predicted from XLA's cost analysis over this "
+            f"machine's peaks (its attention loop counted once): "
+            f"{step_predicted_s * 1e3:.3f} ms.", "",
             "| context | cache positions read | step p50 ms | step p99 ms | "
             "measured ratio to the first | predicted ratio (step FLOPs) | "
             "attention share of step FLOPs |", "|" + " --- |" * 7]

@@ -34,56 +34,64 @@ def _norm(torch, norm: nnx.RMSNorm):
   return out
 
 
-def decoder_twin(model: nnx.Module):
-  """The torch module of a float decoder (rtjax.models.decoder.Decoder):
-  twin(tokens (B, T) int64, start, cache) -> logits (B, T, vocabulary),
-  writing the tokens' keys and values at start..start+T-1."""
-  import torch
+def _rotary(torch, x, positions):
+  """x (B, heads, T, d) turned by position as rtjax.models.decoder.rotary."""
+  half = x.shape[-1] // 2
+  freq = ROPE_BASE ** (-torch.arange(half, dtype=torch.float32) / half)
+  angle = positions[:, None].float() * freq
+  cos, sin = angle.cos(), angle.sin()
+  x1, x2 = x[..., :half], x[..., half:]
+  return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _block(torch, block):
+  """A twin of one decoder block: its forward(x, start, (keys, values))."""
   F = torch.nn.functional
 
-  def rotary(x, positions):  # x (B, heads, T, d)
-    half = x.shape[-1] // 2
-    freq = ROPE_BASE ** (-torch.arange(half, dtype=torch.float32) / half)
-    angle = positions[:, None].float() * freq
-    cos, sin = angle.cos(), angle.sin()
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
   class Block(torch.nn.Module):
-    def __init__(self, block):
+    def __init__(self):
       super().__init__()
       a = block.attention
       self.kv_heads, self.heads = a.kv_heads, a.kv_heads * a.groups
       self.head_dim = a.head_dim
-      self.norm1, self.norm2 = _norm(torch, block.norm1), _norm(torch,
-                                                               block.norm2)
+      self.norm1, self.norm2 = (_norm(torch, n) for n in (block.norm1,
+                                                          block.norm2))
       self.q, self.k, self.v, self.o = (_weight(torch, l) for l in (
           a.query, a.key, a.value, a.out))
-      self.up = _weight(torch, block.mlp_in)
+      self.up, self.down = (_weight(torch, l) for l in (block.mlp_in,
+                                                        block.mlp_out))
       self.gate = (None if block.mlp_gate is None
                    else _weight(torch, block.mlp_gate))
-      self.down = _weight(torch, block.mlp_out)
 
     def forward(self, x, start, cache):
       batch, tokens, _ = x.shape
-      positions = torch.arange(start, start + tokens)
+      positions, end = torch.arange(start, start + tokens), start + tokens
       h = self.norm1(x)
       split = lambda y, n: y.view(batch, tokens, n, self.head_dim
                                   ).transpose(1, 2)
-      q = rotary(split(self.q(h), self.heads), positions)
+      q = _rotary(torch, split(self.q(h), self.heads), positions)
       keys, values = cache
-      keys[:, :, start:start + tokens] = rotary(split(self.k(h),
-                                                      self.kv_heads), positions)
-      values[:, :, start:start + tokens] = split(self.v(h), self.kv_heads)
-      end = start + tokens
+      keys[:, :, start:end] = _rotary(torch, split(self.k(h), self.kv_heads),
+                                      positions)
+      values[:, :, start:end] = split(self.v(h), self.kv_heads)
       attended = F.scaled_dot_product_attention(
           q, keys[:, :, :end], values[:, :, :end],
-          is_causal=tokens > 1 and start == 0, enable_gqa=True)
+          is_causal=tokens > 1, enable_gqa=True)
       x = x + self.o(attended.transpose(1, 2).reshape(batch, tokens, -1))
       h = self.norm2(x)
       hidden = (F.gelu(self.up(h), approximate="tanh") if self.gate is None
                 else F.silu(self.gate(h)) * self.up(h))
       return x + self.down(hidden)
+
+  return Block()
+
+
+def decoder_twin(model: nnx.Module):
+  """The torch module of a float decoder (rtjax.models.decoder.Decoder):
+  twin(tokens (B, T) int64, start, cache) -> logits (B, T, vocabulary),
+  writing the tokens' keys and values at start..start+T-1 (a prompt from
+  position 0, or one token per sequence)."""
+  import torch
 
   class Twin(torch.nn.Module):
     def __init__(self):
@@ -92,7 +100,7 @@ def decoder_twin(model: nnx.Module):
       with torch.no_grad():
         self.embed.weight.copy_(torch.from_numpy(
             np.array(model.embed.embedding[...])))
-      self.blocks = torch.nn.ModuleList(Block(b) for b in model.blocks)
+      self.blocks = torch.nn.ModuleList(_block(torch, b) for b in model.blocks)
       self.norm = _norm(torch, model.norm)
 
     def empty_cache(self, batch: int, length: int):

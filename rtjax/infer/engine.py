@@ -151,14 +151,10 @@ class Engine:
         mesh_lib.MODEL if s.shape[2] % model_size == 0 else None, None))
         for s in layer) for layer in shapes]
 
-  def _compile(self, weight_shardings, compiler_options) -> None:
-    """Every executable, ahead of time; seconds of each in
-    `.compile_seconds` ({'prefill/<bucket>', 'insert', 'generate', ...})."""
+  def _steps(self):
+    """The three programs: prefill a piece of a prompt, generate a token
+    for every slot, insert a prompt's cache into a slot."""
     graphdef = self._graphdef
-    slots_cache = self._cache_shardings(mesh_lib.DATA)
-    prompt_cache = self._cache_shardings(None)
-    per_slot = NamedSharding(self.mesh, P(mesh_lib.DATA))
-    whole = NamedSharding(self.mesh, P())
 
     def prefill(weights, cache, tokens, start, last, *sampling):
       logits, cache = nnx.merge(graphdef, weights)(tokens, cache, start)
@@ -176,7 +172,17 @@ class Engine:
                     for c, p in zip(layer, new))
               for layer, new in zip(cache, prompt)]
 
-    fields = sampling_lib.FIELDS
+    return prefill, generate, insert
+
+  def _compile(self, weight_shardings, compiler_options) -> None:
+    """Every executable, ahead of time, from shapes and shardings; seconds
+    of each in `.compile_seconds` ({'prefill/<bucket>', 'insert',
+    'generate', 'zeros/...'})."""
+    prefill, generate, insert = self._steps()
+    slots_cache = self._cache_shardings(mesh_lib.DATA)
+    prompt_cache = self._cache_shardings(None)
+    per_slot = NamedSharding(self.mesh, P(mesh_lib.DATA))
+    whole = NamedSharding(self.mesh, P())
     spec = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(
         shape, dtype, sharding=sharding)
     weights = jax.tree.map(lambda w, s: spec(w.shape, w.dtype, s),
@@ -184,13 +190,13 @@ class Engine:
     cache_spec = lambda batch, shardings: jax.tree.map(
         lambda s, sh: spec(s.shape, s.dtype, sh),
         jax.eval_shape(lambda: self._empty(batch)), shardings)
-    one = lambda dtype: spec((1,), dtype, whole)
+    one = [spec((1,), d, whole) for _, d in sampling_lib.FIELDS]
     row = lambda dtype: spec((self.slots,), dtype, per_slot)
     jobs = {f"prefill/{b}": (
         jax.jit(prefill, donate_argnums=1,
                 out_shardings=(prompt_cache, whole)),
         (weights, cache_spec(1, prompt_cache), spec((1, b), jnp.int32, whole),
-         one(jnp.int32), one(jnp.int32), *(one(d) for _, d in fields)))
+         spec((1,), jnp.int32, whole), spec((1,), jnp.int32, whole), *one))
         for b in self.buckets}
     jobs["insert"] = (
         jax.jit(insert, donate_argnums=0, out_shardings=slots_cache),
@@ -200,7 +206,7 @@ class Engine:
         jax.jit(generate, donate_argnums=1,
                 out_shardings=(slots_cache, per_slot)),
         (weights, cache_spec(self.slots, slots_cache), row(jnp.int32),
-         row(jnp.int32), *(row(d) for _, d in fields)))
+         row(jnp.int32), *(row(d) for _, d in sampling_lib.FIELDS)))
     for name, batch, shardings in (("slots", self.slots, slots_cache),
                                    ("prompt", 1, prompt_cache)):
       jobs[f"zeros/{name}"] = (jax.jit(lambda b=batch: self._empty(b),

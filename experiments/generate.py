@@ -25,15 +25,17 @@ _PROMPT = flags.DEFINE_string("prompt", "\n", "Text to continue; every "
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Tokens to generate at "
                                    "most (the context may end it sooner).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0: greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely "
-                              "tokens (0: all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of "
-                            "tokens whose probability reaches p (1: all).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sample i uses seed + i.")
+_TOP_K = flags.DEFINE_integer("top_k", Sampling.top_k, "Sample from the k "
+                              "most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", Sampling.top_p, "Sample from the "
+                            "smallest set of tokens whose probability "
+                            "reaches p (1: all).")
+_SEED = flags.DEFINE_integer("seed", Sampling.seed, "Sample i uses seed + i.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples, generated "
                                     "side by side in as many slots.")
-_STOP = flags.DEFINE_multi_string("stop", [], "End a sample at this text "
-                                  "(not printed); repeatable.")
+_STOP = flags.DEFINE_multi_string("stop", list(generation.Request.stop),
+                                  "End a sample at this text (not "
+                                  "printed); repeatable.")
 _SERVING = cli.ServingFlags()
 
 

@@ -156,3 +156,17 @@ def test_generate_refuses_a_character_outside_the_vocabulary(lm_checkpoint):
   assert "Traceback" not in result.stderr
   assert result.stderr.strip().splitlines()[-1] == (
       "error: character 'R' is not in the vocabulary of 30 characters")
+
+
+def test_the_pytorch_twin_computes_the_decoders_logits(model):
+  torch = pytest.importorskip("torch")
+  from rtjax.bench import torch_decoder
+  twin = torch_decoder.decoder_twin(model)
+  tokens = np.random.default_rng(0).integers(0, len(VOCABULARY), (2, 40))
+  want = np.asarray(model(tokens.astype(np.int32)))
+  with torch.inference_mode():
+    cache = twin.empty_cache(2, 41)
+    prompt = twin(torch.from_numpy(tokens[:, :39]), 0, cache).numpy()
+    last = twin(torch.from_numpy(tokens[:, 39:]), 39, cache).numpy()
+  np.testing.assert_allclose(prompt, want[:, :39], atol=1e-4)
+  np.testing.assert_allclose(last[:, 0], want[:, 39], atol=1e-4)

@@ -122,6 +122,7 @@ def test_int8_weights_decode_through_the_cache():
   assert_same_greedy_tokens(served, engine, generation.run(engine, requests))
 
 
+@pytest.mark.slow
 def test_the_same_tokens_on_two_device_meshes():
   result = run_module("tests.generation_on_mesh", timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -139,6 +140,7 @@ def lm_checkpoint(model, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_generate_streams_text_and_reports_token_times(lm_checkpoint):
   result = run_module("experiments.generate", f"--checkpoint={lm_checkpoint}",
                       "--prompt=the king", "--max_tokens=12",

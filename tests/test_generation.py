@@ -110,7 +110,8 @@ def test_stop_strings_limits_and_the_streamed_text(engine):
   with pytest.raises(InputError, match="not in the vocabulary"):
     generation.run(engine, [generation.Request("THE KING")])
   with pytest.raises(InputError, match="a prompt of 128 tokens"):
-    engine.prefill(np.zeros(128, np.int32))
+    generation.run(engine, [generation.Request("the"),
+                            generation.Request("a" * 128)])
 
 
 def test_int8_weights_decode_through_the_cache():

@@ -1,8 +1,9 @@
 """Generation measured as a user waits for it: time to first token (TTFT)
 per prompt-length bucket, time per output token (TPOT, MLPerf's: (last
 token time - first token time) / (tokens - 1) per request) and tokens/s, at
-1 and N slots, TPOT as the context fills against the FLOPs' prediction, and
-a PyTorch twin with its own KV cache on the same weights, in turns.
+1 and N slots, the time per generate step as the context fills against the
+FLOPs' prediction, greedy tokens against recomputing the prefix, and a
+PyTorch twin with its own KV cache on the same weights, in turns.
 
 Prompts are windows of the checkpoint's own test text. Each step prints its
 lines and returns rows for the results file.
@@ -13,9 +14,12 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+import jax
 import numpy as np
+from flax import nnx
 
 from rtjax.bench import breakdown
+from rtjax.data import tokens
 from rtjax.infer import generation
 from rtjax.infer.engine import Engine
 from rtjax.models import decoder
@@ -31,15 +35,14 @@ def prompts(stream: np.ndarray, count: int, length: int,
             vocabulary: str) -> list[str]:
   """`count` different windows of `length` characters of a token stream."""
   starts = np.linspace(0, len(stream) - length - 1, count).astype(int)
-  return ["".join(vocabulary[t] for t in stream[s:s + length])
-          for s in starts]
+  return [tokens.decode(vocabulary, stream[s:s + length]) for s in starts]
 
 
 def ttft_by_bucket(engine: Engine, stream: np.ndarray, repeats: int,
                    peaks: dict) -> list[dict]:
   """Per prompt-length bucket, prompts of that length run alone (the first
-  untimed): TTFT p50/p99 beside the prefill executable's predicted time (XLA's cost
-  analysis over this machine's peaks)."""
+  untimed): TTFT p50/p99 beside the prefill executable's predicted time
+  (XLA's cost analysis over this machine's peaks)."""
   rows = []
   for bucket in engine.buckets:
     length = min(bucket, engine.context - 1)
@@ -97,8 +100,6 @@ def step_time_by_context(engine: Engine, model, stream: np.ndarray,
 def full_forward(model):
   """The model's logits over a whole (1, T) sequence, no cache: jitted
   (split and merged, as a qwix model changes itself when called)."""
-  import jax
-  from flax import nnx
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda s, tokens: nnx.merge(graphdef, s)(tokens))
   return lambda tokens: forward(state, tokens)
@@ -133,7 +134,7 @@ def greedy_agreement(engine: Engine, model, texts: Sequence[str], count: int,
   forward = full_forward(model)
   recomputed = [recomputed_greedy(forward, ids, count, engine.context)
                 for ids in prompts_ids]
-  others = {"recomputed": [tokens for tokens, _ in recomputed]}
+  others = {"recomputed": [sequence for sequence, _ in recomputed]}
   if twin is not None:
     from rtjax.bench import torch_decoder
     others["torch twin"] = list(torch_decoder.greedy(

@@ -228,6 +228,12 @@ class Engine:
   def decode(self, ids) -> str:
     return tokens.decode(self.vocabulary, ids)
 
+  def check_prompt(self, prompt: Sequence[int]) -> None:
+    """An InputError unless the prompt leaves room for a token."""
+    if not 1 <= len(prompt) < self.context:
+      raise InputError(f"a prompt of {len(prompt)} tokens: give 1 to "
+                       f"{self.context - 1} (the context is {self.context})")
+
   def piece(self, offset: int, remaining: int) -> int:
     """The bucket of a prompt's next piece at `offset`: the smallest that
     holds the rest and fits the cache, else the largest that fits."""
@@ -240,9 +246,7 @@ class Engine:
     """The prompt's keys and values in a cache of its own, fed in pieces of
     the compiled buckets, and the first token it gives."""
     prompt = np.asarray(prompt, np.int32)
-    if not 1 <= len(prompt) < self.context:
-      raise InputError(f"a prompt of {len(prompt)} tokens: give 1 to "
-                       f"{self.context - 1} (the context is {self.context})")
+    self.check_prompt(prompt)
     cache, offset, token = self._zeros["prompt"](), 0, None
     arrays = sampling_lib.as_arrays([sampling])
     while offset < len(prompt):
@@ -285,10 +289,6 @@ class Engine:
     self._tokens = np.where(self._active, tokens, 0).astype(np.int32)
     self._positions += self._active
     return tokens
-
-  def position(self, slot: int) -> int:
-    """Where `slot`'s next token goes (prompt plus tokens fed so far)."""
-    return int(self._positions[slot])
 
   def free(self, slot: int) -> None:
     self._active[slot] = False

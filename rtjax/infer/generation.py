@@ -109,6 +109,8 @@ def run(engine: Engine, requests: Sequence[Request],
   those beyond the free slots wait for one). `on_text(index, text)` gets
   each request's decided text as it grows."""
   prompts = [engine.encode(r.prompt) for r in requests]  # all checked first
+  for prompt in prompts:
+    engine.check_prompt(prompt)
   now = time.perf_counter()
   completions = [Completion(r, arrived=now) for r in requests]
   waiting = collections.deque(range(len(requests)))

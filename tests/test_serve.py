@@ -6,7 +6,9 @@ queries sent over the network."""
 
 import asyncio
 import json
+import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -146,6 +148,7 @@ def test_concurrent_requests_with_malformed_ones_among_them(served, reference):
       "binary size mismatch": (header + b"\0" * 100, {
           "Inference-Header-Content-Length": str(len(header))}, 400),
       "oversized body": (b" " * (2 << 20), {}, 413),
+      "JSON nested 50,000 deep": (b"[" * 50000 + b"]" * 50000, {}, 400),
   }
   raw_results = {}
 
@@ -205,6 +208,34 @@ def test_metrics_count_requests_batches_and_rejections(served):
   assert values['rtjax_batch_rows_count{model="tiny"}'] >= 1
   assert values['rtjax_request_latency_seconds_count{model="tiny"}'] >= 1
   assert values['rtjax_queue_rows{model="tiny"}'] == 0
+
+
+def test_a_client_that_leaves_mid_body_is_counted_not_logged(served):
+  # uvicorn logs an application's failure on its own logger, which does not
+  # propagate to the root one.
+  records = []
+  handler = logging.Handler(logging.ERROR)
+  handler.emit = records.append
+  logging.getLogger("uvicorn.error").addHandler(handler)
+  try:
+    for _ in range(20):  # each promises 1,000 bytes, sends 10, hangs up
+      with socket.create_connection(("127.0.0.1", served.port)) as raw:
+        raw.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\n"
+                    b"Content-Length: 1000\r\n\r\n" + b"{" * 10)
+    counted, deadline = 0.0, time.time() + 10
+    while counted < 20 and time.time() < deadline:
+      time.sleep(0.1)
+      with urllib.request.urlopen(f"http://{served.url}/metrics") as r:
+        counted = sum(float(line.split()[-1]) for line in
+                      r.read().decode().splitlines() if line.startswith(
+                          'rtjax_rejected_requests_total{model="tiny",'
+                          'reason="client_disconnected"}'))
+  finally:
+    logging.getLogger("uvicorn.error").removeHandler(handler)
+  assert not records, records[0].getMessage()
+  assert counted == 20
+  assert served.status("/v2/health/ready") == 200
 
 
 def _sleeping_servable(batch_s: float) -> Servable:

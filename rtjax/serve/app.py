@@ -30,7 +30,7 @@ from typing import Callable, Mapping
 
 from absl import logging
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -45,6 +45,9 @@ SERVER_NAME = "rtjax"
 SERVER_VERSION = "0.1.0"
 DEADLINE_HEADER = "x-deadline-ms"
 REJECTION_STATUS = {"deadline": 429, "queue_full": 429, "stopping": 503}
+# A client that left while sending: nobody reads the answer; counted under
+# this status (nginx's "client closed request"), not logged as a failure.
+CLIENT_GONE = 499
 
 
 @dataclasses.dataclass
@@ -227,6 +230,9 @@ class ModelServer:
       rejected.labels(name, "too_large" if e.status == 413
                       else "bad_request").inc()
       return _error(e.status, str(e))
+    except ClientDisconnect:
+      rejected.labels(name, "client_disconnected").inc()
+      return Response(status_code=CLIENT_GONE)
     future = self._loop.create_future()
     try:
       loaded.batcher.submit(BatchRequest(parsed.inputs, deadline, future,

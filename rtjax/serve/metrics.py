@@ -37,7 +37,8 @@ class Metrics:
         "answered.", ["model"], registry=r)
     self.rejected = Counter(
         "rtjax_rejected_requests", "Requests refused (deadline, queue_full, "
-        "stopping, not_ready) or malformed (bad_request, too_large).",
+        "stopping, not_ready), malformed (bad_request, too_large) or left "
+        "by their client while sending (client_disconnected).",
         ["model", "reason"], registry=r)
 
   def exposition(self) -> tuple[bytes, str]:

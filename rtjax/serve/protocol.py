@@ -79,6 +79,9 @@ def _header(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     header = json.loads(body[:size])
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ProtocolError(f"the request is not valid JSON: {e}") from None
+  except RecursionError:
+    raise ProtocolError("the request's JSON nests deeper than the parser "
+                        "goes") from None
   if not isinstance(header, dict):
     raise ProtocolError("the request must be a JSON object with 'inputs'")
   return header, body[size:]

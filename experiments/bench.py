@@ -122,6 +122,10 @@ _PROMPTS = flags.DEFINE_integer("prompts", 20, "Language models: prompts "
 _GEN_ROUNDS = flags.DEFINE_integer("gen_rounds", 5, "Language models: turns "
                                    "of the engine and its twin.",
                                    lower_bound=1)
+_PRECISIONS = flags.DEFINE_bool("precisions", False, "Language models: "
+                                "also float32, bfloat16, int8 weights (qwix "
+                                "w8), an int8 KV cache and both side by side: "
+                                "loss through the cache, cache bytes, TPOT.")
 _MESH = flags.DEFINE_string("mesh", "", "Language models: the engine's mesh, "
                             "e.g. model:2 (simulated CPU devices: XLA_FLAGS="
                             "--xla_force_host_platform_device_count=2); "
@@ -202,6 +206,10 @@ def bench_generation(model, metadata, serving: dict) -> None:
   step = breakdown.breakdown(engine.executables["generate"], peaks)
   table = generation_bench.markdown(engine, ttft, by_context, agreement,
                                     against, step["t_predicted_s"])
+  if _PRECISIONS.value:
+    table += generation_bench.precisions_table(
+        model, context, metadata, {**options, "slots": _SLOTS.value}, stream,
+        texts, _GEN_TOKENS.value, _GEN_ROUNDS.value)
   print(table)
   if _RESULTS.value:
     provenance.write_results(_RESULTS.value, table)

@@ -36,6 +36,11 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples, generated "
 _STOP = flags.DEFINE_multi_string("stop", list(generation.Request.stop),
                                   "End a sample at this text (not "
                                   "printed); repeatable.")
+_KV_CACHE = flags.DEFINE_enum("kv_cache", None, ["float", "int8"], "How the "
+                              "KV cache stores keys and values: float (the "
+                              "serving dtype) or int8 with a scale per token "
+                              "and head. Default: the checkpoint's choice for "
+                              "this kind of device, else float.")
 _SERVING = cli.ServingFlags()
 
 
@@ -53,7 +58,8 @@ def main(argv):
       for i in range(_NUM_SAMPLES.value)]
   engine = engine_lib.Engine(model, context, metadata, slots=len(requests),
                              dtype=serving["dtype"],
-                             dot_kernels=serving["dot_kernels"])
+                             dot_kernels=serving["dot_kernels"],
+                             kv_cache=_KV_CACHE.value)
 
   def show(index, text):
     if index == 0:

@@ -6,11 +6,13 @@ experiments.generate streams text or refuses a prompt in one line."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from rtjax import models
-from rtjax.bench.generation import full_forward, recomputed_greedy
+from rtjax.bench.generation import (full_forward, loss_through_cache,
+                                    recomputed_greedy)
 from rtjax.compress import quantize
 from rtjax.errors import InputError
 from rtjax.infer import generation
@@ -121,6 +123,28 @@ def test_int8_weights_decode_through_the_cache():
                   vocabulary=VOCABULARY)
   requests = [generation.Request(p, max_tokens=20) for p in PROMPTS[1:3]]
   assert_same_greedy_tokens(served, engine, generation.run(engine, requests))
+
+
+def test_an_int8_kv_cache_stores_bytes_and_a_scale_and_scores_alike(
+    model, engine):
+  int8 = Engine(model, CONTEXT, slots=8, buckets=(16, 32), kv_cache="int8",
+                vocabulary=VOCABULARY)
+  # A byte per element and a float32 scale per token and head (head_dim 8
+  # here: 0.375 of float32; 0.28 at head_dim 32).
+  hd = ARGS["head_dim"]
+  assert int8.cache_bytes == engine.cache_bytes * (hd + 4) / (4 * hd)
+  windows = np.random.default_rng(1).integers(
+      0, len(VOCABULARY), (8, CONTEXT + 1)).astype(np.int32)
+  through_float = loss_through_cache(engine, windows, 16)
+  log_probs = jax.nn.log_softmax(np.asarray(model(windows[:, :-1])), -1)
+  whole = -np.take_along_axis(np.asarray(log_probs), windows[:, 1:, None],
+                              -1).mean() / np.log(2)
+  assert through_float == pytest.approx(whole, rel=1e-5)  # the decode path
+  through_int8 = loss_through_cache(int8, windows, 16)
+  assert through_int8 != through_float
+  assert through_int8 == pytest.approx(through_float, rel=0.01)
+  done = generation.run(int8, [generation.Request("the king", 20)])[0]
+  assert len(done.tokens) == 20
 
 
 @pytest.mark.slow

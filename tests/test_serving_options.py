@@ -23,7 +23,8 @@ def test_flag_beats_checkpoint_beats_device_default():
   assert on_cpu["source"] == {"embed_weights": "flag",
                               "conv_lowering": "checkpoint",
                               "dtype": "default", "round_widths_to": "default",
-                              "dot_kernels": "default"}
+                              "dot_kernels": "default",
+                              "kv_cache": "default"}
   # A CPU-tuned lowering never reaches a TPU or GPU: their own record or
   # default applies there.
   on_tpu = options.resolve({}, RECORDED, "tpu")

@@ -15,6 +15,7 @@ import time
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -190,6 +191,104 @@ def slots_against_twin(engines: dict[int, Engine], twin, texts: Sequence[str],
           f"(ratio {ratio:.2f}); tokens/s {rows[-2]['tokens_per_s']:.0f} vs "
           f"{rows[-1]['tokens_per_s']:.0f}", flush=True)
   return rows
+
+
+def loss_through_cache(engine: Engine, windows: np.ndarray, prefix: int,
+                       batch: int = 32) -> float:
+  """Bits per token teacher-forced through the engine's decode path: each
+  window's first `prefix` tokens prefilled into a cache of the engine's
+  kind, then every next true token fed one at a time, each step reading
+  the cache; scored on every prediction of the window."""
+  graphdef = engine.graphdef
+
+  @jax.jit
+  def nats(weights, inputs, targets):
+    rows, tokens = inputs.shape
+    call = lambda *args: nnx.merge(graphdef, weights)(*args)
+    cache = engine.empty_cache(rows)
+    logits, cache = call(inputs[:, :prefix], cache, jnp.zeros(rows, jnp.int32))
+
+    def step(cache, t):
+      out, cache = call(jax.lax.dynamic_slice_in_dim(inputs, t, 1, 1), cache,
+                        jnp.full(rows, t, jnp.int32))
+      return cache, out[:, 0]
+
+    _, rest = jax.lax.scan(step, cache, jnp.arange(prefix, tokens))
+    logits = jnp.concatenate([logits, rest.transpose(1, 0, 2)], axis=1)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_probs, targets[..., None], -1).sum()
+
+  total = sum(float(nats(engine.weights, windows[i:i + batch, :-1],
+                         windows[i:i + batch, 1:]))
+              for i in range(0, len(windows), batch))
+  return total / (windows.shape[0] * (windows.shape[1] - 1)) / np.log(2)
+
+
+def precision_rows(engines: dict[str, Engine], windows: np.ndarray,
+                   texts: Sequence[str], count: int, rounds: int
+                   ) -> list[dict]:
+  """Per served precision (name -> engine, the first the reference): loss
+  through its cache (loss_through_cache, prefix 16), cache bytes, and TPOT
+  with every slot generating `count` tokens, the engines in turns for
+  `rounds` after one untimed."""
+  tpot = {name: [] for name in engines}
+  for turn in range(rounds + 1):
+    for name, engine in engines.items():
+      done = generation.run(engine, [generation.Request(t, count)
+                                     for t in texts[:engine.slots]])
+      if turn:
+        tpot[name] += [c.tpot_s for c in done]
+  rows = [{"served": name, "bits": loss_through_cache(engine, windows, 16),
+           "cache_bytes": engine.cache_bytes, **_ms(tpot[name])}
+          for name, engine in engines.items()]
+  for row in rows:
+    row["bits_change"] = row["bits"] / rows[0]["bits"] - 1
+    row["cache_ratio"] = row["cache_bytes"] / rows[0]["cache_bytes"]
+    row["tpot_ratio"] = row["p50_ms"] / rows[0]["p50_ms"]
+    print(f"{row['served']:<26} {row['bits']:.4f} bits/char through the "
+          f"cache ({100 * row['bits_change']:+.2f}%), cache "
+          f"x{row['cache_ratio']:.2f}, TPOT p50 {row['p50_ms']:.3f} ms "
+          f"(x{row['tpot_ratio']:.2f})", flush=True)
+  return rows
+
+
+def precisions_table(model, context: int, metadata: dict, options: dict,
+                     stream: np.ndarray, texts: Sequence[str], count: int,
+                     rounds: int) -> str:
+  """float32, bfloat16, int8 weights (qwix w8 PTQ), an int8 KV cache and
+  both, served by engines with `options` (a mesh, dot kernels, slots):
+  precision_rows on 64 test windows, as markdown."""
+  from rtjax.compress import quantize
+  int8_model, _ = quantize.ptq(model, [context], "w8")
+  served = {"float32": (model, {}), "bfloat16": (model, {"dtype": "bfloat16"}),
+            "int8 weights": (int8_model, {}),
+            "int8 KV cache": (model, {"kv_cache": "int8"}),
+            "int8 weights + int8 KV cache": (int8_model, {"kv_cache": "int8"})}
+  options = {k: v for k, v in options.items() if k != "dtype"}
+  engines = {name: Engine(m, context, metadata, **options, **extra)
+             for name, (m, extra) in served.items()}
+  inputs, targets = tokens.windows(stream, context)
+  windows = np.concatenate([inputs, targets[:, -1:]], axis=1)[:64]
+  rows = precision_rows(engines, windows, texts, count, rounds)
+  return precision_markdown(rows, windows, engines["float32"].slots, count)
+
+
+def precision_markdown(rows: list[dict], windows: np.ndarray, slots: int,
+                       count: int) -> str:
+  lines = ["", f"Served precisions: test bits/char teacher-forced through "
+           f"each one's decode path ({windows.shape[0]} test windows of "
+           f"{windows.shape[1] - 1} characters: 16 prefilled, then a "
+           f"generate step per character, each reading the cache), cache "
+           f"bytes per slot, and TPOT with {slots} slots generating {count} "
+           "tokens each, in turns:", "",
+           "| served | bits/char through the cache | change | cache bytes "
+           "per slot | cache vs float32 | TPOT p50 ms | TPOT p99 ms | "
+           "TPOT vs float32 |", "|" + " --- |" * 8]
+  lines += [f"| {r['served']} | {r['bits']:.4f} | "
+            f"{100 * r['bits_change']:+.2f}% | {r['cache_bytes']:,} | "
+            f"{r['cache_ratio']:.2f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} "
+            f"| {r['tpot_ratio']:.2f} |" for r in rows]
+  return "\n".join(lines) + "\n"
 
 
 def markdown(engine: Engine, ttft: list[dict], by_context: list[dict],

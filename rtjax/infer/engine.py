@@ -98,7 +98,7 @@ class Engine:
                metadata: dict | None = None, slots: int = 8,
                buckets: Sequence[int] | None = None, mesh: Mesh | None = None,
                dtype: str | None = None, dot_kernels: str | None = None,
-               vocabulary: str = ""):
+               kv_cache: str | None = None, vocabulary: str = ""):
     """Options left None follow rtjax.infer.options.resolve (an explicit
     choice, else the checkpoint's `metadata` for this kind of device, else
     its default). `vocabulary`: token i is its i-th character (default:
@@ -112,7 +112,11 @@ class Engine:
                       f"data axis ({self.mesh.shape[mesh_lib.DATA]})")
     kind = options_lib.device_kind(self.mesh.devices.flat[0].platform)
     self.options = options_lib.resolve(
-        {"dtype": dtype, "dot_kernels": dot_kernels}, metadata, kind)
+        {"dtype": dtype, "dot_kernels": dot_kernels, "kv_cache": kv_cache},
+        metadata, kind)
+    if self.options["kv_cache"] not in options_lib.KV_CACHES:
+      raise FlagError(f"kv_cache {self.options['kv_cache']!r}: use one of "
+                      f"{', '.join(options_lib.KV_CACHES)}")
     try:
       self.dtype = jnp.dtype(precision.parse_dtype(self.options["dtype"]))
       served = precision.with_dtype(model, self.dtype)
@@ -120,14 +124,19 @@ class Engine:
           self.options["dot_kernels"], kind)
     except ValueError as e:
       raise FlagError(str(e)) from None
-    self._graphdef, state = nnx.split(served)
+    self.graphdef, state = nnx.split(served)
     shardings = mesh_lib.weight_shardings(state, self.mesh,
                                           tensor_parallel_rules(model))
     self.weights = jax.device_put(state, shardings)
     cache_dtype = (self.dtype if precision.is_float_model(model)
                    else jnp.float32)
-    self._empty = lambda batch: served.empty_cache(batch, self.context,
-                                                   cache_dtype)
+    int8 = self.options["kv_cache"] == "int8"
+    # Zero keys and values for `batch` sequences, as this engine stores them.
+    self.empty_cache = lambda batch: served.empty_cache(
+        batch, self.context, cache_dtype, int8)
+    self.cache_bytes = sum(  # per slot
+        a.size * a.dtype.itemsize
+        for a in jax.tree.leaves(jax.eval_shape(lambda: self.empty_cache(1))))
     self._compile(shardings, compiler_options)
     self.cache = self._zeros["slots"]()
     self._active = np.zeros(self.slots, bool)
@@ -144,17 +153,19 @@ class Engine:
   # ---- compiling -----------------------------------------------------------
 
   def _cache_shardings(self, batch_axis):
+    """Each cache array (batch, positions, kv_heads, ...) split over
+    `batch_axis` and, where its heads divide, over `model`."""
     model_size = self.mesh.shape[mesh_lib.MODEL]
-    shapes = jax.eval_shape(lambda: self._empty(1))
-    return [tuple(NamedSharding(self.mesh, P(
+    return jax.tree.map(lambda s: NamedSharding(self.mesh, P(
         batch_axis, None,
-        mesh_lib.MODEL if s.shape[2] % model_size == 0 else None, None))
-        for s in layer) for layer in shapes]
+        mesh_lib.MODEL if s.shape[2] % model_size == 0 else None,
+        *[None] * (s.ndim - 3))),
+        jax.eval_shape(lambda: self.empty_cache(1)))
 
   def _steps(self):
     """The three programs: prefill a piece of a prompt, generate a token
     for every slot, insert a prompt's cache into a slot."""
-    graphdef = self._graphdef
+    graphdef = self.graphdef
 
     def prefill(weights, cache, tokens, start, last, *sampling):
       logits, cache = nnx.merge(graphdef, weights)(tokens, cache, start)
@@ -168,9 +179,9 @@ class Engine:
                                         *sampling)
 
     def insert(cache, prompt, slot):
-      return [tuple(jax.lax.dynamic_update_slice_in_dim(c, p, slot, 0)
-                    for c, p in zip(layer, new))
-              for layer, new in zip(cache, prompt)]
+      return jax.tree.map(
+          lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, slot, 0),
+          cache, prompt)
 
     return prefill, generate, insert
 
@@ -189,7 +200,7 @@ class Engine:
                            self.weights, weight_shardings)
     cache_spec = lambda batch, shardings: jax.tree.map(
         lambda s, sh: spec(s.shape, s.dtype, sh),
-        jax.eval_shape(lambda: self._empty(batch)), shardings)
+        jax.eval_shape(lambda: self.empty_cache(batch)), shardings)
     one = [spec((1,), d, whole) for _, d in sampling_lib.FIELDS]
     row = lambda dtype: spec((self.slots,), dtype, per_slot)
     jobs = {f"prefill/{b}": (
@@ -209,7 +220,7 @@ class Engine:
          row(jnp.int32), *(row(d) for _, d in sampling_lib.FIELDS)))
     for name, batch, shardings in (("slots", self.slots, slots_cache),
                                    ("prompt", 1, prompt_cache)):
-      jobs[f"zeros/{name}"] = (jax.jit(lambda b=batch: self._empty(b),
+      jobs[f"zeros/{name}"] = (jax.jit(lambda b=batch: self.empty_cache(b),
                                        out_shardings=shardings), ())
     self.executables, self.compile_seconds = {}, {}
     for name, (jitted, args) in jobs.items():

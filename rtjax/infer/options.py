@@ -19,14 +19,18 @@ import jax
 # `dot_kernels` is what runs the matmuls on a CPU: "ynnpack", jax's CPU
 # default (XLA hands dots to the YNNPACK library), or "xla", XLA's own dot
 # kernels; on the MNIST-1D CNNs at batch 256 the latter measured faster.
+# `kv_cache` is how a generation engine stores keys and values: "float"
+# (the serving dtype) or "int8" (a scale per token and head).
 DEFAULTS = {
     "cpu": {"dtype": "float32", "conv_lowering": "xla", "embed_weights": False,
-            "round_widths_to": 0, "dot_kernels": "ynnpack"},
+            "round_widths_to": 0, "dot_kernels": "ynnpack",
+            "kv_cache": "float"},
     "gpu": {"dtype": "float32", "conv_lowering": "xla", "embed_weights": False,
-            "round_widths_to": 0, "dot_kernels": "xla"},
+            "round_widths_to": 0, "dot_kernels": "xla", "kv_cache": "float"},
     "tpu": {"dtype": "float32", "conv_lowering": "xla", "embed_weights": False,
-            "round_widths_to": 0, "dot_kernels": "xla"},
+            "round_widths_to": 0, "dot_kernels": "xla", "kv_cache": "float"},
 }
+KV_CACHES = ("float", "int8")
 OPTIONS = tuple(DEFAULTS["cpu"])
 DOT_KERNELS = {"cpu": ("ynnpack", "xla"), "gpu": ("xla",), "tpu": ("xla",)}
 

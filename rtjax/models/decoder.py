@@ -96,12 +96,41 @@ class Attention(nnx.Module):
     (batch, S, kv_heads, head_dim)) before they attend over it: (output,
     cache)."""
     q, k, v = self.project(x, positions)
-    write = jax.vmap(lambda c, new, start:
-                     jax.lax.dynamic_update_slice_in_dim(c, new, start, 0))
-    keys, values = (write(c, new.astype(c.dtype), positions[:, 0])
+    keys, values = (store(c, new, positions[:, 0])
                     for c, new in zip(cache, (k, v)))
     attended = chunked_attention(q, keys, values, positions)
     return self.out(attended.reshape(*q.shape[:2], -1)), (keys, values)
+
+
+# ---- the cache's storage: float, or int8 with a scale per token and head --
+
+def quantize(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """x (..., head_dim) as int8 values and one float32 scale per vector
+  (max |x| / 127): symmetric, per token and head."""
+  scale = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1) / 127.0
+  scale = jnp.maximum(scale, jnp.finfo(jnp.float32).tiny)
+  values = jnp.round(x.astype(jnp.float32) / scale[..., None])
+  return values.astype(jnp.int8), scale
+
+
+def store(stored, new: jnp.ndarray, starts: jnp.ndarray):
+  """`stored` keys or values (batch, S, kv, d), or an int8 pair (values,
+  scales (batch, S, kv)), with `new` (batch, T, kv, d) written from each
+  row's start."""
+  write = jax.vmap(lambda c, n, start:
+                   jax.lax.dynamic_update_slice_in_dim(c, n, start, 0))
+  if isinstance(stored, tuple):
+    return tuple(write(c, n, starts) for c, n in zip(stored, quantize(new)))
+  return write(stored, new.astype(stored.dtype), starts)
+
+
+def read(stored, start, size: int) -> jnp.ndarray:
+  """Positions start..start+size of stored keys or values, as floats."""
+  take = lambda c: jax.lax.dynamic_slice_in_dim(c, start, size, 1)
+  if isinstance(stored, tuple):
+    values, scales = stored
+    return take(values).astype(jnp.float32) * take(scales)[..., None]
+  return take(stored)
 
 
 def keys_read(position: int, length: int) -> int:
@@ -131,17 +160,17 @@ def chunked_attention(q, keys, values, positions) -> jnp.ndarray:
   online softmax over chunks of CACHE_CHUNK keys, only as many as the
   furthest position reaches. Returns (batch, T, kv, groups, d)."""
   batch, tokens, kv, groups, dim = q.shape
-  chunk = min(CACHE_CHUNK, keys.shape[1])
-  if keys.shape[1] % chunk:
-    raise ValueError(f"cache length {keys.shape[1]} is not a multiple of "
-                     f"{chunk}")
+  length = jax.tree.leaves(keys)[0].shape[1]
+  chunk = min(CACHE_CHUNK, length)
+  if length % chunk:
+    raise ValueError(f"cache length {length} is not a multiple of {chunk}")
   scale = 1.0 / np.sqrt(dim)
 
   def step(i, carry):
     best, total, acc = carry
     start = i * chunk
-    k = jax.lax.dynamic_slice_in_dim(keys, start, chunk, 1)
-    v = jax.lax.dynamic_slice_in_dim(values, start, chunk, 1)
+    k = read(keys, start, chunk).astype(q.dtype)
+    v = read(values, start, chunk).astype(q.dtype)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * scale
     visible = start + jnp.arange(chunk) <= positions[:, :, None]
     logits = jnp.where(visible[:, None, None], logits,
@@ -328,9 +357,14 @@ class Decoder(nnx.Module):
     logits = self.embed.attend(self.norm(x))
     return logits if cache is None else (logits, new_cache)
 
-  def empty_cache(self, batch: int, length: int, dtype=jnp.float32):
+  def empty_cache(self, batch: int, length: int, dtype=jnp.float32,
+                  int8: bool = False):
     """Zero keys and values, (batch, length, kv_heads, head_dim) per block:
-    `length` positions for `batch` sequences."""
-    return [tuple(jnp.zeros((batch, length, b.attention.kv_heads,
-                             b.attention.head_dim), dtype) for _ in "kv")
-            for b in self.blocks]
+    `length` positions for `batch` sequences; with `int8`, each an int8
+    array and its float32 scales (batch, length, kv_heads)."""
+    def part(b):
+      shape = (batch, length, b.attention.kv_heads, b.attention.head_dim)
+      if int8:
+        return jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:3], jnp.float32)
+      return jnp.zeros(shape, dtype)
+    return [(part(b), part(b)) for b in self.blocks]

@@ -12,9 +12,10 @@ then MLPerf LoadGen scenarios on the first checkpoint.
 A decoder language model is measured generating instead (rtjax.bench.
 generation): TTFT per prompt-length bucket, TPOT and tokens/s at 1 and
 --slots slots, TPOT as the context fills, greedy tokens against recomputing
-the prefix, and with --peers a PyTorch twin with its own KV cache in turns:
+the prefix, with --peers a PyTorch twin with its own KV cache in turns, and
+with --precisions float32, bf16, int8 weights and an int8 KV cache:
   python -m experiments.bench --checkpoints=workdirs/lm/target --peers \
-      --results=experiments/results/generate_target.md
+      --precisions --results=experiments/results/generate_target.md
 
 Each checkpoint is rebuilt from its metadata, BatchNorm folded and
 AOT-compiled per batch size (compile time reported apart); calls alternate

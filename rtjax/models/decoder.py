@@ -93,8 +93,8 @@ class Attention(nnx.Module):
   def cached(self, x: jnp.ndarray, positions: jnp.ndarray, cache):
     """The tokens x at consecutive `positions` (batch, T) (each row from its
     own start), their keys and values written into `cache` (keys, values:
-    (batch, S, kv_heads, head_dim)) before they attend over it: (output,
-    cache)."""
+    each (batch, S, kv_heads, head_dim), or an int8 pair, see `store`)
+    before they attend over it: (output, cache)."""
     q, k, v = self.project(x, positions)
     keys, values = (store(c, new, positions[:, 0])
                     for c, new in zip(cache, (k, v)))

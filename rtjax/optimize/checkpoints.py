@@ -27,7 +27,8 @@ def served_metadata(metadata: dict, *, stage: str, stage_type: str,
   (under 'serving_predicted', with the slice's name)."""
   kind = "tpu" if target else options_lib.device_kind()
   serving = dict(metadata.get("serving") or {})
-  serving[kind] = {k: options[k] for k in options_lib.OPTIONS}
+  serving[kind] = {k: options[k] for k in options_lib.OPTIONS
+                   if k in options}  # what the search chose
   figures = {"device_kind": kind, **measured}
   if target:
     figures.update(target=target.name, device=target.devices[0].device_kind,

@@ -34,9 +34,10 @@ from etils import epath
 from experiments import cli
 from rtjax.bench import breakdown, loadgen, provenance, report, side_by_side
 from rtjax.bench import generation as generation_bench
+from rtjax.bench import torch_decoder
 from rtjax.checkpoint import checkpoint_dataset, load_checkpoint, run_name
 from rtjax.infer import CompiledModel, make_mesh, parse_mesh
-from rtjax.infer.engine import Engine
+from rtjax.infer.engine import Engine, is_decoder
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", None, "Checkpoint paths; the "
                                  "first is the reference.", required=True)
@@ -138,7 +139,7 @@ def main(argv):
   del argv
   serving = _SERVING.setup()
   model, metadata = load_checkpoint(_CHECKPOINTS.value[0])
-  if hasattr(model, "empty_cache"):
+  if is_decoder(model):
     return bench_generation(model, metadata, serving)
   batches = cli.batch_sizes(_BATCH_SIZES)
   stream_chunks = (cli.positive_ints("stream_chunks", _STREAM.value)
@@ -176,8 +177,8 @@ def main(argv):
 
 def bench_generation(model, metadata, serving: dict) -> None:
   """The first checkpoint's decoder generating; the tables to --results."""
-  mesh = make_mesh(parse_mesh(_MESH.value) if _MESH.value
-                   else {"data": 1}, None if _MESH.value else jax.devices()[:1])
+  mesh = (make_mesh(parse_mesh(_MESH.value)) if _MESH.value
+          else make_mesh({"data": 1}, jax.devices()[:1]))
   context = metadata["model"]["args"]["input_shape"][0]
   options = {"dtype": serving["dtype"], "dot_kernels": serving["dot_kernels"],
              "mesh": mesh}
@@ -188,10 +189,7 @@ def bench_generation(model, metadata, serving: dict) -> None:
   stream = checkpoint_dataset(metadata).test.images.reshape(-1)
   texts = generation_bench.prompts(stream, _PROMPTS.value, 16,
                                    engine.vocabulary)
-  twin = None
-  if _PEERS.value:
-    from rtjax.bench import torch_decoder
-    twin = torch_decoder.decoder_twin(model)
+  twin = torch_decoder.decoder_twin(model) if _PEERS.value else None
   agreement = generation_bench.greedy_agreement(
       engine, model, texts, _GEN_TOKENS.value, twin)
   peaks = breakdown.measure_peaks()

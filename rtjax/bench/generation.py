@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rtjax.bench import breakdown
+from rtjax.bench import breakdown, torch_decoder
+from rtjax.compress import quantize
 from rtjax.data import tokens
 from rtjax.infer import generation
 from rtjax.infer.engine import Engine
@@ -137,7 +138,6 @@ def greedy_agreement(engine: Engine, model, texts: Sequence[str], count: int,
                 for ids in prompts_ids]
   others = {"recomputed": [sequence for sequence, _ in recomputed]}
   if twin is not None:
-    from rtjax.bench import torch_decoder
     others["torch twin"] = list(torch_decoder.greedy(
         twin, np.stack(prompts_ids), count)[0])
   result = {"sequences": len(texts), "tokens": count}
@@ -164,7 +164,6 @@ def slots_against_twin(engines: dict[int, Engine], twin, texts: Sequence[str],
   two in turns for `rounds` after one untimed: TPOT p50/p99 and tokens/s
   of each (the engine prefills its prompts one by one, the twin as one
   batch)."""
-  from rtjax.bench import torch_decoder
   rows = []
   for slots, engine in engines.items():
     chosen = list(texts[:slots])
@@ -258,7 +257,6 @@ def precisions_table(model, context: int, metadata: dict, options: dict,
   """float32, bfloat16, int8 weights (qwix w8 PTQ), an int8 KV cache and
   both, served by engines with `options` (a mesh, dot kernels, slots):
   precision_rows on 64 test windows, as markdown."""
-  from rtjax.compress import quantize
   int8_model, _ = quantize.ptq(model, [context], "w8")
   served = {"float32": (model, {}), "bfloat16": (model, {"dtype": "bfloat16"}),
             "int8 weights": (int8_model, {}),

@@ -80,11 +80,16 @@ def encode(vocabulary: str, text: str) -> np.ndarray:
     raise InputError(str(e)) from None
 
 
+def is_decoder(model: nnx.Module) -> bool:
+  """A model the engine generates with: one that runs over a KV cache."""
+  return hasattr(model, "empty_cache")
+
+
 def load_decoder(path: epath.PathLike) -> tuple[nnx.Module, int, dict]:
   """(model, its context, metadata) of a decoder language model's
   checkpoint; a FlagError for any other model."""
   model, metadata = load_checkpoint(path)
-  if not hasattr(model, "empty_cache"):
+  if not is_decoder(model):
     raise FlagError(f"{path} holds a {metadata['model']['name']} model; "
                     "generation needs a decoder language model")
   return model, metadata["model"]["args"]["input_shape"][0], metadata

@@ -86,8 +86,11 @@ class _Running:
     c, request = self.completion, self.completion.request
     c.tokens.append(int(token))
     c.token_times.append(now)
+    before = len(c.text)
     c.text += self.engine.decode([token])
-    found = [i for i in (c.text.find(s) for s in request.stop) if i >= 0]
+    # A new match ends in the new text (an older one ended the request).
+    found = [i for i in (c.text.find(s, max(0, before - len(s) + 1))
+                         for s in request.stop) if i >= 0]
     if found:
       c.text, c.finish_reason = c.text[:min(found)], "stop"
     elif len(c.tokens) >= min(request.max_tokens, self.room):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rtjax.models.depth import trim
+from rtjax.models.depth import kept, trim
 from rtjax.models.groups import Axis, Group, per_block
 from rtjax.models.registry import (DEFAULT_TENSOR_PARALLEL_RULES, KERNEL,
                                    register)
@@ -252,10 +252,13 @@ def _prunable_groups(args: dict) -> list[Group]:
 
 def _with_widths(args: dict, widths: dict) -> dict:
   heads, kv = _heads(args)
-  kept = [widths[f"blocks/{i}/heads"] for i in range(args["depth"])]
-  return {**args, "num_kv_heads": kept,
-          "num_heads": [k * (h // v) for k, h, v in zip(kept, heads, kv)],
+  kv_kept = [widths[f"blocks/{i}/heads"] for i in range(args["depth"])]
+  return {**args, "num_kv_heads": kv_kept,
+          "num_heads": [k * (h // v) for k, h, v in zip(kv_kept, heads, kv)],
           "mlp_dim": [widths[f"blocks/{i}/mlp"] for i in range(args["depth"])]}
+
+
+PER_BLOCK = ("num_heads", "num_kv_heads", "mlp_dim")  # a value or one a block
 
 
 def _shallower(args: dict) -> list[dict]:
@@ -263,18 +266,14 @@ def _shallower(args: dict) -> list[dict]:
   depth = max(1, args["depth"] // 2)
   if depth == args["depth"]:
     return []
-  kv = args.get("num_kv_heads")
-  return [{**args, "depth": depth, "num_heads": trim(args["num_heads"], depth),
-           "num_kv_heads": None if kv is None else trim(kv, depth),
-           "mlp_dim": trim(args["mlp_dim"], depth)}]
+  return [{**args, "depth": depth,
+           **{key: trim(args.get(key), depth) for key in PER_BLOCK}}]
 
 
 def _without_blocks(args: dict, drop) -> dict:
   keep = [i for i in range(args["depth"]) if i not in set(drop)]
-  pick = lambda v: [v[i] for i in keep] if isinstance(v, (list, tuple)) else v
-  return {**args, "depth": len(keep), "num_heads": pick(args["num_heads"]),
-          "num_kv_heads": pick(args.get("num_kv_heads")),
-          "mlp_dim": pick(args["mlp_dim"])}
+  return {**args, "depth": len(keep),
+          **{key: kept(args.get(key), keep) for key in PER_BLOCK}}
 
 
 @register("decoder")

@@ -24,6 +24,14 @@ def trim(value, depth: int):
   return list(value)[:depth] if isinstance(value, (list, tuple)) else value
 
 
+def kept(value, blocks):
+  """A per-layer argument with only the layers `blocks` (indices; one
+  value for all stays)."""
+  if isinstance(value, (list, tuple)):
+    return [value[i] for i in blocks]
+  return value
+
+
 def shallower(name: str, args: dict) -> list[dict]:
   """Constructor args of each shallower member of family `name`, keys the
   constructor does not take dropped (none for a family that declares

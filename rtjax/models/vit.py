@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rtjax.models.depth import trim
+from rtjax.models.depth import kept, trim
 from rtjax.models.groups import Axis, Group, per_block
 from rtjax.models.registry import (DEFAULT_TENSOR_PARALLEL_RULES, KERNEL,
                                    register)
@@ -114,9 +114,9 @@ def _droppable_blocks(args: dict) -> list[int]:
 
 def _without_blocks(args: dict, drop) -> dict:
   keep = [i for i in range(args["depth"]) if i not in set(drop)]
-  pick = lambda v: [v[i] for i in keep] if isinstance(v, (list, tuple)) else v
-  return {**args, "depth": len(keep), "num_heads": pick(args["num_heads"]),
-          "mlp_dim": pick(args["mlp_dim"])}
+  return {**args, "depth": len(keep),
+          "num_heads": kept(args["num_heads"], keep),
+          "mlp_dim": kept(args["mlp_dim"], keep)}
 
 
 @register("vit")

@@ -5,9 +5,13 @@ generated, then its time to first token and time per output token.
   python -m experiments.generate --checkpoint=workdirs/lm/cpu --prompt="ROMEO:" \\
       --temperature=0.8 --top_p=0.95 --seed=1 --num_samples=4 --stop=$'\\n\\n'
 
+  python -m experiments.generate --checkpoint=workdirs/compress_lm/teacher \
+      --draft=workdirs/compress_lm/distilled --speculate=4 --prompt="ROMEO:"
+
 The model runs in rtjax.infer.engine (prefill, one compiled generate step
-over a KV cache); --num_samples requests (seeds seed, seed + 1, ...) share
-its slots, the first streamed, the others printed as they end.
+over a KV cache; with --draft, a round of speculative decoding);
+--num_samples requests (seeds seed, seed + 1, ...) share its slots, the
+first streamed, the others printed as they end.
 """
 
 import sys
@@ -41,7 +45,26 @@ _KV_CACHE = flags.DEFINE_enum("kv_cache", None, ["float", "int8"], "How the "
                               "serving dtype) or int8 with a scale per token "
                               "and head. Default: the checkpoint's choice for "
                               "this kind of device, else float.")
+_DRAFT = flags.DEFINE_string("draft", "", "A draft decoder's checkpoint (same "
+                             "vocabulary): speculative decoding, the same "
+                             "text when greedy, the same distribution when "
+                             "sampled.")
+_SPECULATE = flags.DEFINE_integer("speculate", 4, "Tokens the draft proposes "
+                                  "a round (`experiments.bench "
+                                  "--drafts` measures the best k).",
+                                  lower_bound=1)
 _SERVING = cli.ServingFlags()
+
+
+def load_draft(vocabulary: str) -> dict:
+  """The Engine's draft arguments from --draft (none without it)."""
+  if not _DRAFT.value:
+    return {}
+  draft, _, metadata = engine_lib.load_decoder(_DRAFT.value)
+  if engine_lib.vocabulary_of(metadata) != vocabulary:
+    raise cli.FlagError(f"--draft {_DRAFT.value} was trained on another "
+                        "vocabulary than --checkpoint's")
+  return {"draft": draft, "speculate": _SPECULATE.value}
 
 
 def main(argv):
@@ -50,7 +73,8 @@ def main(argv):
   if _NUM_SAMPLES.value < 1:
     raise cli.FlagError("--num_samples must be at least 1")
   model, context, metadata = engine_lib.load_decoder(_CHECKPOINT.value)
-  engine_lib.encode(engine_lib.vocabulary_of(metadata), _PROMPT.value)
+  vocabulary = engine_lib.vocabulary_of(metadata)
+  engine_lib.encode(vocabulary, _PROMPT.value)
   requests = [generation.Request(
       _PROMPT.value, _MAX_TOKENS.value,
       Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
@@ -59,7 +83,8 @@ def main(argv):
   engine = engine_lib.Engine(model, context, metadata, slots=len(requests),
                              dtype=serving["dtype"],
                              dot_kernels=serving["dot_kernels"],
-                             kv_cache=_KV_CACHE.value)
+                             kv_cache=_KV_CACHE.value,
+                             **load_draft(vocabulary))
 
   def show(index, text):
     if index == 0:
@@ -76,7 +101,9 @@ def main(argv):
         f"TTFT {stats['ttft_ms_p50']:.1f} ms; TPOT "
         f"{stats.get('tpot_ms_p50', float('nan')):.2f} ms; "
         f"{stats['tokens_per_s']:.0f} tokens/s "
-        f"(compiled in {sum(engine.compile_seconds.values()):.1f} s)")
+        f"(compiled in {sum(engine.compile_seconds.values()):.1f} s)"
+        + (f"; {engine.acceptance:.0%} of drafted tokens accepted"
+           if engine.speculate else ""))
 
 
 if __name__ == "__main__":

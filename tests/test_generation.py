@@ -1,7 +1,8 @@
 """The decoding engine (rtjax.infer.engine) and the request loop over its
 slots (rtjax.infer.generation): greedy tokens equal recomputing the whole
 prefix, a seed's text does not depend on its neighbours, stop strings and
-limits end requests, int8 weights decode through the cache, and
+limits end requests, int8 weights decode through the cache, speculative
+decoding keeps the target's greedy text and its sampling distribution, and
 experiments.generate streams text or refuses a prompt in one line."""
 
 import json
@@ -9,13 +10,15 @@ import json
 import jax
 import numpy as np
 import pytest
+from scipy import stats
 
 from rtjax import models
 from rtjax.bench.generation import (full_forward, loss_through_cache,
                                     recomputed_greedy)
 from rtjax.compress import quantize
-from rtjax.errors import InputError
-from rtjax.infer import generation
+from rtjax.errors import FlagError, InputError
+from rtjax.data import tokens
+from rtjax.infer import generation, sampling as sampling_lib, speculative
 from rtjax.infer.engine import Engine
 from rtjax.infer.sampling import Sampling
 from tests.conftest import run_module
@@ -147,6 +150,78 @@ def test_an_int8_kv_cache_stores_bytes_and_a_scale_and_scores_alike(
   assert len(done.tokens) == 20
 
 
+@pytest.fixture(scope="module")
+def draft():
+  """The target's embedding and first block alone (the same seed builds
+  them alike): it agrees with the target about half the time."""
+  return models.create_model("decoder", {**ARGS, "depth": 1}, seed=3)
+
+
+def test_speculative_decoding_keeps_the_targets_greedy_text(model, engine,
+                                                             draft):
+  requests = [generation.Request(p, max_tokens=30) for p in PROMPTS] + [
+      generation.Request("a" * 120, 30)]  # rounds that pass the context
+  plain = generation.run(engine, requests)
+  for drafter, k in ((draft, 3), (model, 4)):  # rejections; all accepted
+    fast = Engine(model, CONTEXT, slots=4, buckets=(16, 32),
+                  vocabulary=VOCABULARY, draft=drafter, speculate=k)
+    done = generation.run(fast, requests)
+    assert [c.tokens for c in done] == [c.tokens for c in plain]
+    assert len(done[-1].tokens) == 8  # the context's end, as without
+    assert fast.cache_length == CONTEXT + 64  # room for k past the end
+    assert (0 < fast.acceptance < 0.9) if drafter is draft else (
+        fast.acceptance == 1.0)
+  with pytest.raises(FlagError, match="needs a draft model and speculate"):
+    Engine(model, CONTEXT, draft=draft, vocabulary=VOCABULARY)
+  other = models.create_model("decoder", {**ARGS, "num_classes": 40})
+  with pytest.raises(FlagError, match="vocabulary .40 tokens. is not"):
+    Engine(model, CONTEXT, draft=other, speculate=2, vocabulary=VOCABULARY)
+
+
+def first_two_tokens(engine, prompt, sampling, seeds):
+  """Counts of each (first, second) generated token pair over `seeds`."""
+  done = generation.run(engine, [generation.Request(
+      prompt, 2, Sampling(**sampling, seed=s)) for s in seeds])
+  pairs = np.array([c.tokens for c in done])
+  return np.bincount(pairs[:, 0] * len(VOCABULARY) + pairs[:, 1],
+                     minlength=len(VOCABULARY) ** 2)
+
+
+def chi_square_p(counts, model, prompt, sampling):
+  """Chi-square p-value of pair counts against the target's own pair
+  probabilities (merging pairs expected fewer than 5 times)."""
+  ids = list(tokens.encode(VOCABULARY, prompt))
+  vocabulary = len(VOCABULARY)
+  batch = np.array([ids + [t] for t in range(vocabulary)], np.int32)
+  logits = np.asarray(model(batch))
+  arrays = {k: np.full(vocabulary, v) for k, v in sampling.items()}
+  probs = lambda rows: np.asarray(jax.nn.softmax(
+      sampling_lib.allowed(rows, **arrays), -1))
+  expected = (probs(logits[:, -2])[0][:, None] * probs(logits[:, -1])
+              ).reshape(-1) * counts.sum()
+  big = expected >= 5
+  observed = np.append(counts[big], counts[~big].sum())
+  expected = np.append(expected[big], expected[~big].sum())
+  return stats.chisquare(observed, expected * observed.sum()
+                         / expected.sum()).pvalue
+
+
+def test_speculative_sampling_follows_the_targets_distribution(
+    model, draft, monkeypatch):
+  prompt, sampling = "the king", {"temperature": 1.0, "top_k": 20,
+                                 "top_p": 0.95}
+  seeds = range(2000)
+  fast = lambda: Engine(model, CONTEXT, slots=40, buckets=(16,),
+                        vocabulary=VOCABULARY, draft=draft, speculate=2)
+  right = first_two_tokens(fast(), prompt, sampling, seeds)
+  assert chi_square_p(right, model, prompt, sampling) > 0.01
+  # Accepting every drafted token gives the draft's distribution instead.
+  monkeypatch.setattr(speculative, "accepted",
+                      lambda drafted, *rest: np.ones(drafted.shape, bool))
+  wrong = first_two_tokens(fast(), prompt, sampling, seeds)
+  assert chi_square_p(wrong, model, prompt, sampling) < 0.01
+
+
 @pytest.mark.slow
 def test_the_same_tokens_on_two_device_meshes():
   result = run_module("tests.generation_on_mesh", timeout=300)
@@ -169,11 +244,15 @@ def lm_checkpoint(model, tmp_path_factory):
 def test_generate_streams_text_and_reports_token_times(lm_checkpoint):
   result = run_module("experiments.generate", f"--checkpoint={lm_checkpoint}",
                       "--prompt=the king", "--max_tokens=12",
-                      "--num_samples=2", "--temperature=1.0", timeout=300)
+                      "--num_samples=2", "--temperature=1.0",
+                      f"--draft={lm_checkpoint}", "--speculate=3",
+                      timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.startswith("the king")
   assert "--- sample 1 (seed 1) ---" in result.stdout
   assert "24 tokens in 2 sample(s); TTFT" in result.stdout
+  # The model as its own draft: p = q, so every drafted token is kept.
+  assert "; 100% of drafted tokens accepted" in result.stdout
 
 
 def test_generate_refuses_a_character_outside_the_vocabulary(lm_checkpoint):

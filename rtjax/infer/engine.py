@@ -10,6 +10,12 @@ rtjax.models.decoder). The key/value cache is donated to each call, so it is
 updated in place. Sampling parameters are per-slot arrays inside the step
 (rtjax.infer.sampling).
 
+With a draft model and `speculate=k`, each generate step is one round of
+speculative decoding (rtjax.infer.speculative) in the same one executable:
+the draft proposes k tokens, the target verifies them in one pass and each
+slot gains 1 to k + 1 tokens. Both models keep caches (k positions longer
+than the context, so a round near its end writes no further than the cache).
+
 On a mesh, slots split over `data` and key/value heads over `model` (with
 the family's tensor-parallel weight rules); a block whose key/value heads do
 not divide over `model` keeps its cache whole there.
@@ -18,6 +24,7 @@ not divide over `model` keeps its cache whole there.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Sequence
 
@@ -35,6 +42,8 @@ from rtjax.infer import mesh as mesh_lib
 from rtjax.infer import options as options_lib
 from rtjax.infer import precision
 from rtjax.infer import sampling as sampling_lib
+from rtjax.infer import speculative
+from rtjax.models.decoder import CACHE_CHUNK
 from rtjax.models.registry import tensor_parallel_rules
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
@@ -47,6 +56,7 @@ class Prefilled:
   length: int  # prompt tokens: the first token's position
   token: int
   sampling: sampling_lib.Sampling
+  previous: int  # the prompt's last token (a draft is fed it again)
 
 
 def prefill_buckets(context: int, buckets: Sequence[int] | None = None
@@ -63,6 +73,15 @@ def prefill_buckets(context: int, buckets: Sequence[int] | None = None
                     f"{context}] that are multiples of the smallest, as the "
                     f"context ({context}) must be")
   return buckets
+
+
+def cache_length(context: int, speculate: int) -> int:
+  """Positions a cache holds: the context, plus the k a speculative round
+  may write past it, in whole chunks of cached attention."""
+  length = context + speculate
+  if speculate and length > CACHE_CHUNK:
+    length = -(-length // CACHE_CHUNK) * CACHE_CHUNK
+  return length
 
 
 def vocabulary_of(metadata: dict | None) -> str:
@@ -97,19 +116,33 @@ def load_decoder(path: epath.PathLike) -> tuple[nnx.Module, int, dict]:
 
 class Engine:
   """prefill / insert / generate / free over `slots` sequences of up to
-  `context` tokens of `model` (a decoder, float or qwix-quantized)."""
+  `context` tokens of `model` (a decoder, float or qwix-quantized),
+  speculating with `draft` (a decoder over the same vocabulary) k =
+  `speculate` tokens a step when given."""
 
   def __init__(self, model: nnx.Module, context: int,
                metadata: dict | None = None, slots: int = 8,
                buckets: Sequence[int] | None = None, mesh: Mesh | None = None,
                dtype: str | None = None, dot_kernels: str | None = None,
-               kv_cache: str | None = None, vocabulary: str = ""):
+               kv_cache: str | None = None, vocabulary: str = "",
+               draft: nnx.Module | None = None, speculate: int = 0):
     """Options left None follow rtjax.infer.options.resolve (an explicit
     choice, else the checkpoint's `metadata` for this kind of device, else
     its default). `vocabulary`: token i is its i-th character (default:
     the checkpoint's dataset's)."""
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
     self.context, self.slots = int(context), int(slots)
+    self.speculate = int(speculate)
+    if (draft is None) != (self.speculate == 0) or self.speculate < 0:
+      raise FlagError("speculative decoding needs a draft model and "
+                      f"speculate >= 1 together (got speculate "
+                      f"{self.speculate} and {'a' if draft else 'no'} draft)")
+    if draft is not None and (draft.embed.num_embeddings
+                              != model.embed.num_embeddings):
+      raise FlagError(f"the draft's vocabulary ({draft.embed.num_embeddings} "
+                      f"tokens) is not the target's "
+                      f"({model.embed.num_embeddings})")
+    self.cache_length = cache_length(self.context, self.speculate)
     self.buckets = prefill_buckets(self.context, buckets)
     self.vocabulary = vocabulary or vocabulary_of(metadata)
     if self.slots % self.mesh.shape[mesh_lib.DATA]:
@@ -124,29 +157,38 @@ class Engine:
                       f"{', '.join(options_lib.KV_CACHES)}")
     try:
       self.dtype = jnp.dtype(precision.parse_dtype(self.options["dtype"]))
-      served = precision.with_dtype(model, self.dtype)
       compiler_options = options_lib.compiler_options(
           self.options["dot_kernels"], kind)
     except ValueError as e:
       raise FlagError(str(e)) from None
-    self.graphdef, state = nnx.split(served)
-    shardings = mesh_lib.weight_shardings(state, self.mesh,
-                                          tensor_parallel_rules(model))
-    self.weights = jax.device_put(state, shardings)
-    cache_dtype = (self.dtype if precision.is_float_model(model)
-                   else jnp.float32)
-    int8 = self.options["kv_cache"] == "int8"
-    # Zero keys and values for `batch` sequences, as this engine stores them.
-    self.empty_cache = lambda batch: served.empty_cache(
-        batch, self.context, cache_dtype, int8)
-    self.cache_bytes = sum(  # per slot
+    models = {"target": model, **({"draft": draft} if draft else {})}
+    self.graphdefs, self._weights, shardings, self._empties = {}, {}, {}, {}
+    for role, each in models.items():
+      served = precision.with_dtype(each, self.dtype)
+      self.graphdefs[role], state = nnx.split(served)
+      shardings[role] = mesh_lib.weight_shardings(
+          state, self.mesh, tensor_parallel_rules(each))
+      self._weights[role] = jax.device_put(state, shardings[role])
+      # Zero keys and values for `batch` sequences, as this engine stores
+      # them.
+      self._empties[role] = functools.partial(
+          served.empty_cache, length=self.cache_length,
+          dtype=(self.dtype if precision.is_float_model(each)
+                 else jnp.float32),
+          int8=self.options["kv_cache"] == "int8")
+    self.graphdef, self.weights = self.graphdefs["target"], self._weights[
+        "target"]
+    self.empty_cache = self._empties["target"]
+    self.cache_bytes = sum(  # per slot, every model's
         a.size * a.dtype.itemsize
-        for a in jax.tree.leaves(jax.eval_shape(lambda: self.empty_cache(1))))
+        for a in jax.tree.leaves(jax.eval_shape(lambda: self._stored(1))))
     self._compile(shardings, compiler_options)
     self.cache = self._zeros["slots"]()
     self._active = np.zeros(self.slots, bool)
     self._tokens = np.zeros(self.slots, np.int32)
+    self._previous = np.zeros(self.slots, np.int32)
     self._positions = np.zeros(self.slots, np.int32)
+    self.drafted = self.accepted = 0  # drafted tokens, and those kept
     self._sampling = sampling_lib.as_arrays([sampling_lib.GREEDY] *
                                             self.slots)
 
@@ -154,6 +196,15 @@ class Engine:
   def from_checkpoint(cls, path: epath.PathLike, **kwargs) -> "Engine":
     """Rebuilt from a decoder's checkpoint alone (context: its own)."""
     return cls(*load_decoder(path), **kwargs)
+
+  @property
+  def acceptance(self) -> float:
+    """The fraction of drafted tokens the target kept so far."""
+    return self.accepted / self.drafted if self.drafted else float("nan")
+
+  def _stored(self, batch: int) -> dict:
+    """Zero caches for `batch` sequences: {role: that model's cache}."""
+    return {role: empty(batch) for role, empty in self._empties.items()}
 
   # ---- compiling -----------------------------------------------------------
 
@@ -165,23 +216,41 @@ class Engine:
         batch_axis, None,
         mesh_lib.MODEL if s.shape[2] % model_size == 0 else None,
         *[None] * (s.ndim - 3))),
-        jax.eval_shape(lambda: self.empty_cache(1)))
+        jax.eval_shape(lambda: self._stored(1)))
 
   def _steps(self):
     """The three programs: prefill a piece of a prompt, generate a token
-    for every slot, insert a prompt's cache into a slot."""
-    graphdef = self.graphdef
+    (or a speculative round) for every slot, insert a prompt's cache into a
+    slot."""
+    graphdefs, k = self.graphdefs, self.speculate
+    run = lambda role, weights, *args: nnx.merge(graphdefs[role],
+                                                 weights[role])(*args)
+
+    def feed(weights, cache, tokens, start):
+      """Every model over the tokens: the target's logits, the caches."""
+      fed = {role: run(role, weights, tokens, cache[role], start)
+             for role in cache}
+      return fed["target"][0], {role: c for role, (_, c) in fed.items()}
 
     def prefill(weights, cache, tokens, start, last, *sampling):
-      logits, cache = nnx.merge(graphdef, weights)(tokens, cache, start)
+      logits, cache = feed(weights, cache, tokens, start)
       final = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
       return cache, sampling_lib.sample(final, start + last + 1, *sampling)
 
-    def generate(weights, cache, tokens, positions, *sampling):
-      logits, cache = nnx.merge(graphdef, weights)(tokens[:, None], cache,
-                                                   positions)
-      return cache, sampling_lib.sample(logits[:, 0], positions + 1,
-                                        *sampling)
+    def generate(weights, cache, previous, tokens, positions, *sampling):
+      if not k:
+        logits, cache = feed(weights, cache, tokens[:, None], positions)
+        next_token = sampling_lib.sample(logits[:, 0], positions + 1,
+                                         *sampling)
+        return cache, next_token[:, None], jnp.ones_like(next_token)
+      drafted, q, draft_cache = speculative.propose(
+          nnx.merge(graphdefs["draft"], weights["draft"]), cache["draft"],
+          previous, tokens, positions, k, *sampling)
+      logits, target_cache = run(
+          "target", weights, jnp.concatenate([tokens[:, None], drafted], 1),
+          cache["target"], positions)
+      return ({"target": target_cache, "draft": draft_cache},
+              *speculative.verify(logits, drafted, q, positions, *sampling))
 
     def insert(cache, prompt, slot):
       return jax.tree.map(
@@ -202,10 +271,10 @@ class Engine:
     spec = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(
         shape, dtype, sharding=sharding)
     weights = jax.tree.map(lambda w, s: spec(w.shape, w.dtype, s),
-                           self.weights, weight_shardings)
+                           self._weights, weight_shardings)
     cache_spec = lambda batch, shardings: jax.tree.map(
         lambda s, sh: spec(s.shape, s.dtype, sh),
-        jax.eval_shape(lambda: self.empty_cache(batch)), shardings)
+        jax.eval_shape(lambda: self._stored(batch)), shardings)
     one = [spec((1,), d, whole) for _, d in sampling_lib.FIELDS]
     row = lambda dtype: spec((self.slots,), dtype, per_slot)
     jobs = {f"prefill/{b}": (
@@ -220,12 +289,13 @@ class Engine:
          spec((), jnp.int32, whole)))
     jobs["generate"] = (
         jax.jit(generate, donate_argnums=1,
-                out_shardings=(slots_cache, per_slot)),
+                out_shardings=(slots_cache, per_slot, per_slot)),
         (weights, cache_spec(self.slots, slots_cache), row(jnp.int32),
-         row(jnp.int32), *(row(d) for _, d in sampling_lib.FIELDS)))
+         row(jnp.int32), row(jnp.int32),
+         *(row(d) for _, d in sampling_lib.FIELDS)))
     for name, batch, shardings in (("slots", self.slots, slots_cache),
                                    ("prompt", 1, prompt_cache)):
-      jobs[f"zeros/{name}"] = (jax.jit(lambda b=batch: self.empty_cache(b),
+      jobs[f"zeros/{name}"] = (jax.jit(lambda b=batch: self._stored(b),
                                        out_shardings=shardings), ())
     self.executables, self.compile_seconds = {}, {}
     for name, (jitted, args) in jobs.items():
@@ -271,10 +341,11 @@ class Engine:
       chunk = prompt[offset:offset + bucket]
       piece[0, :len(chunk)] = chunk
       cache, token = self.executables[f"prefill/{bucket}"](
-          self.weights, cache, piece, np.array([offset], np.int32),
+          self._weights, cache, piece, np.array([offset], np.int32),
           np.array([len(chunk) - 1], np.int32), *arrays.values())
       offset += bucket
-    return Prefilled(cache, len(prompt), int(np.asarray(token)[0]), sampling)
+    return Prefilled(cache, len(prompt), int(np.asarray(token)[0]), sampling,
+                     int(prompt[-1]))
 
   @property
   def free_slots(self) -> list[int]:
@@ -289,22 +360,32 @@ class Engine:
                                             np.int32(slot))
     self._active[slot] = True
     self._tokens[slot] = prefilled.token
+    self._previous[slot] = prefilled.previous
     self._positions[slot] = prefilled.length
     self._set_sampling(slot, prefilled.sampling)
 
-  def generate(self) -> np.ndarray:
-    """One token for every slot (slots,): each active slot's next token, at
-    the position after its last; rows of free slots mean nothing."""
+  def generate(self) -> list[np.ndarray]:
+    """The tokens each slot gained, in order: one per active slot (1 to
+    k + 1 when speculating), none for a free slot."""
     if (self._positions[self._active] >= self.context).any():
       raise RuntimeError(f"a slot is at the end of its context "
                          f"({self.context}); free it")
-    self.cache, tokens = self.executables["generate"](
-        self.weights, self.cache, self._tokens, self._positions,
-        *self._sampling.values())
+    self.cache, tokens, counts = self.executables["generate"](
+        self._weights, self.cache, self._previous, self._tokens,
+        self._positions, *self._sampling.values())
     tokens = np.asarray(tokens)
-    self._tokens = np.where(self._active, tokens, 0).astype(np.int32)
-    self._positions += self._active
-    return tokens
+    counts = np.where(self._active, np.asarray(counts), 0)
+    rows = np.arange(self.slots)
+    self._previous = np.where(  # the token before each slot's last
+        counts > 1, tokens[rows, np.maximum(counts - 2, 0)],
+        self._tokens).astype(np.int32)
+    self._tokens = np.where(self._active, tokens[rows, np.maximum(
+        counts - 1, 0)], 0).astype(np.int32)
+    self._positions += counts
+    if self.speculate:
+      self.drafted += self.speculate * int(self._active.sum())
+      self.accepted += int((counts - 1)[self._active].sum())
+    return [tokens[s, :counts[s]] for s in rows]
 
   def free(self, slot: int) -> None:
     self._active[slot] = False

@@ -137,10 +137,10 @@ def run(engine: Engine, requests: Sequence[Request],
         engine.insert(prefilled, slot)
         running[slot] = (index, state)
     if running:
-      tokens = engine.generate()
+      gained = engine.generate()
       for slot, (index, state) in list(running.items()):
-        if took(index, state, tokens[slot]):
-          engine.free(slot)
+        if any(took(index, state, token) for token in gained[slot]):
+          engine.free(slot)  # tokens after its end are dropped
           del running[slot]
   return completions
 

@@ -47,10 +47,11 @@ def as_arrays(rows: list[Sampling]) -> dict[str, np.ndarray]:
           for name, dtype in FIELDS}
 
 
-def sample(logits: jax.Array, positions: jax.Array, temperature: jax.Array,
-           top_k: jax.Array, top_p: jax.Array, seed: jax.Array) -> jax.Array:
-  """The next token (batch,) int32 from logits (batch, vocabulary), row b
-  drawn with its own parameters and the key of (seed[b], positions[b])."""
+def allowed(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
+            top_p: jax.Array) -> jax.Array:
+  """Logits (batch, vocabulary) / temperature, -inf outside each row's
+  top_k and top_p set: the distribution a sampled row draws from (its
+  softmax)."""
   logits = logits.astype(jnp.float32)
   vocabulary = logits.shape[-1]
   scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
@@ -62,9 +63,24 @@ def sample(logits: jax.Array, positions: jax.Array, temperature: jax.Array,
   # always, then until the set reaches top_p.
   kept = jnp.sum((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None], -1)
   floor = jnp.take_along_axis(ranked, (kept - 1)[:, None], axis=-1)
-  allowed = jnp.where(scaled >= floor, scaled, -jnp.inf)
-  keys = jax.vmap(lambda s, p: jax.random.fold_in(
-      jax.random.fold_in(jax.random.key(0), s), p))(seed, positions)
-  drawn = jax.vmap(jax.random.categorical)(keys, allowed)
+  return jnp.where(scaled >= floor, scaled, -jnp.inf)
+
+
+def keys(seed: jax.Array, positions: jax.Array, stream: int = 0) -> jax.Array:
+  """A key per row from (seed, position) alone; `stream` separates the
+  draws made for one position (speculative decoding's draft, acceptance
+  and resampling)."""
+  def key(s, p):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), s), p)
+    return jax.random.fold_in(key, stream) if stream else key
+  return jax.vmap(key)(seed, positions)
+
+
+def sample(logits: jax.Array, positions: jax.Array, temperature: jax.Array,
+           top_k: jax.Array, top_p: jax.Array, seed: jax.Array) -> jax.Array:
+  """The next token (batch,) int32 from logits (batch, vocabulary), row b
+  drawn with its own parameters and the key of (seed[b], positions[b])."""
+  drawn = jax.vmap(jax.random.categorical)(
+      keys(seed, positions), allowed(logits, temperature, top_k, top_p))
   return jnp.where(temperature > 0, drawn,
                    jnp.argmax(logits, axis=-1)).astype(jnp.int32)

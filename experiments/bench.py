@@ -13,9 +13,14 @@ A decoder language model is measured generating instead (rtjax.bench.
 generation): TTFT per prompt-length bucket, TPOT and tokens/s at 1 and
 --slots slots, TPOT as the context fills, greedy tokens against recomputing
 the prefix, with --peers a PyTorch twin with its own KV cache in turns, and
-with --precisions float32, bf16, int8 weights and an int8 KV cache:
+with --precisions float32, bf16, int8 weights and an int8 KV cache; with
+--drafts, speculative decoding with each draft instead (rtjax.bench.
+speculation):
   python -m experiments.bench --checkpoints=workdirs/lm/target --peers \
       --precisions --results=experiments/results/generate_target.md
+  python -m experiments.bench --checkpoints=workdirs/compress_lm/teacher \
+      --drafts=workdirs/compress_lm/distilled,workdirs/compress_lm/scratch,\
+workdirs/compress_lm/pruned --results=experiments/results/speculative_target.md
 
 Each checkpoint is rebuilt from its metadata, BatchNorm folded and
 AOT-compiled per batch size (compile time reported apart); calls alternate
@@ -34,10 +39,10 @@ from etils import epath
 from experiments import cli
 from rtjax.bench import breakdown, loadgen, provenance, report, side_by_side
 from rtjax.bench import generation as generation_bench
-from rtjax.bench import torch_decoder
+from rtjax.bench import speculation
 from rtjax.checkpoint import checkpoint_dataset, load_checkpoint, run_name
 from rtjax.infer import CompiledModel, make_mesh, parse_mesh
-from rtjax.infer.engine import Engine, is_decoder
+from rtjax.infer.engine import is_decoder, vocabulary_of
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", None, "Checkpoint paths; the "
                                  "first is the reference.", required=True)
@@ -128,6 +133,12 @@ _PRECISIONS = flags.DEFINE_bool("precisions", False, "Language models: "
                                 "also float32, bfloat16, int8 weights (qwix "
                                 "w8), an int8 KV cache and both side by side: "
                                 "loss through the cache, cache bytes, TPOT.")
+_DRAFTS = flags.DEFINE_list("drafts", [], "Language models: draft decoders' "
+                            "checkpoints; measures speculative decoding with "
+                            "each at batch 1 (acceptance, speedup) instead.")
+_KS = flags.DEFINE_list("speculate_ks", ["1", "2", "3", "4", "6"], "Language "
+                        "models with --drafts: the tokens a draft proposes a "
+                        "round, each measured.")
 _MESH = flags.DEFINE_string("mesh", "", "Language models: the engine's mesh, "
                             "e.g. model:2 (simulated CPU devices: XLA_FLAGS="
                             "--xla_force_host_platform_device_count=2); "
@@ -182,33 +193,20 @@ def bench_generation(model, metadata, serving: dict) -> None:
   context = metadata["model"]["args"]["input_shape"][0]
   options = {"dtype": serving["dtype"], "dot_kernels": serving["dot_kernels"],
              "mesh": mesh}
-  fewest = mesh.shape["data"]  # slots split over the data axis
-  engines = {n: Engine(model, context, metadata, slots=n, **options)
-             for n in sorted({fewest, _SLOTS.value})}
-  engine = engines[_SLOTS.value]
   stream = checkpoint_dataset(metadata).test.images.reshape(-1)
   texts = generation_bench.prompts(stream, _PROMPTS.value, 16,
-                                   engine.vocabulary)
-  twin = torch_decoder.decoder_twin(model) if _PEERS.value else None
-  agreement = generation_bench.greedy_agreement(
-      engine, model, texts, _GEN_TOKENS.value, twin)
-  peaks = breakdown.measure_peaks()
-  ttft = generation_bench.ttft_by_bucket(engines[fewest], stream,
-                                         _PROMPTS.value, peaks)
-  contexts = sorted({c for c in (16, 64, 128, 256) if c < context}
-                    | {context})
-  by_context = generation_bench.step_time_by_context(
-      engine, model, stream, contexts, 16, _GEN_ROUNDS.value)
-  against = (generation_bench.slots_against_twin(
-      engines, twin, texts, _GEN_TOKENS.value, _GEN_ROUNDS.value)
-      if twin is not None else [])
-  step = breakdown.breakdown(engine.executables["generate"], peaks)
-  table = generation_bench.markdown(engine, ttft, by_context, agreement,
-                                    against, step["t_predicted_s"])
-  if _PRECISIONS.value:
-    table += generation_bench.precisions_table(
-        model, context, metadata, {**options, "slots": _SLOTS.value}, stream,
-        texts, _GEN_TOKENS.value, _GEN_ROUNDS.value)
+                                   vocabulary_of(metadata))
+  if _DRAFTS.value:
+    rows = speculation.measure(
+        model, context, metadata, _DRAFTS.value,
+        cli.positive_ints("speculate_ks", _KS.value), texts,
+        _GEN_TOKENS.value, _GEN_ROUNDS.value, options)
+    table = speculation.markdown(rows, metadata, len(texts),
+                                 _GEN_TOKENS.value, _GEN_ROUNDS.value)
+  else:
+    table = generation_bench.tables(
+        model, context, metadata, options, stream, texts, _SLOTS.value,
+        _GEN_TOKENS.value, _GEN_ROUNDS.value, _PEERS.value, _PRECISIONS.value)
   print(table)
   if _RESULTS.value:
     provenance.write_results(_RESULTS.value, table)

@@ -337,3 +337,33 @@ def markdown(engine: Engine, ttft: list[dict], by_context: list[dict],
             "prefix): " + (", ".join(f"{p['step']} ({p['top2_gap']:.2g})"
                                       for p in partings) or "none"))
   return "\n".join(lines) + "\n"
+
+
+def tables(model, context: int, metadata: dict, options: dict,
+           stream: np.ndarray, texts: Sequence[str], slots: int, count: int,
+           rounds: int, peers: bool, precisions: bool) -> str:
+  """Every measurement above on the decoder at `slots` slots (and the
+  fewest its mesh allows), `texts` prompting `count` tokens each; the twin
+  with `peers`, the precisions table with `precisions`."""
+  fewest = options["mesh"].shape["data"]  # slots split over the data axis
+  engines = {n: Engine(model, context, metadata, slots=n, **options)
+             for n in sorted({fewest, slots})}
+  engine = engines[slots]
+  twin = torch_decoder.decoder_twin(model) if peers else None
+  agreement = greedy_agreement(engine, model, texts, count, twin)
+  peaks = breakdown.measure_peaks()
+  ttft = ttft_by_bucket(engines[fewest], stream, len(texts), peaks)
+  contexts = sorted({c for c in (16, 64, 128, 256) if c < context}
+                    | {context})
+  by_context = step_time_by_context(engine, model, stream, contexts, 16,
+                                    rounds)
+  against = (slots_against_twin(engines, twin, texts, count, rounds)
+             if twin is not None else [])
+  step = breakdown.breakdown(engine.executables["generate"], peaks)
+  table = markdown(engine, ttft, by_context, agreement, against,
+                   step["t_predicted_s"])
+  if precisions:
+    table += precisions_table(model, context, metadata,
+                              {**options, "slots": slots}, stream, texts,
+                              count, rounds)
+  return table

@@ -15,12 +15,16 @@ generation): TTFT per prompt-length bucket, TPOT and tokens/s at 1 and
 the prefix, with --peers a PyTorch twin with its own KV cache in turns, and
 with --precisions float32, bf16, int8 weights and an int8 KV cache; with
 --drafts, speculative decoding with each draft instead (rtjax.bench.
-speculation):
+speculation); with --loadgen, LoadGen with token latencies, continuous
+beside static batching, Offline and the Server peak (rtjax.bench.
+generation_loadgen):
   python -m experiments.bench --checkpoints=workdirs/lm/target --peers \
       --precisions --results=experiments/results/generate_target.md
   python -m experiments.bench --checkpoints=workdirs/compress_lm/teacher \
       --drafts=workdirs/compress_lm/distilled,workdirs/compress_lm/scratch,\
 workdirs/compress_lm/pruned --results=experiments/results/speculative_target.md
+  python -m experiments.bench --checkpoints=workdirs/lm/target --loadgen=Server,Offline \
+      --results=experiments/results/loadgen_generate_target.md
 
 Each checkpoint is rebuilt from its metadata, BatchNorm folded and
 AOT-compiled per batch size (compile time reported apart); calls alternate
@@ -39,10 +43,11 @@ from etils import epath
 from experiments import cli
 from rtjax.bench import breakdown, loadgen, provenance, report, side_by_side
 from rtjax.bench import generation as generation_bench
+from rtjax.bench import generation_loadgen
 from rtjax.bench import speculation
 from rtjax.checkpoint import checkpoint_dataset, load_checkpoint, run_name
 from rtjax.infer import CompiledModel, make_mesh, parse_mesh
-from rtjax.infer.engine import is_decoder, vocabulary_of
+from rtjax.infer.engine import Engine, is_decoder, vocabulary_of
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", None, "Checkpoint paths; the "
                                  "first is the reference.", required=True)
@@ -203,6 +208,14 @@ def bench_generation(model, metadata, serving: dict) -> None:
         _GEN_TOKENS.value, _GEN_ROUNDS.value, options)
     table = speculation.markdown(rows, metadata, len(texts),
                                  _GEN_TOKENS.value, _GEN_ROUNDS.value)
+  elif _LOADGEN.value:
+    results = generation_loadgen.measure(
+        Engine(model, context, metadata, slots=_SLOTS.value, **options),
+        generation_bench.prompts(stream, _PROMPTS.value, context - 1,
+                                 vocabulary_of(metadata)),
+        _LOADGEN_DIR.value, _LOADGEN_SECONDS.value or 10.0,
+        low_load=_LOW_LOAD.value)
+    table = generation_loadgen.markdown(results)
   else:
     table = generation_bench.tables(
         model, context, metadata, options, stream, texts, _SLOTS.value,

@@ -19,7 +19,7 @@ import sys
 from absl import flags
 
 from experiments import cli
-from rtjax.infer import generation
+from rtjax.infer import generation, scheduler
 from rtjax.infer import engine as engine_lib
 from rtjax.infer.sampling import Sampling
 
@@ -92,7 +92,7 @@ def main(argv):
       sys.stdout.flush()
 
   sys.stdout.write(_PROMPT.value)
-  completions = generation.run(engine, requests, on_text=show)
+  completions = scheduler.run(engine, requests, on_text=show)
   for i, done in enumerate(completions[1:], 1):
     sys.stdout.write(f"\n--- sample {i} (seed {_SEED.value + i}) ---\n"
                      f"{_PROMPT.value}{done.text}")

@@ -7,6 +7,14 @@ KServe and MLServer speak) on HTTP, each behind a deadline-aware batcher.
   curl -s localhost:8000/v2/models/lenet5         # inputs, outputs, shapes
   curl -s localhost:8000/metrics                  # Prometheus
 
+A decoder language model's checkpoint generates text instead (Triton's
+generate extension and OpenAI's completions, over continuous batching):
+
+  python -m experiments.serve --checkpoint=workdirs/lm/target --port=8000
+  curl -s localhost:8000/v1/completions -d '{"model": "target",
+      "prompt": "ROMEO:", "max_tokens": 64, "stream": true}'
+  curl -s localhost:8000/v2/models/target/generate -d '{"text_input": "ROMEO:"}'
+
 A model is named after its run's directory (workdirs/lenet5 -> lenet5)
 unless --model_names says otherwise. The server listens at once; readiness
 turns 200 when every bucket of every model is compiled and warmed. SIGTERM
@@ -42,6 +50,19 @@ _MAX_QUEUE = flags.DEFINE_integer("max_queue_rows", 1024, "Rows that may wait"
                                   " per model; more are answered 429.")
 _MAX_BODY = flags.DEFINE_integer("max_body_mb", 64, "Largest request body "
                                  "(413 above it).")
+_SLOTS = flags.DEFINE_integer("slots", 8, "Language models: requests decoded "
+                              "side by side.", lower_bound=1)
+_PREFILLS = flags.DEFINE_integer("prefills_per_step", 1, "Language models: "
+                                 "prompts prefilled at most between two "
+                                 "generate steps while others stream (bounds "
+                                 "their time per token).", lower_bound=1)
+_MAX_QUEUE_REQUESTS = flags.DEFINE_integer(
+    "max_queue_requests", 256, "Language models: requests that may wait for "
+    "a slot; more are answered 429.", lower_bound=1)
+_KV_CACHE = flags.DEFINE_enum("kv_cache", None, ["float", "int8"], "Language "
+                              "models: how the KV cache stores keys and "
+                              "values. Default: the checkpoint's choice for "
+                              "this kind of device, else float.")
 _SERVING = cli.ServingFlags()
 
 
@@ -69,10 +90,13 @@ def main(argv):
                     "'_', '.' and '-' (they go into URLs); set --model_names")
   server = ModelServer(
       {name: functools.partial(from_checkpoint, path, name, batch_sizes,
+                               slots=_SLOTS.value, kv_cache=_KV_CACHE.value,
                                **serving)
        for name, path in zip(names, _CHECKPOINTS.value)},
       deadline_ms=_DEADLINE.value, max_queue_rows=_MAX_QUEUE.value,
-      max_body_bytes=_MAX_BODY.value << 20)
+      max_body_bytes=_MAX_BODY.value << 20,
+      prefills_per_step=_PREFILLS.value,
+      max_queue_requests=_MAX_QUEUE_REQUESTS.value)
   print(f"serving {', '.join(names)} at http://{_HOST.value}:{_PORT.value}/v2"
         " (ready once compiled: /v2/health/ready)", flush=True)
   serve(server, _HOST.value, _PORT.value)

@@ -13,7 +13,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 2)
 
 from rtjax import models  # noqa: E402
-from rtjax.infer import generation, make_mesh  # noqa: E402
+from rtjax.infer import generation, make_mesh, scheduler  # noqa: E402
 from rtjax.infer.engine import Engine  # noqa: E402
 from tests.test_generation import (ARGS, CONTEXT, PROMPTS,  # noqa: E402
                                    VOCABULARY)
@@ -28,7 +28,7 @@ def main():
   for name, mesh in meshes.items():
     engine = Engine(model, CONTEXT, slots=2, buckets=(16, 32), mesh=mesh,
                     vocabulary=VOCABULARY)
-    tokens[name] = [c.tokens for c in generation.run(engine, requests)]
+    tokens[name] = [c.tokens for c in scheduler.run(engine, requests)]
   print(json.dumps(tokens))
 
 

@@ -18,7 +18,7 @@ from rtjax.bench.generation import (full_forward, loss_through_cache,
 from rtjax.compress import quantize
 from rtjax.errors import FlagError, InputError
 from rtjax.data import tokens
-from rtjax.infer import generation, sampling as sampling_lib, speculative
+from rtjax.infer import generation, sampling as sampling_lib, scheduler, speculative
 from rtjax.infer.engine import Engine
 from rtjax.infer.sampling import Sampling
 from tests.conftest import run_module
@@ -62,7 +62,7 @@ def test_greedy_tokens_equal_recomputing_the_prefix(model, engine):
   # take the waiting requests, beside others at other positions.
   requests = [generation.Request(p, max_tokens=40 - 3 * i)
               for i, p in enumerate(PROMPTS + [p[::-1] for p in PROMPTS])]
-  completions = generation.run(engine, requests)
+  completions = scheduler.run(engine, requests)
   assert [len(c.tokens) for c in completions] == [40 - 3 * i
                                                   for i in range(10)]
   assert_same_greedy_tokens(model, engine, completions)
@@ -75,32 +75,32 @@ def test_greedy_tokens_equal_recomputing_the_prefix(model, engine):
 
 def test_a_seed_gives_the_same_text_alone_and_beside_others(engine):
   mine = generation.Request("the king", 30, Sampling(1.0, 0, 0.9, seed=7))
-  alone = generation.run(engine, [mine])[0]
+  alone = scheduler.run(engine, [mine])[0]
   others = [generation.Request(p, 20 + i, Sampling(t, k, p_, seed=i))
             for i, (p, t, k, p_) in enumerate([
                 ("o", 1.5, 5, 1.0), ("what say", 0.0, 0, 1.0),
                 ("now is", 0.7, 0, 0.5), ("the king", 1.0, 0, 0.9),
                 ("t", 1.0, 3, 0.8), ("a" * 40, 2.0, 0, 1.0),
                 ("my lord", 0.3, 10, 0.95)])]
-  beside = generation.run(engine, [*others[:3], mine, *others[3:]])
+  beside = scheduler.run(engine, [*others[:3], mine, *others[3:]])
   assert beside[3].tokens == alone.tokens  # beside 7 others in 8 slots
-  again = generation.run(engine, [
+  again = scheduler.run(engine, [
       generation.Request("the king", 30, Sampling(1.0, 0, 0.9, seed=8))])[0]
   assert again.tokens != alone.tokens  # the seed matters
-  greedy = generation.run(engine, [generation.Request("the king", 30)])[0]
-  top1 = generation.run(engine, [
+  greedy = scheduler.run(engine, [generation.Request("the king", 30)])[0]
+  top1 = scheduler.run(engine, [
       generation.Request("the king", 30, Sampling(2.0, 1, 1.0, seed=5))])[0]
   assert top1.tokens == greedy.tokens  # top_k 1 leaves only the argmax
-  nucleus = generation.run(engine, [
+  nucleus = scheduler.run(engine, [
       generation.Request("the king", 30, Sampling(2.0, 0, 1e-6, seed=5))])[0]
   assert nucleus.tokens == greedy.tokens  # as does a tiny top_p
 
 
 def test_stop_strings_limits_and_the_streamed_text(engine):
-  free = generation.run(engine, [generation.Request("the king", 40)])[0]
+  free = scheduler.run(engine, [generation.Request("the king", 40)])[0]
   stop = free.text[10:13]
   streamed = []
-  done = generation.run(
+  done = scheduler.run(
       engine, [generation.Request("the king", 40, stop=(stop, "#never#"))],
       on_text=lambda index, text: streamed.append(text))[0]
   assert done.finish_reason == "stop"
@@ -108,14 +108,14 @@ def test_stop_strings_limits_and_the_streamed_text(engine):
   assert "".join(streamed) == done.text  # nothing of the stop string leaked
   assert free.finish_reason == "length"
   # A prompt of 120 leaves room for 8 tokens in a context of 128.
-  full = generation.run(engine, [generation.Request("a" * 120, 50)])[0]
+  full = scheduler.run(engine, [generation.Request("a" * 120, 50)])[0]
   assert (len(full.tokens), full.finish_reason) == (8, "length")
   assert generation.held_back("the ki", ["king", "xx"]) == 2
   assert generation.held_back("the ki", ["q"]) == 0
   with pytest.raises(InputError, match="not in the vocabulary"):
-    generation.run(engine, [generation.Request("THE KING")])
+    scheduler.run(engine, [generation.Request("THE KING")])
   with pytest.raises(InputError, match="a prompt of 128 tokens"):
-    generation.run(engine, [generation.Request("the"),
+    scheduler.run(engine, [generation.Request("the"),
                             generation.Request("a" * 128)])
 
 
@@ -125,7 +125,7 @@ def test_int8_weights_decode_through_the_cache():
   engine = Engine(served, CONTEXT, slots=2, buckets=(16, 32),
                   vocabulary=VOCABULARY)
   requests = [generation.Request(p, max_tokens=20) for p in PROMPTS[1:3]]
-  assert_same_greedy_tokens(served, engine, generation.run(engine, requests))
+  assert_same_greedy_tokens(served, engine, scheduler.run(engine, requests))
 
 
 def test_an_int8_kv_cache_stores_bytes_and_a_scale_and_scores_alike(
@@ -146,7 +146,7 @@ def test_an_int8_kv_cache_stores_bytes_and_a_scale_and_scores_alike(
   through_int8 = loss_through_cache(int8, windows, 16)
   assert through_int8 != through_float
   assert through_int8 == pytest.approx(through_float, rel=0.01)
-  done = generation.run(int8, [generation.Request("the king", 20)])[0]
+  done = scheduler.run(int8, [generation.Request("the king", 20)])[0]
   assert len(done.tokens) == 20
 
 
@@ -161,11 +161,11 @@ def test_speculative_decoding_keeps_the_targets_greedy_text(model, engine,
                                                              draft):
   requests = [generation.Request(p, max_tokens=30) for p in PROMPTS] + [
       generation.Request("a" * 120, 30)]  # rounds that pass the context
-  plain = generation.run(engine, requests)
+  plain = scheduler.run(engine, requests)
   for drafter, k in ((draft, 3), (model, 4)):  # rejections; all accepted
     fast = Engine(model, CONTEXT, slots=4, buckets=(16, 32),
                   vocabulary=VOCABULARY, draft=drafter, speculate=k)
-    done = generation.run(fast, requests)
+    done = scheduler.run(fast, requests)
     assert [c.tokens for c in done] == [c.tokens for c in plain]
     assert len(done[-1].tokens) == 8  # the context's end, as without
     assert fast.cache_length == CONTEXT + 64  # room for k past the end
@@ -180,7 +180,7 @@ def test_speculative_decoding_keeps_the_targets_greedy_text(model, engine,
 
 def first_two_tokens(engine, prompt, sampling, seeds):
   """Counts of each (first, second) generated token pair over `seeds`."""
-  done = generation.run(engine, [generation.Request(
+  done = scheduler.run(engine, [generation.Request(
       prompt, 2, Sampling(**sampling, seed=s)) for s in seeds])
   pairs = np.array([c.tokens for c in done])
   return np.bincount(pairs[:, 0] * len(VOCABULARY) + pairs[:, 1],
@@ -276,3 +276,30 @@ def test_the_pytorch_twin_computes_the_decoders_logits(model):
     last = twin(torch.from_numpy(tokens[:, 39:]), 39, cache).numpy()
   np.testing.assert_allclose(prompt, want[:, :39], atol=1e-4)
   np.testing.assert_allclose(last[:, 0], want[:, 39], atol=1e-4)
+
+
+def test_loadgen_token_latencies_and_static_batches_wait_for_the_longest(
+    engine, tmp_path):
+  from rtjax.bench import generation_loadgen as glg
+  # E[longest of 8] / E[mean] for uniform 16-256: 16 + 240 * 8/9 over 136.
+  assert glg.static_bound(16, 256, 8) == pytest.approx(1.686, abs=0.01)
+  load = glg.workload(["the king is dead, long live the king"], [8, 16], 2,
+                      30, 24)
+  ends = {}
+  for policy in glg.POLICIES:
+    result = glg.run(engine, load, "Offline", policy, tmp_path / policy,
+                     min_duration_ms=1, min_query_count=24)
+    done = sorted(result["completions"], key=lambda c: c.token_times[0])
+    assert len(done) == 24 and result["tokens_per_second"] > 0
+    ends[policy] = done
+  # Static: a batch of 8 starts after every member of the one before ended.
+  static = ends["static"]
+  for i in range(8, 24, 8):
+    assert min(c.token_times[0] for c in static[i:i + 8]) >= max(
+        c.token_times[-1] for c in static[i - 8:i])
+  continuous = ends["continuous"]
+  assert any(c.token_times[0] < max(d.token_times[-1] for d in continuous[:8])
+             for c in continuous[8:])
+  served = glg.run(engine, load, "Server", "continuous", tmp_path / "server",
+                   target_qps=50, min_duration_ms=300, min_query_count=10)
+  assert 0 < served["ttft_p99_ns"] and 0 < served["tpot_p50_ns"]

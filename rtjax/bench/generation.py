@@ -22,7 +22,7 @@ from flax import nnx
 from rtjax.bench import breakdown, torch_decoder
 from rtjax.compress import quantize
 from rtjax.data import tokens
-from rtjax.infer import generation
+from rtjax.infer import generation, scheduler
 from rtjax.infer.engine import Engine
 from rtjax.models import decoder
 
@@ -50,7 +50,7 @@ def ttft_by_bucket(engine: Engine, stream: np.ndarray, repeats: int,
     length = min(bucket, engine.context - 1)
     requests = [generation.Request(p, max_tokens=1) for p in
                 prompts(stream, repeats + 1, length, engine.vocabulary)]
-    ttft = [generation.run(engine, [r])[0].ttft_s for r in requests][1:]
+    ttft = [scheduler.run(engine, [r])[0].ttft_s for r in requests][1:]
     predicted = breakdown.breakdown(engine.executables[f"prefill/{bucket}"],
                                     peaks)["t_predicted_s"]
     rows.append({"prompt": length, "bucket": bucket, **_ms(ttft),
@@ -76,7 +76,7 @@ def step_time_by_context(engine: Engine, model, stream: np.ndarray,
       length = max(1, context - window)
       texts = prompts(stream, engine.slots * (rounds + 1), length,
                       engine.vocabulary)[turn::rounds + 1]
-      done = generation.run(engine, [generation.Request(
+      done = scheduler.run(engine, [generation.Request(
           t, max_tokens=context - length) for t in texts])
       last_insert = max(c.token_times[0] for c in done)
       if turn:
@@ -131,7 +131,7 @@ def greedy_agreement(engine: Engine, model, texts: Sequence[str], count: int,
   reference, the sequences identical and, where one parts, its step and
   the recomputed top-2 logit gap there (a near tie that float rounding may
   break either way)."""
-  ours = generation.run(engine, [generation.Request(t, count) for t in texts])
+  ours = scheduler.run(engine, [generation.Request(t, count) for t in texts])
   prompts_ids = [engine.encode(t) for t in texts]
   forward = full_forward(model)
   recomputed = [recomputed_greedy(forward, ids, count, engine.context)
@@ -171,7 +171,7 @@ def slots_against_twin(engines: dict[int, Engine], twin, texts: Sequence[str],
     tpot = {"rtjax": [], "torch": []}
     rate = {"rtjax": [], "torch": []}
     for turn in range(rounds + 1):  # the first turn warms up, untimed
-      done = generation.run(engine, [generation.Request(t, count)
+      done = scheduler.run(engine, [generation.Request(t, count)
                                      for t in chosen])
       start = time.perf_counter()
       _, times = torch_decoder.greedy(twin, ids, count)
@@ -233,7 +233,7 @@ def precision_rows(engines: dict[str, Engine], windows: np.ndarray,
   tpot = {name: [] for name in engines}
   for turn in range(rounds + 1):
     for name, engine in engines.items():
-      done = generation.run(engine, [generation.Request(t, count)
+      done = scheduler.run(engine, [generation.Request(t, count)
                                      for t in texts[:engine.slots]])
       if turn:
         tpot[name] += [c.tpot_s for c in done]

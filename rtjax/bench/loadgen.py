@@ -76,6 +76,14 @@ DETAIL_KEYS = {
     "p99_latency_ns": "result_99.00_percentile_latency_ns",
     "target_latency_ns": "effective_target_latency_ns",
     "target_qps": "effective_target_qps",
+    # With token latencies (text generation): Server logs TTFT and TPOT
+    # percentiles and completed tokens/s, Offline tokens/s.
+    "ttft_p50_ns": "result_first_token_50.00_percentile_latency_ns",
+    "ttft_p99_ns": "result_first_token_99.00_percentile_latency_ns",
+    "tpot_p50_ns": "result_time_per_output_token_50.00_percentile_ns",
+    "tpot_p99_ns": "result_time_per_output_token_99.00_percentile_ns",
+    "completed_tokens_per_second": "result_completed_tokens_per_second",
+    "tokens_per_second": "result_tokens_per_second",
 }
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from rtjax.bench.generation import full_forward, recomputed_greedy
 from rtjax.checkpoint import run_name
-from rtjax.infer import generation
+from rtjax.infer import generation, scheduler
 from rtjax.infer.engine import Engine, load_decoder
 
 
@@ -31,7 +31,7 @@ def predicted_speedup(acceptance: float, cost: float, k: int) -> float:
 
 def _tokens_per_s(engine: Engine, requests) -> tuple[float, list]:
   start = time.perf_counter()
-  done = generation.run(engine, requests)
+  done = scheduler.run(engine, requests)
   return sum(len(c.tokens) for c in done) / (time.perf_counter() - start), done
 
 

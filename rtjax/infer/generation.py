@@ -1,6 +1,6 @@
-"""Requests run through an engine's slots until each ends: at a stop
-string, at its token limit, or when its sequence fills the context. Slots
-freed by finished requests take waiting ones (continuous batching).
+"""A generation request, its completion, and one request's bookkeeping
+while it holds a slot (rtjax.infer.scheduler runs them): it ends at a stop
+string, at its token limit, or when its sequence fills the context.
 
 Text is streamed as it is decided: characters that could still begin a
 stop string are held back until the next token settles it, so no part of a
@@ -9,10 +9,8 @@ stop string ever reaches the caller.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -74,7 +72,7 @@ def held_back(text: str, stops: Sequence[str]) -> int:
   return longest
 
 
-class _Running:
+class Running:
   """One request's bookkeeping while it holds a slot."""
 
   def __init__(self, engine: Engine, completion: Completion, prompt_tokens):
@@ -104,45 +102,6 @@ class _Running:
         len(c.text) - held_back(c.text, c.request.stop))
     new, c.streamed = c.text[c.streamed:end], max(c.streamed, end)
     return new
-
-
-def run(engine: Engine, requests: Sequence[Request],
-        on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
-  """Every request to its end through the engine's slots (all arrive now;
-  those beyond the free slots wait for one). `on_text(index, text)` gets
-  each request's decided text as it grows."""
-  prompts = [engine.encode(r.prompt) for r in requests]  # all checked first
-  for prompt in prompts:
-    engine.check_prompt(prompt)
-  now = time.perf_counter()
-  completions = [Completion(r, arrived=now) for r in requests]
-  waiting = collections.deque(range(len(requests)))
-  running: dict[int, tuple[int, _Running]] = {}
-
-  def took(index: int, state: _Running, token: int) -> bool:
-    ended = state.add(token, time.perf_counter())
-    text = state.decided()
-    if text and on_text:
-      on_text(index, text)
-    return ended
-
-  while waiting or running:
-    for slot in engine.free_slots:
-      if not waiting:
-        break
-      index = waiting.popleft()
-      state = _Running(engine, completions[index], prompts[index])
-      prefilled = engine.prefill(prompts[index], requests[index].sampling)
-      if not took(index, state, prefilled.token):
-        engine.insert(prefilled, slot)
-        running[slot] = (index, state)
-    if running:
-      gained = engine.generate()
-      for slot, (index, state) in list(running.items()):
-        if any(took(index, state, token) for token in gained[slot]):
-          engine.free(slot)  # tokens after its end are dropped
-          del running[slot]
-  return completions
 
 
 def summary(completions: Sequence[Completion]) -> dict[str, float]:

@@ -9,6 +9,10 @@ model behind its own DeadlineBatcher.
   POST /v2/models/<m>[/versions/<v>]/infer    JSON or binary tensors
   GET  /metrics                     Prometheus
 
+and, for decoder language models, text generation (rtjax.serve.generating:
+Triton's generate extension, OpenAI's /v1/completions and /v1/models) over a
+continuous-batching scheduler per model.
+
 An infer request's deadline is its `parameters.timeout` (microseconds,
 Triton's parameter: tritonclient's `timeout=`), else its `X-Deadline-Ms`
 header, else the server's default, counted from when its body was read.
@@ -34,20 +38,19 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from rtjax.infer import scheduler as scheduler_lib
 from rtjax.infer.batcher import (DeadlineBatcher, Rejected,
                                  Request as BatchRequest,
                                  measure_service_times)
 from rtjax.serve import protocol
+from rtjax.serve.generating import (CLIENT_GONE, REJECTION_STATUS,
+                                    GenerationEndpoints, Generator)
 from rtjax.serve.metrics import Metrics
 from rtjax.serve.servable import Servable
 
 SERVER_NAME = "rtjax"
 SERVER_VERSION = "0.1.0"
 DEADLINE_HEADER = "x-deadline-ms"
-REJECTION_STATUS = {"deadline": 429, "queue_full": 429, "stopping": 503}
-# A client that left while sending: nobody reads the answer; counted under
-# this status (nginx's "client closed request"), not logged as a failure.
-CLIENT_GONE = 499
 
 
 @dataclasses.dataclass
@@ -57,24 +60,32 @@ class _Loaded:
 
 
 class ModelServer:
-  """`loaders`: {model name: a function that builds its Servable} (compiling
-  it), run in order on a loading thread; `load_on_startup=False` leaves the
-  call of load() to the owner (a test holding readiness back).
-  `timing_calls` per bucket measure its service time before it is served."""
+  """`loaders`: {model name: a function that builds its Servable or, for a
+  language model, its Generator} (compiling it), run in order on a loading
+  thread; `load_on_startup=False` leaves the call of load() to the owner (a
+  test holding readiness back). `timing_calls` per bucket measure its
+  service time before it is served. A generator's scheduler prefills at
+  most `prefills_per_step` prompts between two generate steps and holds
+  at most `max_queue_requests` waiting."""
 
-  def __init__(self, loaders: Mapping[str, Callable[[], Servable]],
+  def __init__(self, loaders: Mapping[str, Callable[[], Servable | Generator]],
                deadline_ms: float = 100.0, max_queue_rows: int = 1024,
                max_body_bytes: int = 64 << 20, load_on_startup: bool = True,
-               timing_calls: int = 20):
+               timing_calls: int = 20, prefills_per_step: int = 1,
+               max_queue_requests: int = 256):
     self.loaders = dict(loaders)
-    self.deadline_s = deadline_ms / 1e3
+    self.deadline_s_default = deadline_ms / 1e3
     self.max_queue_rows, self.max_body_bytes = max_queue_rows, max_body_bytes
     self.load_on_startup, self.timing_calls = load_on_startup, timing_calls
+    self.prefills_per_step = prefills_per_step
+    self.max_queue_requests = max_queue_requests
     self.models: dict[str, _Loaded] = {}
+    self.schedulers: dict[str, scheduler_lib.Scheduler] = {}
+    self.started = int(time.time())
     self.metrics = Metrics()
     self.load_error: BaseException | None = None
     self.on_load_error: Callable[[], None] = lambda: None
-    self._loop: asyncio.AbstractEventLoop | None = None
+    self.loop: asyncio.AbstractEventLoop | None = None
     self._stopping = False
     routes = [
         Route("/v2/health/live", self.live),
@@ -86,6 +97,15 @@ class ModelServer:
       routes += [Route(prefix, self.model_metadata),
                  Route(prefix + "/ready", self.model_ready),
                  Route(prefix + "/infer", self.infer, methods=["POST"])]
+    generation = GenerationEndpoints(self)
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+      routes += [Route(prefix + "/generate", generation.generate,
+                       methods=["POST"]),
+                 Route(prefix + "/generate_stream", generation.generate_stream,
+                       methods=["POST"])]
+    routes += [Route("/v1/completions", generation.completions,
+                     methods=["POST"]),
+               Route("/v1/models", generation.models)]
     self.app = Starlette(routes=routes, lifespan=self._lifespan)
 
   # ---- lifecycle ----------------------------------------------------------
@@ -93,7 +113,7 @@ class ModelServer:
   @contextlib.asynccontextmanager
   async def _lifespan(self, app):
     del app
-    self._loop = asyncio.get_running_loop()
+    self.loop = asyncio.get_running_loop()
     if self.load_on_startup:
       threading.Thread(target=self._load_guarded, daemon=True,
                        name="model-loader").start()
@@ -101,6 +121,8 @@ class ModelServer:
     self._stopping = True
     for loaded in list(self.models.values()):
       loaded.batcher.stop()  # answers what is queued
+    for scheduler in list(self.schedulers.values()):
+      scheduler.stop()  # finishes every admitted stream
 
   def _load_guarded(self) -> None:
     try:
@@ -113,9 +135,12 @@ class ModelServer:
     """Builds every model, times each bucket (which also warms it up), then
     opens it to requests; the server is ready once all are."""
     for name, loader in self.loaders.items():
-      if name in self.models:
+      if name in self.models or name in self.schedulers:
         continue
       servable = loader()
+      if isinstance(servable, Generator):
+        self._start_generating(name, servable)
+        continue
       service_s = measure_service_times(
           servable.run, servable.buckets, servable.signature.input_shape,
           protocol.DATATYPES[servable.signature.input_datatype],
@@ -131,10 +156,24 @@ class ModelServer:
                    list(servable.buckets),
                    {b: round(s * 1e3, 3) for b, s in service_s.items()})
 
+  def _start_generating(self, name: str, generator: Generator) -> None:
+    """The generator's scheduler on its own thread, after measuring its
+    prefill and step times (which also warms it up)."""
+    prefill_s, step_s = scheduler_lib.measure_times(generator.engine)
+    scheduler = scheduler_lib.Scheduler(
+        generator.engine, self.prefills_per_step, self.max_queue_requests,
+        prefill_s, step_s, observe=self.metrics.generation_observer(name))
+    self.metrics.watch_scheduler(name, scheduler)
+    scheduler.start()
+    self.schedulers[name] = scheduler
+    logging.info("model %s generating: %d slots, step %.3f ms, prefill ms "
+                 "%s", name, generator.engine.slots, step_s * 1e3,
+                 {b: round(s * 1e3, 3) for b, s in prefill_s.items()})
+
   @property
   def is_ready(self) -> bool:
     return (not self._stopping and self.load_error is None
-            and set(self.models) == set(self.loaders))
+            and set(self.models) | set(self.schedulers) == set(self.loaders))
 
   # ---- from the batcher's threads to the event loop -------------------------
 
@@ -143,13 +182,13 @@ class ModelServer:
       for request, rows in pairs:
         if not request.tag.done():
           request.tag.set_result(rows)
-    return lambda pairs: self._loop.call_soon_threadsafe(resolve, pairs)
+    return lambda pairs: self.loop.call_soon_threadsafe(resolve, pairs)
 
   def _rejecter(self):
     def fail(future, error):
       if not future.done():
         future.set_exception(error)
-    return lambda request, error: self._loop.call_soon_threadsafe(
+    return lambda request, error: self.loop.call_soon_threadsafe(
         fail, request.tag, error)
 
   def _batch_observer(self, name: str):
@@ -171,7 +210,7 @@ class ModelServer:
 
   async def server_metadata(self, request: Request) -> Response:
     return JSONResponse({"name": SERVER_NAME, "version": SERVER_VERSION,
-                         "extensions": ["binary_tensor_data"]})
+                         "extensions": ["binary_tensor_data", "generate"]})
 
   async def metrics_endpoint(self, request: Request) -> Response:
     body, content_type = self.metrics.exposition()
@@ -182,6 +221,9 @@ class ModelServer:
     if name not in self.loaders:
       return _error(404, f"unknown model {name!r}; models: "
                     f"{', '.join(self.loaders)}")
+    if name in self.schedulers:
+      return _error(400, f"model {name!r} generates text: use its /generate "
+                    "or /v1/completions")
     loaded = self.models.get(name)
     if loaded is None:
       return _error(503, f"model {name!r} is still loading")
@@ -192,6 +234,14 @@ class ModelServer:
     return loaded
 
   async def model_metadata(self, request: Request) -> Response:
+    name = request.path_params["name"]
+    if name in self.schedulers:  # as Triton describes a text model
+      return JSONResponse({
+          "name": name, "versions": ["1"], "platform": "rtjax_generate",
+          "inputs": [{"name": "text_input", "datatype": "BYTES",
+                      "shape": [1]}],
+          "outputs": [{"name": "text_output", "datatype": "BYTES",
+                       "shape": [-1]}]})
     loaded = self._model(request)
     if isinstance(loaded, Response):
       return loaded
@@ -199,6 +249,8 @@ class ModelServer:
     return JSONResponse(s.signature.metadata(s.name, s.version, s.platform))
 
   async def model_ready(self, request: Request) -> Response:
+    if request.path_params["name"] in self.schedulers:
+      return Response(status_code=503 if self._stopping else 200)
     loaded = self._model(request)
     if isinstance(loaded, Response):
       return Response(status_code=loaded.status_code)
@@ -220,12 +272,12 @@ class ModelServer:
                    ) -> Response:
     servable, rejected = loaded.servable, self.metrics.rejected
     try:
-      body = await self._read(request)
+      body = await self.read_body(request)
       start = time.perf_counter()
       parsed = protocol.parse_infer(
           body, request.headers.get(protocol.HEADER_LENGTH),
           servable.signature, loaded.batcher.max_rows)
-      deadline = start + self._deadline_s(parsed.parameters, request)
+      deadline = start + self.deadline_s(parsed.parameters, request)
     except protocol.ProtocolError as e:
       rejected.labels(name, "too_large" if e.status == 413
                       else "bad_request").inc()
@@ -233,7 +285,7 @@ class ModelServer:
     except ClientDisconnect:
       rejected.labels(name, "client_disconnected").inc()
       return Response(status_code=CLIENT_GONE)
-    future = self._loop.create_future()
+    future = self.loop.create_future()
     try:
       loaded.batcher.submit(BatchRequest(parsed.inputs, deadline, future,
                                          start))
@@ -255,7 +307,7 @@ class ModelServer:
     return Response(body, headers=headers, media_type=(
         "application/octet-stream" if headers else "application/json"))
 
-  async def _read(self, request: Request) -> bytes:
+  async def read_body(self, request: Request) -> bytes:
     """The body, or ProtocolError(413) past max_body_bytes. Up to 4x that is
     read and dropped first, so that a client still sending gets the answer
     rather than a broken connection; a longer one is cut at once."""
@@ -276,7 +328,11 @@ class ModelServer:
       raise too_large
     return b"".join(chunks)
 
-  def _deadline_s(self, parameters: dict, request: Request) -> float:
+  def deadline_s(self, parameters: dict, request: Request,
+                 default_s: float | None = None) -> float:
+    """A request's deadline in seconds from now: its `parameters.timeout`
+    (microseconds), else its X-Deadline-Ms header, else `default_s` (the
+    server's deadline when None)."""
     timeout_us = parameters.get("timeout")
     if timeout_us is not None:
       if (not isinstance(timeout_us, (int, float)) or isinstance(timeout_us, bool)
@@ -294,7 +350,7 @@ class ModelServer:
         raise protocol.ProtocolError(f"X-Deadline-Ms {header!r}: give a "
                                      "positive number of milliseconds")
       return deadline_ms / 1e3
-    return self.deadline_s
+    return self.deadline_s_default if default_s is None else default_s
 
 
 def _error(status: int, message: str) -> Response:

@@ -75,16 +75,23 @@ def _header(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     if not 0 <= size <= len(body):
       raise ProtocolError(f"Inference-Header-Content-Length {header_length!r}"
                           f" is not a length within the {len(body)}-byte body")
+  return load_object(body[:size], "'inputs'"), body[size:]
+
+
+def load_object(body: bytes, holding: str) -> dict:
+  """A request's JSON object, or a ProtocolError (400) saying why not:
+  invalid JSON, nesting deeper than the parser goes, or not an object (the
+  message says it must hold `holding`)."""
   try:
-    header = json.loads(body[:size])
+    loaded = json.loads(body)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ProtocolError(f"the request is not valid JSON: {e}") from None
   except RecursionError:
     raise ProtocolError("the request's JSON nests deeper than the parser "
                         "goes") from None
-  if not isinstance(header, dict):
-    raise ProtocolError("the request must be a JSON object with 'inputs'")
-  return header, body[size:]
+  if not isinstance(loaded, dict):
+    raise ProtocolError(f"the request must be a JSON object with {holding}")
+  return loaded
 
 
 def _shape(tensor: dict, signature: Signature, max_rows: int) -> tuple:

@@ -10,6 +10,8 @@ recipe and data):
              temperature 1: a draft is accepted where it agrees with it)
   scratch    the same two-block model trained from scratch (same steps and
              seed): what distillation adds to the acceptance rate
+  distilled1 one block, distilled the same way: a cheaper draft that agrees
+             less often
   pruned     the target with half its key/value heads and MLP units removed
              (structured pruning), fine-tuned
 
@@ -36,6 +38,9 @@ def get_config(arg: str | None = None):
       "distilled": stage_config("distill", parent="teacher", model=shallow,
                                 alpha=1.0, temperature=1.0),
       "scratch": stage_config("train", model=shallow),
+      "distilled1": stage_config(
+          "distill", parent="teacher", alpha=1.0, temperature=1.0,
+          model={"name": "decoder", "args": {**args, "depth": 1}}),
       "pruned": stage_config("structured_prune", parent="teacher",
                              keep_fraction=0.5, train={
                                  "num_steps": steps // 2,

@@ -107,7 +107,7 @@ def measure(model, context: int, metadata: dict, drafts: Sequence[str],
 
 def markdown(rows: list[dict], metadata: dict, prompts: int, count: int,
              rounds: int) -> str:
-  """Per draft its best k (by measured tokens/s); then acceptance and
+  """Per draft its best k (by measured speedup); then acceptance and
   speedups at every k."""
   bits = metadata["metrics"]["test"]["bits_per_token"]
   lines = [f"Speculative decoding at batch 1: {prompts} prompts x {count} "
@@ -124,7 +124,7 @@ def markdown(rows: list[dict], metadata: dict, prompts: int, count: int,
            "--- | --- |"]
   for name in dict.fromkeys(r["draft"] for r in rows):
     r = max((r for r in rows if r["draft"] == name),
-            key=lambda r: r["tokens_per_s"])
+            key=lambda r: r["speedup"])
     same = prompts - len(r["divergences"])
     parted = (f"; {len(r['divergences'])} part at gaps "
               f"{', '.join(f'{g:.1e}' for g in r['divergences'])}"

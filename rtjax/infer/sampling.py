@@ -80,7 +80,10 @@ def sample(logits: jax.Array, positions: jax.Array, temperature: jax.Array,
            top_k: jax.Array, top_p: jax.Array, seed: jax.Array) -> jax.Array:
   """The next token (batch,) int32 from logits (batch, vocabulary), row b
   drawn with its own parameters and the key of (seed[b], positions[b])."""
-  drawn = jax.vmap(jax.random.categorical)(
-      keys(seed, positions), allowed(logits, temperature, top_k, top_p))
-  return jnp.where(temperature > 0, drawn,
-                   jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  def sampled():
+    drawn = jax.vmap(jax.random.categorical)(
+        keys(seed, positions), allowed(logits, temperature, top_k, top_p))
+    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+  # Sorting and random bits only when a row samples: greedy steps skip them.
+  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)

@@ -23,12 +23,19 @@ DRAFT, ACCEPT, RESAMPLE = 1, 2, 3  # key streams of one position
 
 
 def _draw(logits, positions, stream, temperature, top_k, top_p, seed):
-  """(token, its distribution q) per row: argmax for greedy rows."""
-  allowed = sampling_lib.allowed(logits, temperature, top_k, top_p)
-  drawn = jax.vmap(jax.random.categorical)(
-      sampling_lib.keys(seed, positions, stream), allowed)
-  token = jnp.where(temperature > 0, drawn, jnp.argmax(logits, -1))
-  return token.astype(jnp.int32), jax.nn.softmax(allowed, axis=-1)
+  """(token, its distribution q) per row: argmax for greedy rows (and no
+  sorting or random bits when every row is greedy)."""
+  greedy = jnp.argmax(logits, -1).astype(jnp.int32)
+
+  def sampled():
+    allowed = sampling_lib.allowed(logits, temperature, top_k, top_p)
+    drawn = jax.vmap(jax.random.categorical)(
+        sampling_lib.keys(seed, positions, stream), allowed)
+    return (jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32),
+            jax.nn.softmax(allowed, axis=-1))
+
+  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: (
+      greedy, jnp.zeros(logits.shape, jnp.float32)))
 
 
 def propose(draft, cache, previous, tokens, positions, k: int, *sampling):
@@ -61,14 +68,35 @@ def accepted(drafted, target_greedy, p_drafted, q_drafted, uniform,
                    drafted == target_greedy)
 
 
-def verify(logits, drafted, q, positions, temperature, top_k, top_p, seed):
+def verify(logits, drafted, q, positions, temperature, *sampling):
   """The target's logits (batch, k + 1, vocabulary) over [token, drafted]
   judge the draft: (tokens (batch, k + 1), count (batch,)), the first
   `count` tokens committed: the accepted drafted prefix, then the target's
   own next token (a resample after a rejection, or one more token after
-  all k were accepted)."""
+  all k were accepted). Every row greedy: no distributions at all."""
+  greedy = jnp.argmax(logits, -1).astype(jnp.int32)
+  none = jnp.zeros(drafted.shape, jnp.float32)
+  return jax.lax.cond(
+      jnp.any(temperature > 0),
+      lambda: _verify(logits, drafted, q, positions, temperature, *sampling),
+      lambda: _committed(drafted, greedy, accepted(
+          drafted, greedy[:, :-1], none, none, none, temperature > 0)))
+
+
+def _committed(drafted, following, keep):
+  """(tokens, count): the kept drafted prefix, then `following`'s token
+  at the first rejection (batch, k + 1 candidates)."""
   batch, k = drafted.shape
-  steps = jnp.arange(k + 1)
+  count = jnp.sum(jnp.cumprod(keep, axis=1), axis=1)
+  padded = jnp.concatenate([drafted, jnp.zeros_like(drafted[:, :1])], 1)
+  chosen = jnp.take_along_axis(following, count[:, None], 1)
+  tokens = jnp.where(jnp.arange(k + 1) < count[:, None], padded, chosen)
+  return tokens, count + 1
+
+
+def _verify(logits, drafted, q, positions, temperature, top_k, top_p, seed):
+  """verify with sampled rows: the accept/resample rule."""
+  batch, k = drafted.shape
   flat = lambda x: x.reshape(batch * (k + 1), *x.shape[2:])
   repeat = lambda x: jnp.repeat(x, k + 1)
   p = jax.nn.softmax(sampling_lib.allowed(
@@ -93,6 +121,5 @@ def verify(logits, drafted, q, positions, temperature, top_k, top_p, seed):
       sampling_lib.keys(seed, positions + 1 + count, RESAMPLE),
       jnp.log(residual))
   following = jnp.where(sampled, resampled, at(greedy)).astype(jnp.int32)
-  padded = jnp.concatenate([drafted, jnp.zeros_like(drafted[:, :1])], 1)
-  tokens = jnp.where(steps < count[:, None], padded, following[:, None])
-  return tokens, count + 1
+  return _committed(drafted, jnp.broadcast_to(following[:, None],
+                                              (batch, k + 1)), keep)

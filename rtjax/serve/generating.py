@@ -42,7 +42,6 @@ class Generator:
   """What the server needs of a decoder: its engine (compiled) and name."""
   name: str
   engine: Engine
-  version: str = "1"
 
 
 @dataclasses.dataclass
@@ -88,6 +87,9 @@ class GenerationEndpoints:
   async def _triton(self, request: Request, stream: bool) -> Response:
     name = request.path_params["name"]
     version = request.path_params.get("version", "1")
+    if version != "1":
+      return self._count(name, _error(404, f"model {name!r} has no version "
+                                      f"{version!r}; versions: 1"))
     parsed = await self._parse(name, request, completions.parse_generate)
     if isinstance(parsed, Response):
       return parsed

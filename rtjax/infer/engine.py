@@ -84,6 +84,21 @@ def cache_length(context: int, speculate: int) -> int:
   return length
 
 
+def check_draft(model, draft, speculate: int) -> int:
+  """k, or a FlagError: a draft needs k >= 1 (and k a draft) and the
+  target's vocabulary."""
+  if (draft is None) != (speculate == 0) or speculate < 0:
+    raise FlagError("speculative decoding needs a draft model and "
+                    f"speculate >= 1 together (got speculate {speculate} "
+                    f"and {'a' if draft else 'no'} draft)")
+  if draft is not None and (draft.embed.num_embeddings
+                            != model.embed.num_embeddings):
+    raise FlagError(f"the draft's vocabulary ({draft.embed.num_embeddings} "
+                    f"tokens) is not the target's "
+                    f"({model.embed.num_embeddings})")
+  return int(speculate)
+
+
 def vocabulary_of(metadata: dict | None) -> str:
   """The vocabulary a checkpoint's dataset recorded (token i: its i-th
   character)."""
@@ -132,16 +147,7 @@ class Engine:
     the checkpoint's dataset's)."""
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
     self.context, self.slots = int(context), int(slots)
-    self.speculate = int(speculate)
-    if (draft is None) != (self.speculate == 0) or self.speculate < 0:
-      raise FlagError("speculative decoding needs a draft model and "
-                      f"speculate >= 1 together (got speculate "
-                      f"{self.speculate} and {'a' if draft else 'no'} draft)")
-    if draft is not None and (draft.embed.num_embeddings
-                              != model.embed.num_embeddings):
-      raise FlagError(f"the draft's vocabulary ({draft.embed.num_embeddings} "
-                      f"tokens) is not the target's "
-                      f"({model.embed.num_embeddings})")
+    self.speculate = check_draft(model, draft, speculate)
     self.cache_length = cache_length(self.context, self.speculate)
     self.buckets = prefill_buckets(self.context, buckets)
     self.vocabulary = vocabulary or vocabulary_of(metadata)
@@ -161,21 +167,8 @@ class Engine:
           self.options["dot_kernels"], kind)
     except ValueError as e:
       raise FlagError(str(e)) from None
-    models = {"target": model, **({"draft": draft} if draft else {})}
-    self.graphdefs, self._weights, shardings, self._empties = {}, {}, {}, {}
-    for role, each in models.items():
-      served = precision.with_dtype(each, self.dtype)
-      self.graphdefs[role], state = nnx.split(served)
-      shardings[role] = mesh_lib.weight_shardings(
-          state, self.mesh, tensor_parallel_rules(each))
-      self._weights[role] = jax.device_put(state, shardings[role])
-      # Zero keys and values for `batch` sequences, as this engine stores
-      # them.
-      self._empties[role] = functools.partial(
-          served.empty_cache, length=self.cache_length,
-          dtype=(self.dtype if precision.is_float_model(each)
-                 else jnp.float32),
-          int8=self.options["kv_cache"] == "int8")
+    shardings = self._place(
+        {"target": model, **({"draft": draft} if draft else {})})
     self.graphdef, self.weights = self.graphdefs["target"], self._weights[
         "target"]
     # The executables take the weights as a flat tuple of arrays: a call
@@ -196,6 +189,25 @@ class Engine:
     self._sampling = sampling_lib.as_arrays([sampling_lib.GREEDY] *
                                             self.slots)
     self._sampling_placed = None  # on the devices until a slot changes
+
+  def _place(self, models: dict) -> dict:
+    """Each model ({role: model}) in the serving dtype with its weights on
+    the mesh, and how it stores its cache; returns the weights' shardings."""
+    self.graphdefs, self._weights, shardings, self._empties = {}, {}, {}, {}
+    for role, each in models.items():
+      served = precision.with_dtype(each, self.dtype)
+      self.graphdefs[role], state = nnx.split(served)
+      shardings[role] = mesh_lib.weight_shardings(
+          state, self.mesh, tensor_parallel_rules(each))
+      self._weights[role] = jax.device_put(state, shardings[role])
+      # Zero keys and values for `batch` sequences, as this engine stores
+      # them.
+      self._empties[role] = functools.partial(
+          served.empty_cache, length=self.cache_length,
+          dtype=(self.dtype if precision.is_float_model(each)
+                 else jnp.float32),
+          int8=self.options["kv_cache"] == "int8")
+    return shardings
 
   @classmethod
   def from_checkpoint(cls, path: epath.PathLike, **kwargs) -> "Engine":

@@ -206,6 +206,7 @@ def chi_square_p(counts, model, prompt, sampling):
                          / expected.sum()).pvalue
 
 
+@pytest.mark.slow
 def test_speculative_sampling_follows_the_targets_distribution(
     model, draft, monkeypatch):
   prompt, sampling = "the king", {"temperature": 1.0, "top_k": 20,
@@ -278,6 +279,7 @@ def test_the_pytorch_twin_computes_the_decoders_logits(model):
   np.testing.assert_allclose(last[:, 0], want[:, 39], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_loadgen_token_latencies_and_static_batches_wait_for_the_longest(
     engine, tmp_path):
   from rtjax.bench import generation_loadgen as glg

@@ -17,6 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+# A server and real HTTP clients: end-to-end, so `make test-fast` skips it.
+pytestmark = pytest.mark.slow
+
 openai = pytest.importorskip("openai")
 pytest.importorskip("tritonclient.http")
 
@@ -244,7 +247,6 @@ def test_overload_is_refused_at_once_and_admitted_streams_keep_deadlines(
   assert max(admitted) <= deadline_s + STEP_S
 
 
-@pytest.mark.slow
 def test_sigterm_mid_stream_finishes_the_stream_and_exits_0(checkpoint):
   port = free_port()
   process = subprocess.Popen(

@@ -9,7 +9,6 @@ divergence is reported with the target's top-2 logit gap where it parts.
 from __future__ import annotations
 
 import collections
-import time
 from typing import Sequence
 
 import numpy as np
@@ -27,12 +26,6 @@ def predicted_speedup(acceptance: float, cost: float, k: int) -> float:
   if acceptance >= 1:
     return (k + 1) / (k * cost + 1)
   return (1 - acceptance ** (k + 1)) / ((1 - acceptance) * (k * cost + 1))
-
-
-def _tokens_per_s(engine: Engine, requests) -> tuple[float, list]:
-  start = time.perf_counter()
-  done = scheduler.run(engine, requests)
-  return sum(len(c.tokens) for c in done) / (time.perf_counter() - start), done
 
 
 def _divergences(model, engine: Engine, done, reference) -> list[float]:
@@ -56,9 +49,9 @@ def _in_turns(engines: dict, requests, rounds: int):
   for _ in range(rounds):
     for key, engine in engines.items():
       engine.drafted = engine.accepted = 0
-      tokens_per_s, done = _tokens_per_s(engine, requests)
-      speed[key].append(tokens_per_s)
-      tpot[key].append(generation.summary(done)["tpot_ms_p50"])
+      stats = generation.summary(scheduler.run(engine, requests))
+      speed[key].append(stats["tokens_per_s"])
+      tpot[key].append(stats["tpot_ms_p50"])
   return speed, tpot
 
 
@@ -77,7 +70,7 @@ def measure(model, context: int, metadata: dict, drafts: Sequence[str],
     engines[name] = engine(draft, meta)  # alone: its cost per token
     for k in ks:
       engines[name, k] = engine(model, metadata, draft=draft, speculate=k)
-  first = {key: _tokens_per_s(e, requests)[1] for key, e in engines.items()}
+  first = {key: scheduler.run(e, requests) for key, e in engines.items()}
   speed, tpot = _in_turns(engines, requests, rounds)
   median = lambda values: float(np.median(values))
   rows = []

@@ -76,14 +76,27 @@ def keys(seed: jax.Array, positions: jax.Array, stream: int = 0) -> jax.Array:
   return jax.vmap(key)(seed, positions)
 
 
-def sample(logits: jax.Array, positions: jax.Array, temperature: jax.Array,
-           top_k: jax.Array, top_p: jax.Array, seed: jax.Array) -> jax.Array:
-  """The next token (batch,) int32 from logits (batch, vocabulary), row b
-  drawn with its own parameters and the key of (seed[b], positions[b])."""
+def draw(logits: jax.Array, positions: jax.Array, temperature: jax.Array,
+         top_k: jax.Array, top_p: jax.Array, seed: jax.Array,
+         stream: int = 0) -> tuple[jax.Array, jax.Array]:
+  """(the next token (batch,) int32, the distribution it was drawn from
+  (batch, vocabulary)) from logits (batch, vocabulary): row b drawn with its
+  own parameters and the key of (seed[b], positions[b], stream), greedy
+  rows by argmax. Sorting and random bits only when a row samples: with
+  every row greedy the distribution is all zeros."""
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
   def sampled():
+    kept = allowed(logits, temperature, top_k, top_p)
     drawn = jax.vmap(jax.random.categorical)(
-        keys(seed, positions), allowed(logits, temperature, top_k, top_p))
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
-  # Sorting and random bits only when a row samples: greedy steps skip them.
-  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+        keys(seed, positions, stream), kept)
+    return (jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32),
+            jax.nn.softmax(kept, axis=-1))
+
+  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: (
+      greedy, jnp.zeros(logits.shape, jnp.float32)))
+
+
+def sample(logits: jax.Array, positions: jax.Array, *parameters) -> jax.Array:
+  """The next token alone (see draw)."""
+  return draw(logits, positions, *parameters)[0]

@@ -9,8 +9,8 @@ prefilled between two generate steps, so a running stream's time per token
 stays within one step plus that many prefills; with no slot generating,
 every free slot is filled at once. (`static=True` is static batching
 instead, the baseline continuous batching beats: a batch is prefilled only
-when every slot is free, so it waits for its longest member.) Admission is decided when a request
-arrives: it is refused (Rejected 'queue_full') when `max_queue` requests
+when every slot is free, so it waits for its longest member.) Admission is
+decided when a request arrives: it is refused (Rejected 'queue_full') when `max_queue` requests
 already wait, or (Rejected 'deadline') when its first token cannot arrive
 by its deadline, estimated from the measured prefill and step times and
 the slots the running requests free at their token limits.
@@ -35,9 +35,6 @@ from rtjax.infer.batcher import Rejected
 from rtjax.infer.engine import Engine
 from rtjax.infer.generation import Completion, Request, Running
 
-REASONS = ("queue_full", "deadline", "stopping")
-
-
 @dataclasses.dataclass(eq=False)
 class Stream:
   """One request in the scheduler: `on_text(text)` gets its decided text as
@@ -50,11 +47,14 @@ class Stream:
   on_text: Callable[[str], None]
   on_end: Callable[[Completion], None]
   completion: Completion
-  cancelled: bool = False
   admitted: float = 0.0  # perf_counter seconds
   prefilled_at: float = math.nan  # when its prefill started (queue time)
-  cancelled_at_step: int = -1  # the scheduler's step count then
+  cancelled_at_step: int = -1  # the scheduler's step count then; -1: not
   ended_at_step: int = -1
+
+  @property
+  def cancelled(self) -> bool:
+    return self.cancelled_at_step >= 0
 
 
 def measure_times(engine: Engine, calls: int = 5) -> tuple[dict, float]:
@@ -100,6 +100,7 @@ class Scheduler:
     self._waiting: list[tuple[float, int, Stream]] = []  # a heap by deadline
     self._order = itertools.count()
     self._running: dict[int, tuple[Stream, Running]] = {}
+    self._cancelled: list[Stream] = []  # since the last step
     self._lock = threading.Condition()
     self._stopping = False
     self._thread: threading.Thread | None = None
@@ -134,9 +135,9 @@ class Scheduler:
   def cancel(self, stream: Stream) -> None:
     """Ends the stream at the next step (its slot freed, on_end called with
     finish_reason 'cancelled'); nothing when it has ended."""
-    stream.cancelled_at_step = self.steps
-    stream.cancelled = True
     with self._lock:
+      stream.cancelled_at_step = self.steps
+      self._cancelled.append(stream)
       self._lock.notify()
 
   @property
@@ -188,12 +189,15 @@ class Scheduler:
     """Ends cancelled streams, prefills waiting ones into free slots, then
     one generate step; False when there was nothing to do."""
     with self._lock:
-      cancelled = [s for _, _, s in self._waiting if s.cancelled]
-      self._waiting = [w for w in self._waiting if not w[2].cancelled]
-      heapq.heapify(self._waiting)
-    for stream in cancelled:
+      cancelled, self._cancelled = self._cancelled, []
+      gone = [w[2] for w in self._waiting if w[2].cancelled] if cancelled \
+          else []
+      if gone:
+        self._waiting = [w for w in self._waiting if not w[2].cancelled]
+        heapq.heapify(self._waiting)
+    for stream in gone:
       self._end(stream, "cancelled")
-    for slot, (stream, _) in list(self._running.items()):
+    for slot, (stream, _) in list(self._running.items()) if cancelled else ():
       if stream.cancelled:
         self._free(slot, "cancelled")
     budget = (self.engine.slots if not self._running
@@ -279,10 +283,9 @@ def run(engine: Engine, requests: Sequence[Request],
         ) -> list[Completion]:
   """Every request to its end through the engine's slots, on this thread
   (all arrive now; those beyond the free slots wait for one, filled as
-  soon as one frees). `on_text(index, text)` gets each request's decided
-  text as it grows."""
-  for request in requests:  # every prompt checked before any runs
-    engine.check_prompt(engine.encode(request.prompt))
+  soon as one frees; every prompt is checked as it is queued, before any
+  runs). `on_text(index, text)` gets each request's decided text as it
+  grows."""
   scheduler = Scheduler(engine, prefills_per_step=engine.slots,
                         max_queue=len(requests))
   streams = [scheduler.submit(

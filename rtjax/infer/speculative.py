@@ -22,22 +22,6 @@ from rtjax.infer import sampling as sampling_lib
 DRAFT, ACCEPT, RESAMPLE = 1, 2, 3  # key streams of one position
 
 
-def _draw(logits, positions, stream, temperature, top_k, top_p, seed):
-  """(token, its distribution q) per row: argmax for greedy rows (and no
-  sorting or random bits when every row is greedy)."""
-  greedy = jnp.argmax(logits, -1).astype(jnp.int32)
-
-  def sampled():
-    allowed = sampling_lib.allowed(logits, temperature, top_k, top_p)
-    drawn = jax.vmap(jax.random.categorical)(
-        sampling_lib.keys(seed, positions, stream), allowed)
-    return (jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32),
-            jax.nn.softmax(allowed, axis=-1))
-
-  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: (
-      greedy, jnp.zeros(logits.shape, jnp.float32)))
-
-
 def propose(draft, cache, previous, tokens, positions, k: int, *sampling):
   """k drafted tokens (batch, k) after `tokens` at `positions`, their
   distributions (batch, k, vocabulary) and the draft's cache.
@@ -50,7 +34,8 @@ def propose(draft, cache, previous, tokens, positions, k: int, *sampling):
                         positions - 1)
   logit, drafted, dists = logits[:, -1], [], []
   for i in range(k):  # unrolled: k is small and fixed per executable
-    token, q = _draw(logit, positions + 1 + i, DRAFT, *sampling)
+    token, q = sampling_lib.draw(logit, positions + 1 + i, *sampling,
+                                 stream=DRAFT)
     drafted.append(token)
     dists.append(q)
     if i + 1 < k:  # the last drafted token need not be fed
@@ -83,11 +68,16 @@ def verify(logits, drafted, q, positions, temperature, *sampling):
           drafted, greedy[:, :-1], none, none, none, temperature > 0)))
 
 
+def _prefix(keep) -> jax.Array:
+  """How many drafted tokens (batch,) are kept before the first rejection."""
+  return jnp.sum(jnp.cumprod(keep, axis=1), axis=1)
+
+
 def _committed(drafted, following, keep):
   """(tokens, count): the kept drafted prefix, then `following`'s token
   at the first rejection (batch, k + 1 candidates)."""
   batch, k = drafted.shape
-  count = jnp.sum(jnp.cumprod(keep, axis=1), axis=1)
+  count = _prefix(keep)
   padded = jnp.concatenate([drafted, jnp.zeros_like(drafted[:, :1])], 1)
   chosen = jnp.take_along_axis(following, count[:, None], 1)
   tokens = jnp.where(jnp.arange(k + 1) < count[:, None], padded, chosen)
@@ -111,7 +101,7 @@ def _verify(logits, drafted, q, positions, temperature, top_k, top_p, seed):
   sampled = temperature > 0
   keep = accepted(drafted, greedy[:, :k], pick(p[:, :k], drafted),
                   pick(q, drafted), uniform, sampled)
-  count = jnp.sum(jnp.cumprod(keep, axis=1), axis=1)  # accepted prefix
+  count = _prefix(keep)
   at = lambda x: jnp.take_along_axis(
       x, count.reshape(batch, *[1] * (x.ndim - 1)), 1)[:, 0]
   q_next = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], 1)

@@ -45,6 +45,7 @@ from rtjax.infer.batcher import (DeadlineBatcher, Rejected,
 from rtjax.serve import protocol
 from rtjax.serve.generating import (CLIENT_GONE, REJECTION_STATUS,
                                     GenerationEndpoints, Generator)
+from rtjax.serve.generating import error as _error
 from rtjax.serve.metrics import Metrics
 from rtjax.serve.servable import Servable
 
@@ -216,17 +217,25 @@ class ModelServer:
     body, content_type = self.metrics.exposition()
     return Response(body, media_type=content_type)
 
-  def _model(self, request: Request) -> _Loaded | Response:
-    name = request.path_params["name"]
+  def unavailable(self, name: str) -> Response | None:
+    """404 for a model the server does not have, 503 for one still
+    loading; None for a model that serves (classifier or generator)."""
     if name not in self.loaders:
       return _error(404, f"unknown model {name!r}; models: "
                     f"{', '.join(self.loaders)}")
+    if name not in self.models and name not in self.schedulers:
+      return _error(503, f"model {name!r} is still loading")
+    return None
+
+  def _model(self, request: Request) -> _Loaded | Response:
+    name = request.path_params["name"]
+    missing = self.unavailable(name)
+    if missing is not None:
+      return missing
     if name in self.schedulers:
       return _error(400, f"model {name!r} generates text: use its /generate "
                     "or /v1/completions")
-    loaded = self.models.get(name)
-    if loaded is None:
-      return _error(503, f"model {name!r} is still loading")
+    loaded = self.models[name]
     version = request.path_params.get("version")
     if version is not None and version != loaded.servable.version:
       return _error(404, f"model {name!r} has no version {version!r}; "
@@ -351,8 +360,3 @@ class ModelServer:
                                      "positive number of milliseconds")
       return deadline_ms / 1e3
     return self.deadline_s_default if default_s is None else default_s
-
-
-def _error(status: int, message: str) -> Response:
-  return Response(protocol.error_body(message), status_code=status,
-                  media_type="application/json")

@@ -31,7 +31,7 @@ from rtjax.infer.batcher import Rejected
 from rtjax.infer.engine import Engine
 from rtjax.infer.scheduler import Scheduler, Stream
 from rtjax.serve import completions
-from rtjax.serve.protocol import ProtocolError
+from rtjax.serve.protocol import ProtocolError, error_body
 
 REJECTION_STATUS = {"deadline": 429, "queue_full": 429, "stopping": 503}
 CLIENT_GONE = 499  # nginx's "client closed request"
@@ -62,15 +62,13 @@ class GenerationEndpoints:
 
   def scheduler(self, name: str) -> Scheduler | Response:
     """The model's scheduler, or the error response for its name."""
-    if name not in self.server.loaders:
-      return _error(404, f"unknown model {name!r}; models: "
-                    f"{', '.join(self.server.loaders)}")
+    missing = self.server.unavailable(name)
+    if missing is not None:
+      return missing
     scheduler = self.server.schedulers.get(name)
     if scheduler is None:
-      loading = name not in self.server.models
-      return _error(503 if loading else 400,
-                    f"model {name!r} is still loading" if loading else
-                    f"model {name!r} is not a language model: use /infer")
+      return error(400, f"model {name!r} is not a language model: use "
+                   "/infer")
     return scheduler
 
   async def models(self, request: Request) -> Response:
@@ -88,7 +86,7 @@ class GenerationEndpoints:
     name = request.path_params["name"]
     version = request.path_params.get("version", "1")
     if version != "1":
-      return self._count(name, _error(404, f"model {name!r} has no version "
+      return self._count(name, error(404, f"model {name!r} has no version "
                                       f"{version!r}; versions: 1"))
     parsed = await self._parse(name, request, completions.parse_generate)
     if isinstance(parsed, Response):
@@ -145,7 +143,7 @@ class GenerationEndpoints:
     except ProtocolError as e:
       self._reject(name or "", "too_large" if e.status == 413
                    else "bad_request")
-      return self._count(name or "", _error(e.status, str(e)))
+      return self._count(name or "", error(e.status, str(e)))
     except ClientDisconnect:
       self._reject(name or "", "client_disconnected")
       return Response(status_code=CLIENT_GONE)
@@ -168,10 +166,10 @@ class GenerationEndpoints:
           on_end=lambda completion: post(("", completion)))
     except (ProtocolError, InputError) as e:
       self._reject(name, "bad_request")
-      return self._count(name, _error(400, str(e)))
+      return self._count(name, error(400, str(e)))
     except Rejected as e:
       self._reject(name, e.reason)
-      return self._count(name, _error(REJECTION_STATUS[e.reason],
+      return self._count(name, error(REJECTION_STATUS[e.reason],
                                       f"rejected ({e.reason}): {e}"))
     return _Answer(name, stream, events)
 
@@ -209,5 +207,7 @@ def _usage(answer: _Answer) -> dict:
                            len(answer.stream.completion.tokens))
 
 
-def _error(status: int, message: str) -> Response:
-  return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str) -> Response:
+  """A JSON error body ({"error": message}) with its status."""
+  return Response(error_body(message), status_code=status,
+                  media_type="application/json")

@@ -157,11 +157,12 @@ def test_breakdown_is_consistent_with_cost_analysis(trained):
   assert terms["collective_bytes"] == 0 and terms["t_comm_s"] == 0
   assert terms["t_predicted_s"] == pytest.approx(
       terms["t_compute_s"] + terms["t_memory_s"])
-  measured = breakdown.measure_peaks(matmul_size=256, copy_mb=8, repeats=3)
-  # The peaks predict the time of the same kinds of calls timed here apart.
+  # The peaks predict the time of the same kinds of calls timed here apart
+  # (bests of 20: another test's burst on both cores can stall a few calls).
+  measured = breakdown.measure_peaks(matmul_size=256, copy_mb=8, repeats=20)
   a = jax.numpy.ones((256, 256), jax.numpy.float32)
   matmul = jax.jit(lambda x: x @ x)
-  times = timing.time_calls({"m": lambda: matmul(a).block_until_ready()}, 5,
+  times = timing.time_calls({"m": lambda: matmul(a).block_until_ready()}, 20,
                             warmup=1)["m"]
   predicted = 2 * 256 ** 3 / measured["flops_per_s"]
   assert 0.2 < predicted / min(times) < 5, (predicted, min(times))

@@ -163,7 +163,7 @@ def test_speculative_decoding_keeps_the_targets_greedy_text(model, engine,
       generation.Request("a" * 120, 30)]  # rounds that pass the context
   plain = scheduler.run(engine, requests)
   for drafter, k in ((draft, 3), (model, 4)):  # rejections; all accepted
-    fast = Engine(model, CONTEXT, slots=4, buckets=(16, 32),
+    fast = Engine(model, CONTEXT, slots=4, buckets=(32,),
                   vocabulary=VOCABULARY, draft=drafter, speculate=k)
     done = scheduler.run(fast, requests)
     assert [c.tokens for c in done] == [c.tokens for c in plain]

@@ -111,9 +111,9 @@ def test_bf16_serving_is_bf16_and_close_to_f32(family):
 def test_bf16_refuses_int8_models():
   from rtjax.compress import quantize
   from rtjax.models import quantized
-  shape, args = FAMILIES["lenet5"]
-  model = create_model("lenet5", {"num_classes": 10, "input_shape": shape,
-                                  **args})
+  shape, args = FAMILIES["mlp"]
+  model = create_model("mlp", {"num_classes": 10, "input_shape": shape,
+                               **args})
   qspec = quantized.quantization_spec("w8a8", mode="ptq")
   int8 = quantize.int8_model(model, qspec, shape)
   assert precision.is_float_model(model) and not precision.is_float_model(int8)

@@ -32,8 +32,9 @@ PYTEST := $(PY) -m pytest -q -n auto --maxprocesses=4 --dist worksteal
 test: $(VENV)/.installed
 	$(PYTEST) tests
 
-# Everything but the end-to-end runs marked slow (multi-process, pipelines,
-# LoadGen): for the edit-test loop.
+# Everything but the end-to-end runs marked slow (multi-process, commands
+# run whole, training runs, pipelines, LoadGen, peers): for the edit-test
+# loop.
 test-fast: $(VENV)/.installed
 	$(PYTEST) -m "not slow" tests
 

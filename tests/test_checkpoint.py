@@ -52,6 +52,7 @@ def test_metadata_records_schema_versions_device_and_hash(trained):
   assert len(metadata["params_sha256"]) == 64
 
 
+@pytest.mark.slow
 def test_truncated_newest_step_is_moved_aside_and_the_run_finishes(
     trained, tmp_path):
   config, workdir, _ = trained
@@ -118,6 +119,7 @@ def test_checkpoint_of_a_newer_rtjax_is_refused_and_left_alone(trained,
       "100", "150"]
 
 
+@pytest.mark.slow
 def test_a_step_that_cannot_be_written_stops_the_run_and_keeps_the_rest(
     trained, tmp_path, monkeypatch):
   """The disk fills while step 150's metadata is written (in orbax's

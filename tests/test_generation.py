@@ -119,6 +119,7 @@ def test_stop_strings_limits_and_the_streamed_text(engine):
                             generation.Request("a" * 128)])
 
 
+@pytest.mark.slow
 def test_int8_weights_decode_through_the_cache():
   model = models.create_model("decoder", ARGS, seed=3)
   served, _ = quantize.ptq(model, [CONTEXT], "w8")

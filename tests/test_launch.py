@@ -165,6 +165,7 @@ def launch(env, tmp_path, *extra):
                     env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_whole_flow_create_copy_run_delete(fake_gcloud, tmp_path):
   env, calls, done = fake_gcloud
   result = launch(env, tmp_path)
@@ -195,6 +196,7 @@ def test_whole_flow_create_copy_run_delete(fake_gcloud, tmp_path):
     assert "rtjax/train/trainer.py" in tar.getnames()
 
 
+@pytest.mark.slow
 def test_failing_worker_stops_the_rest_and_is_named(fake_gcloud, tmp_path):
   env, calls, done = fake_gcloud
   env.update(FAKE_GCLOUD_FAIL_WORKER="1", FAKE_GCLOUD_RUN_SECONDS="60")
@@ -236,6 +238,7 @@ def preflight(*main_args):
                     "--dry_run", "--", *main_args, "--workdir=gs://b/r")
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_preflight_table_then_the_plan():
   result = preflight("--config=configs/default.py:tiny")
   assert result.returncode == 0, result.stderr[-2000:]
@@ -250,6 +253,7 @@ def test_dry_run_prints_the_preflight_table_then_the_plan():
   assert first_command > lines.index(next(l for l in lines if "resnet" in l))
 
 
+@pytest.mark.slow
 def test_weights_no_chip_holds_stop_the_launch_with_the_bytes():
   # 4.9e9 float32 weights (19.6 GB): split 8 ways they serve one row, but
   # the train step and batch 256 keep a whole copy on every 16 GiB chip.

@@ -29,6 +29,7 @@ def test_strided_slice_max_pools_are_found_and_replaced():
   assert "reduce_window_max" in str(jax.make_jaxpr(pooled)(x))
 
 
+@pytest.mark.slow
 def test_natural_onnx_export_has_maxpool_and_agrees():
   pytest.importorskip("jax2onnx", reason="needs the rtjax[onnx] extra")
   ort = pytest.importorskip("onnxruntime", reason="needs the rtjax[onnx] extra")

@@ -8,6 +8,11 @@ CONFIG ?= configs/default.py
 
 .PHONY: run test test-fast setup clean
 
+# Bytecode is written even where PYTHONDONTWRITEBYTECODE is set (as on this
+# machine): uv installs none, so every process would compile jax and flax
+# from source again (test-fast took about 40 s longer).
+unexport PYTHONDONTWRITEBYTECODE
+
 EXTRAS := .[test,onnx,serve,tpu]
 
 # uv fetches and unpacks the wheels in parallel (about 15 s from nothing

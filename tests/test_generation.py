@@ -129,6 +129,7 @@ def test_int8_weights_decode_through_the_cache():
   assert_same_greedy_tokens(served, engine, scheduler.run(engine, requests))
 
 
+@pytest.mark.slow
 def test_an_int8_kv_cache_stores_bytes_and_a_scale_and_scores_alike(
     model, engine):
   int8 = Engine(model, CONTEXT, slots=8, buckets=(16, 32), kv_cache="int8",

@@ -118,6 +118,7 @@ def test_peers_agree_and_are_timed_in_one_run(monkeypatch):
                       else "PyTorch: not installed (pip install torch)")
 
 
+@pytest.mark.slow
 def test_a_disagreeing_peer_fails_before_anything_is_timed(monkeypatch):
   """Even the thread-setting trials run only after the outputs matched."""
   pytest.importorskip("onnxruntime", reason="peers need the rtjax[onnx] extra")

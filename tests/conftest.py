@@ -99,6 +99,28 @@ def run_module(module: str, *args: str, timeout: float = 300,
 
 
 @pytest.fixture(scope="session")
+def untrained_checkpoints(tmp_path_factory):
+  """LeNet-5 and ViT as their configs build them, saved untrained: for tests
+  of what serving computes from a checkpoint, not of what training learnt
+  (family_checkpoints trains them, for seconds each): {name: workdir}."""
+  def build():
+    from configs import lenet5, vit
+    from rtjax import models
+    from rtjax.checkpoint import save_complete_step
+    from rtjax.data import dataset_spec
+    from rtjax.train.trainer import model_spec
+    paths = {}
+    for name, module in (("lenet5", lenet5), ("vit", vit)):
+      config = module.get_config()
+      spec = model_spec(config.model, dataset_spec(config.data))
+      model = models.create_model(spec["name"], spec["args"], seed=0)
+      paths[name] = tmp_path_factory.mktemp(f"untrained_{name}")
+      save_complete_step(model, {"model": spec}, paths[name])
+    return paths
+  return built_once(tmp_path_factory, "untrained_checkpoints", build)
+
+
+@pytest.fixture(scope="session")
 def family_checkpoints(trained, tmp_path_factory):
   """A short-trained checkpoint of each model family: {name: workdir}."""
   def build():

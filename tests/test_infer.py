@@ -232,14 +232,14 @@ def test_onnx_export_matches_within_1e4(family_checkpoints, tmp_path, family):
   np.testing.assert_allclose(out, live, atol=1e-4)
 
 
-def test_rounded_widths_serve_the_same_outputs(family_checkpoints):
+def test_rounded_widths_serve_the_same_outputs(untrained_checkpoints):
   for family in ("lenet5", "vit"):
-    path = family_checkpoints[family]
+    path = untrained_checkpoints[family]
     plain = CompiledModel.from_checkpoint(path, batch_sizes=(8,))
     wide = CompiledModel.from_checkpoint(path, batch_sizes=(8,),
                                          round_widths_to=8)
     x = images(8, shape=plain.input_shape)
     np.testing.assert_allclose(wide(x), plain(x), atol=1e-5)
   assert "f32[5,5,3,8]" in CompiledModel.from_checkpoint(
-      family_checkpoints["lenet5"], batch_sizes=(8,),
+      untrained_checkpoints["lenet5"], batch_sizes=(8,),
       round_widths_to=8).executables[8].as_text()  # 6 filters became 8

@@ -98,8 +98,8 @@ def test_strided_slice_pool_equals_nnx_max_pool():
       max_pool_2x2(x), nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2)))
 
 
-def test_pinned_lowering_really_replaces_the_conv(family_checkpoints):
-  path = family_checkpoints["lenet5"]
+def test_pinned_lowering_really_replaces_the_conv(untrained_checkpoints):
+  path = untrained_checkpoints["lenet5"]
   plain = CompiledModel.from_checkpoint(path, batch_sizes=(8,))
   banded = CompiledModel.from_checkpoint(
       path, batch_sizes=(8,), conv_lowering={"conv1": (4, 4), "conv2": 5},

@@ -5,6 +5,8 @@ limits end requests, int8 weights decode through the cache, speculative
 decoding keeps the target's greedy text and its sampling distribution, and
 experiments.generate streams text or refuses a prompt in one line."""
 
+import collections
+import functools
 import json
 
 import jax
@@ -57,20 +59,28 @@ def engine(model):
                 vocabulary=VOCABULARY)
 
 
-def test_greedy_tokens_equal_recomputing_the_prefix(model, engine):
+def test_greedy_tokens_equal_recomputing_the_prefix(model, engine,
+                                                   monkeypatch):
   # Ten requests through eight slots, of different lengths: freed slots
   # take the waiting requests, beside others at other positions.
   requests = [generation.Request(p, max_tokens=40 - 3 * i)
               for i, p in enumerate(PROMPTS + [p[::-1] for p in PROMPTS])]
+  steps = collections.Counter()
+  for name in ("generate", "generate/whole"):
+    monkeypatch.setitem(engine.executables, name, functools.partial(
+        lambda name, run, *args: steps.update([name]) or run(*args), name,
+        engine.executables[name]))
   completions = scheduler.run(engine, requests)
+  # Steps read the cache chunk by chunk, then whole past half of it.
+  assert steps["generate"] > 0 and steps["generate/whole"] > 0, steps
   assert [len(c.tokens) for c in completions] == [40 - 3 * i
                                                   for i in range(10)]
   assert_same_greedy_tokens(model, engine, completions)
   # Prefill pieces: 77 characters as 32 + 32 + 16 at offsets 0, 32, 64.
   assert [engine.piece(o, 77 - o) for o in (0, 32, 64)] == [32, 32, 16]
   assert set(engine.executables) == {"prefill/16", "prefill/32", "insert",
-                                     "generate", "zeros/slots",
-                                     "zeros/prompt"}
+                                     "generate", "generate/whole",
+                                     "zeros/slots", "zeros/prompt"}
 
 
 def test_a_seed_gives_the_same_text_alone_and_beside_others(engine):

@@ -4,9 +4,11 @@
 
 Every executable is compiled ahead of time, once: one `prefill` per
 prompt-length bucket (a longer prompt is fed in pieces, each at its offset),
-one `insert` and one `generate` step that serves every position (the slots
-hold different positions; attention reads the cache up to the furthest one,
-rtjax.models.decoder). The key/value cache is donated to each call, so it is
+one `insert` and a `generate` step that serves every position (the slots
+hold different positions; attention reads the cache chunk by chunk up to
+the furthest one, rtjax.models.decoder), with a twin, `generate/whole`,
+that reads the whole cache at once, taken while the furthest slot is past
+half the cache. The key/value cache is donated to each call, so it is
 updated in place. Sampling parameters are per-slot arrays inside the step
 (rtjax.infer.sampling).
 
@@ -43,7 +45,7 @@ from rtjax.infer import options as options_lib
 from rtjax.infer import precision
 from rtjax.infer import sampling as sampling_lib
 from rtjax.infer import speculative
-from rtjax.models.decoder import CACHE_CHUNK
+from rtjax.models.decoder import CACHE_CHUNK, reads_whole_cache
 from rtjax.models.registry import tensor_parallel_rules
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
@@ -243,9 +245,9 @@ class Engine:
     model = lambda role, leaves: nnx.merge(
         graphdefs[role], jax.tree.unflatten(tree, leaves)[role])
 
-    def feed(leaves, cache, tokens, start):
+    def feed(leaves, cache, tokens, start, whole=False):
       """Every model over the tokens: the target's logits, the caches."""
-      fed = {role: model(role, leaves)(tokens, cache[role], start)
+      fed = {role: model(role, leaves)(tokens, cache[role], start, whole)
              for role in cache}
       return fed["target"][0], {role: c for role, (_, c) in fed.items()}
 
@@ -254,20 +256,21 @@ class Engine:
       final = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
       return cache, sampling_lib.sample(final, start + last + 1, *sampling)
 
-    def generate(leaves, cache, state, *sampling):
-      """(cache, per slot: the count of new tokens, then the tokens)."""
+    def generate(whole, leaves, cache, state, *sampling):
+      """(cache, per slot: the count of new tokens, then the tokens), each
+      model reading its `whole` cache or chunks of it."""
       previous, tokens, positions = state[:, 0], state[:, 1], state[:, 2]
       if not k:
-        logits, cache = feed(leaves, cache, tokens[:, None], positions)
+        logits, cache = feed(leaves, cache, tokens[:, None], positions, whole)
         next_token = sampling_lib.sample(logits[:, 0], positions + 1,
                                          *sampling)
         return cache, jnp.stack([jnp.ones_like(next_token), next_token], 1)
       drafted, q, draft_cache = speculative.propose(
-          model("draft", leaves), cache["draft"], previous, tokens,
-          positions, k, *sampling)
+          functools.partial(model("draft", leaves), whole_cache=whole),
+          cache["draft"], previous, tokens, positions, k, *sampling)
       logits, target_cache = model("target", leaves)(
           jnp.concatenate([tokens[:, None], drafted], 1), cache["target"],
-          positions)
+          positions, whole)
       gained, count = speculative.verify(logits, drafted, q, positions,
                                          *sampling)
       return ({"target": target_cache, "draft": draft_cache},
@@ -283,7 +286,7 @@ class Engine:
   def _compile(self, weight_shardings, compiler_options) -> None:
     """Every executable, ahead of time, from shapes and shardings; seconds
     of each in `.compile_seconds` ({'prefill/<bucket>', 'insert',
-    'generate', 'zeros/...'})."""
+    'generate', 'generate/whole', 'zeros/...'})."""
     prefill, generate, insert = self._steps()
     slots_cache = self._cache_shardings(mesh_lib.DATA)
     prompt_cache = self._cache_shardings(None)
@@ -309,12 +312,13 @@ class Engine:
         jax.jit(insert, donate_argnums=0, out_shardings=slots_cache),
         (cache_spec(self.slots, slots_cache), cache_spec(1, prompt_cache),
          spec((), jnp.int32, whole)))
-    jobs["generate"] = (
-        jax.jit(generate, donate_argnums=1,
-                out_shardings=(slots_cache, per_slot)),
-        (weights, cache_spec(self.slots, slots_cache),
-         spec((self.slots, 3), jnp.int32, per_slot),
-         *(row(d) for _, d in sampling_lib.FIELDS)))
+    for name, whole in (("generate", False), ("generate/whole", True)):
+      jobs[name] = (
+          jax.jit(functools.partial(generate, whole), donate_argnums=1,
+                  out_shardings=(slots_cache, per_slot)),
+          (weights, cache_spec(self.slots, slots_cache),
+           spec((self.slots, 3), jnp.int32, per_slot),
+           *(row(d) for _, d in sampling_lib.FIELDS)))
     self._per_slot = per_slot
     for name, batch, shardings in (("slots", self.slots, slots_cache),
                                    ("prompt", 1, prompt_cache)):
@@ -395,7 +399,11 @@ class Engine:
     if self._sampling_placed is None:
       self._sampling_placed = [jax.device_put(np.array(v), self._per_slot)
                                for v in self._sampling.values()]
-    self.cache, emitted = self.executables["generate"](
+    # A round reads up to k positions past its slot's.
+    furthest = int(state[self._active, 2].max(initial=0)) + self.speculate
+    step = ("generate/whole" if reads_whole_cache(furthest, self.cache_length)
+            else "generate")
+    self.cache, emitted = self.executables[step](
         self._leaves, self.cache, state, *self._sampling_placed)
     emitted = np.asarray(emitted)
     counts = np.where(self._active, emitted[:, 0], 0)

@@ -13,7 +13,9 @@ Generation runs the same modules over a key/value cache (`__call__` with
 `cache`): each call writes its tokens' keys and values at their positions,
 then attends over the cache a chunk of CACHE_CHUNK positions at a time, up
 to the furthest position asked, so one compiled step serves every position
-and a short context reads only the chunks it fills.
+and a short context reads only the chunks it fills. Once the furthest
+position passes half the cache, a caller may read the whole cache at once
+instead (`whole_cache`, `reads_whole_cache`).
 
 Prunable, per block: key/value heads (each takes its group of query heads
 with it) and MLP units; whole blocks drop around the residual stream.
@@ -90,15 +92,18 @@ class Attention(nnx.Module):
     causal = positions[:, :, None] >= positions[:, None, :]
     return self.attend(q, k, v, causal)
 
-  def cached(self, x: jnp.ndarray, positions: jnp.ndarray, cache):
+  def cached(self, x: jnp.ndarray, positions: jnp.ndarray, cache,
+             whole_cache: bool = False):
     """The tokens x at consecutive `positions` (batch, T) (each row from its
     own start), their keys and values written into `cache` (keys, values:
     each (batch, S, kv_heads, head_dim), or an int8 pair, see `store`)
-    before they attend over it: (output, cache)."""
+    before they attend over it (chunk by chunk, or the `whole_cache` at
+    once): (output, cache)."""
     q, k, v = self.project(x, positions)
     keys, values = (store(c, new, positions[:, 0])
                     for c, new in zip(cache, (k, v)))
-    attended = chunked_attention(q, keys, values, positions)
+    chunk = jax.tree.leaves(keys)[0].shape[1] if whole_cache else CACHE_CHUNK
+    attended = chunked_attention(q, keys, values, positions, chunk)
     return self.out(attended.reshape(*q.shape[:2], -1)), (keys, values)
 
 
@@ -133,9 +138,21 @@ def read(stored, start, size: int) -> jnp.ndarray:
   return take(stored)
 
 
+def reads_whole_cache(position: int, length: int) -> bool:
+  """Whether a step whose furthest token sits at `position` reads a cache
+  of `length` whole rather than chunk by chunk: from half the cache on,
+  the loop reads most chunks anyway and its per-chunk overhead costs more
+  than the unfilled rest (at 2 to 8 slots on a CPU: one-off probe, in
+  docs/decisions.md)."""
+  return position >= length // 2
+
+
 def keys_read(position: int, length: int) -> int:
   """Cache positions one token at `position` attends over (whole chunks up
-  to its own) in a cache of `length`."""
+  to its own, or the whole cache; `reads_whole_cache`) in a cache of
+  `length`."""
+  if reads_whole_cache(position, length):
+    return length
   chunk = min(CACHE_CHUNK, length)
   return chunk * (position // chunk + 1)
 
@@ -154,14 +171,15 @@ def step_flops(model: nnx.Module, keys: int) -> tuple[int, int]:
   return matmuls, attention
 
 
-def chunked_attention(q, keys, values, positions) -> jnp.ndarray:
+def chunked_attention(q, keys, values, positions,
+                      chunk: int = CACHE_CHUNK) -> jnp.ndarray:
   """q (batch, T, kv, groups, d) at `positions` (batch, T) attending over
   cached keys/values (batch, S, kv, d), key s visible where s <= position;
-  online softmax over chunks of CACHE_CHUNK keys, only as many as the
-  furthest position reaches. Returns (batch, T, kv, groups, d)."""
+  online softmax over chunks of `chunk` keys, only as many as the furthest
+  position reaches. Returns (batch, T, kv, groups, d)."""
   batch, tokens, kv, groups, dim = q.shape
   length = jax.tree.leaves(keys)[0].shape[1]
-  chunk = min(CACHE_CHUNK, length)
+  chunk = min(chunk, length)
   if length % chunk:
     raise ValueError(f"cache length {length} is not a multiple of {chunk}")
   scale = 1.0 / np.sqrt(dim)
@@ -214,8 +232,10 @@ class Block(nnx.Module):
     x = x + self.attention(self.norm1(x), positions)
     return x + self.mlp(x)
 
-  def cached(self, x: jnp.ndarray, positions: jnp.ndarray, cache):
-    attended, cache = self.attention.cached(self.norm1(x), positions, cache)
+  def cached(self, x: jnp.ndarray, positions: jnp.ndarray, cache,
+             whole_cache: bool = False):
+    attended, cache = self.attention.cached(self.norm1(x), positions, cache,
+                                            whole_cache)
     x = x + attended
     return x + self.mlp(x), cache
 
@@ -333,13 +353,15 @@ class Decoder(nnx.Module):
         for h, k, m in zip(heads, kv, mlps)])
     self.norm = nnx.RMSNorm(embed_dim, rngs=rngs)
 
-  def __call__(self, tokens: jnp.ndarray, cache=None, start=None):
+  def __call__(self, tokens: jnp.ndarray, cache=None, start=None,
+               whole_cache: bool = False):
     """Logits (batch, T, vocabulary) of every position's next token.
 
     With `cache` (as `empty_cache` makes), row b's tokens sit at positions
     start[b], start[b] + 1, ...: their keys and values are written into the
-    cache and they attend over it; returns (logits, cache). (One method for
-    both, as qwix quantizes a model's __call__.)"""
+    cache and they attend over it, chunk by chunk or (`whole_cache`) all at
+    once; returns (logits, cache). (One method for both, as qwix quantizes
+    a model's __call__.)"""
     steps = jnp.arange(tokens.shape[1])
     if cache is None:
       positions = jnp.broadcast_to(steps, tokens.shape)
@@ -351,7 +373,7 @@ class Decoder(nnx.Module):
       if cache is None:
         x = block(x, positions)
       else:
-        x, layer = block.cached(x, positions, cache[i])
+        x, layer = block.cached(x, positions, cache[i], whole_cache)
         new_cache.append(layer)
     logits = self.embed.attend(self.norm(x))
     return logits if cache is None else (logits, new_cache)

@@ -143,7 +143,7 @@ def reads_whole_cache(position: int, length: int) -> bool:
   of `length` whole rather than chunk by chunk: from half the cache on,
   the loop reads most chunks anyway and its per-chunk overhead costs more
   than the unfilled rest (at 2 to 8 slots on a CPU: one-off probe, in
-  docs/decisions.md)."""
+  docs/floors.md)."""
   return position >= length // 2
 
 

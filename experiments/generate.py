@@ -8,8 +8,9 @@ generated, then its time to first token and time per output token.
   python -m experiments.generate --checkpoint=workdirs/compress_lm/teacher \
       --draft=workdirs/compress_lm/distilled --speculate=4 --prompt="ROMEO:"
 
-The model runs in rtjax.infer.engine (prefill, one compiled generate step
-over a KV cache; with --draft, a round of speculative decoding);
+The model runs in rtjax.infer.engine (prefill, a compiled generate step
+over a KV cache, its twin past half the cache; with --draft, a round of
+speculative decoding);
 --num_samples requests (seeds seed, seed + 1, ...) share its slots, the
 first streamed, the others printed as they end.
 """

@@ -298,8 +298,8 @@ def markdown(engine: Engine, ttft: list[dict], by_context: list[dict],
   compiled = ", ".join(f"{n} {s:.1f} s"
                        for n, s in engine.compile_seconds.items())
   lines = [f"Executables compiled once each ({len(engine.executables)}, "
-           f"ahead of time): {compiled}. One `generate` executable served "
-           "every position below.", "",
+           f"ahead of time): {compiled}. `generate` served the positions "
+           "below half the cache, `generate/whole` those past it.", "",
            "| prompt tokens | bucket | TTFT p50 ms | TTFT p99 ms | "
            "predicted prefill ms (cost analysis) |", "|" + " --- |" * 5]
   lines += [f"| {r['prompt']} | {r['bucket']} | {r['p50_ms']:.2f} | "

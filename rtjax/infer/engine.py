@@ -8,7 +8,7 @@ one `insert` and a `generate` step that serves every position (the slots
 hold different positions; attention reads the cache chunk by chunk up to
 the furthest one, rtjax.models.decoder), with a twin, `generate/whole`,
 that reads the whole cache at once, taken while the furthest slot is past
-half the cache. The key/value cache is donated to each call, so it is
+half a float cache. The key/value cache is donated to each call, so it is
 updated in place. Sampling parameters are per-slot arrays inside the step
 (rtjax.infer.sampling).
 
@@ -208,7 +208,7 @@ class Engine:
           served.empty_cache, length=self.cache_length,
           dtype=(self.dtype if precision.is_float_model(each)
                  else jnp.float32),
-          int8=self.options["kv_cache"] == "int8")
+          int8=self._int8_cache)
     return shardings
 
   @classmethod
@@ -220,6 +220,10 @@ class Engine:
   def acceptance(self) -> float:
     """The fraction of drafted tokens the target kept so far."""
     return self.accepted / self.drafted if self.drafted else float("nan")
+
+  @property
+  def _int8_cache(self) -> bool:
+    return self.options["kv_cache"] == "int8"
 
   def _stored(self, batch: int) -> dict:
     """Zero caches for `batch` sequences: {role: that model's cache}."""
@@ -312,7 +316,11 @@ class Engine:
         jax.jit(insert, donate_argnums=0, out_shardings=slots_cache),
         (cache_spec(self.slots, slots_cache), cache_spec(1, prompt_cache),
          spec((), jnp.int32, whole)))
-    for name, whole in (("generate", False), ("generate/whole", True)):
+    variants = {"generate": False}
+    if reads_whole_cache(self.cache_length, self.cache_length,
+                         self._int8_cache):  # some step reads it whole
+      variants["generate/whole"] = True
+    for name, whole in variants.items():
       jobs[name] = (
           jax.jit(functools.partial(generate, whole), donate_argnums=1,
                   out_shardings=(slots_cache, per_slot)),
@@ -401,8 +409,8 @@ class Engine:
                                for v in self._sampling.values()]
     # A round reads up to k positions past its slot's.
     furthest = int(state[self._active, 2].max(initial=0)) + self.speculate
-    step = ("generate/whole" if reads_whole_cache(furthest, self.cache_length)
-            else "generate")
+    step = ("generate/whole" if reads_whole_cache(
+        furthest, self.cache_length, self._int8_cache) else "generate")
     self.cache, emitted = self.executables[step](
         self._leaves, self.cache, state, *self._sampling_placed)
     emitted = np.asarray(emitted)

@@ -138,13 +138,14 @@ def read(stored, start, size: int) -> jnp.ndarray:
   return take(stored)
 
 
-def reads_whole_cache(position: int, length: int) -> bool:
+def reads_whole_cache(position: int, length: int, int8: bool = False) -> bool:
   """Whether a step whose furthest token sits at `position` reads a cache
   of `length` whole rather than chunk by chunk: from half the cache on,
   the loop reads most chunks anyway and its per-chunk overhead costs more
-  than the unfilled rest (at 2 to 8 slots on a CPU: one-off probe, in
-  docs/floors.md)."""
-  return position >= length // 2
+  than the unfilled rest. An `int8` cache stays chunked: a whole read
+  dequantizes every position. (One-off probes on a CPU, in
+  docs/floors.md.)"""
+  return not int8 and position >= length // 2
 
 
 def keys_read(position: int, length: int) -> int:

@@ -148,6 +148,7 @@ def test_an_int8_kv_cache_stores_bytes_and_a_scale_and_scores_alike(
   # here: 0.375 of float32; 0.28 at head_dim 32).
   hd = ARGS["head_dim"]
   assert int8.cache_bytes == engine.cache_bytes * (hd + 4) / (4 * hd)
+  assert "generate/whole" not in int8.executables  # it stays chunked
   windows = np.random.default_rng(1).integers(
       0, len(VOCABULARY), (8, CONTEXT + 1)).astype(np.int32)
   through_float = loss_through_cache(engine, windows, 16)

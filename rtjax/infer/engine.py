@@ -320,9 +320,9 @@ class Engine:
     if reads_whole_cache(self.cache_length, self.cache_length,
                          self._int8_cache):  # some step reads it whole
       variants["generate/whole"] = True
-    for name, whole in variants.items():
+    for name, reads_whole in variants.items():
       jobs[name] = (
-          jax.jit(functools.partial(generate, whole), donate_argnums=1,
+          jax.jit(functools.partial(generate, reads_whole), donate_argnums=1,
                   out_shardings=(slots_cache, per_slot)),
           (weights, cache_spec(self.slots, slots_cache),
            spec((self.slots, 3), jnp.int32, per_slot),

@@ -40,15 +40,27 @@ def test_old_checkpoint_loads_and_serves_the_recorded_logits():
 
 @pytest.mark.slow
 def test_tiny_run_reaches_the_recorded_parameters(tmp_path):
+  """Within 2% of how far training moved each tensor from its
+  initialization: XLA's CPU code differs by instruction set (AVX2 against
+  AVX-512), and its rounding grows through 20 Adam steps to about 0.7% of
+  that movement, while a changed initialization, data order, schedule or
+  loss moves tensors by a large part of it."""
   from configs import default
-  from rtjax.train import train_and_evaluate
+  from rtjax import config as config_lib, models
   from rtjax.checkpoint import load_checkpoint
+  from rtjax.data import load_dataset
+  from rtjax.train import train_and_evaluate
+  from rtjax.train.trainer import model_spec
   config = default.get_config("tiny")
   config.train.num_steps, config.train.warmup_steps = 20, 2
   config.checkpoint.every_steps = 10
   train_and_evaluate(config, tmp_path)
   got = flat_params(load_checkpoint(tmp_path)[0])
+  spec = model_spec(config.model, load_dataset(config.data, config.seed))
+  initial = flat_params(models.create_model(
+      spec["name"], spec["args"], config_lib.init_seed(config, config.train)))
   _, _, params = recorded()
   for key, value in params.items():
-    np.testing.assert_allclose(got[key], value, atol=2e-5, rtol=0,
-                               err_msg=key)
+    moved = np.linalg.norm(value - initial[key])
+    assert moved > 0, key
+    assert np.linalg.norm(got[key] - value) <= 0.02 * moved, key

@@ -232,13 +232,13 @@ class Engine:
   # ---- compiling -----------------------------------------------------------
 
   def _cache_shardings(self, batch_axis):
-    """Each cache array (batch, positions, kv_heads, ...) split over
+    """Each cache array (batch, kv_heads, positions, ...) split over
     `batch_axis` and, where its heads divide, over `model`."""
     model_size = self.mesh.shape[mesh_lib.MODEL]
     return jax.tree.map(lambda s: NamedSharding(self.mesh, P(
-        batch_axis, None,
-        mesh_lib.MODEL if s.shape[2] % model_size == 0 else None,
-        *[None] * (s.ndim - 3))),
+        batch_axis,
+        mesh_lib.MODEL if s.shape[1] % model_size == 0 else None,
+        *[None] * (s.ndim - 2))),
         jax.eval_shape(lambda: self._stored(1)))
 
   def _steps(self):

@@ -96,13 +96,13 @@ class Attention(nnx.Module):
              whole_cache: bool = False):
     """The tokens x at consecutive `positions` (batch, T) (each row from its
     own start), their keys and values written into `cache` (keys, values:
-    each (batch, S, kv_heads, head_dim), or an int8 pair, see `store`)
+    each (batch, kv_heads, S, head_dim), or an int8 pair, see `store`)
     before they attend over it (chunk by chunk, or the `whole_cache` at
     once): (output, cache)."""
     q, k, v = self.project(x, positions)
     keys, values = (store(c, new, positions[:, 0])
                     for c, new in zip(cache, (k, v)))
-    chunk = jax.tree.leaves(keys)[0].shape[1] if whole_cache else CACHE_CHUNK
+    chunk = jax.tree.leaves(keys)[0].shape[2] if whole_cache else CACHE_CHUNK
     attended = chunked_attention(q, keys, values, positions, chunk)
     return self.out(attended.reshape(*q.shape[:2], -1)), (keys, values)
 
@@ -119,19 +119,21 @@ def quantize(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 def store(stored, new: jnp.ndarray, starts: jnp.ndarray):
-  """`stored` keys or values (batch, S, kv, d), or an int8 pair (values,
-  scales (batch, S, kv)), with `new` (batch, T, kv, d) written from each
+  """`stored` keys or values (batch, kv, S, d), or an int8 pair (values,
+  scales (batch, kv, S)), with `new` (batch, T, kv, d) written from each
   row's start."""
   write = jax.vmap(lambda c, n, start:
-                   jax.lax.dynamic_update_slice_in_dim(c, n, start, 0))
+                   jax.lax.dynamic_update_slice_in_dim(c, n, start, 1))
+  heads_first = lambda n: jnp.moveaxis(n, 2, 1)
   if isinstance(stored, tuple):
-    return tuple(write(c, n, starts) for c, n in zip(stored, quantize(new)))
-  return write(stored, new.astype(stored.dtype), starts)
+    return tuple(write(c, heads_first(n), starts)
+                 for c, n in zip(stored, quantize(new)))
+  return write(stored, heads_first(new).astype(stored.dtype), starts)
 
 
 def read(stored, start, size: int) -> jnp.ndarray:
   """Positions start..start+size of stored keys or values, as floats."""
-  take = lambda c: jax.lax.dynamic_slice_in_dim(c, start, size, 1)
+  take = lambda c: jax.lax.dynamic_slice_in_dim(c, start, size, 2)
   if isinstance(stored, tuple):
     values, scales = stored
     return take(values).astype(jnp.float32) * take(scales)[..., None]
@@ -175,11 +177,11 @@ def step_flops(model: nnx.Module, keys: int) -> tuple[int, int]:
 def chunked_attention(q, keys, values, positions,
                       chunk: int = CACHE_CHUNK) -> jnp.ndarray:
   """q (batch, T, kv, groups, d) at `positions` (batch, T) attending over
-  cached keys/values (batch, S, kv, d), key s visible where s <= position;
+  cached keys/values (batch, kv, S, d), key s visible where s <= position;
   online softmax over chunks of `chunk` keys, only as many as the furthest
   position reaches. Returns (batch, T, kv, groups, d)."""
   batch, tokens, kv, groups, dim = q.shape
-  length = jax.tree.leaves(keys)[0].shape[1]
+  length = jax.tree.leaves(keys)[0].shape[2]
   chunk = min(chunk, length)
   if length % chunk:
     raise ValueError(f"cache length {length} is not a multiple of {chunk}")
@@ -190,7 +192,7 @@ def chunked_attention(q, keys, values, positions,
     start = i * chunk
     k = read(keys, start, chunk).astype(q.dtype)
     v = read(values, start, chunk).astype(q.dtype)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * scale
+    logits = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) * scale
     visible = start + jnp.arange(chunk) <= positions[:, :, None]
     logits = jnp.where(visible[:, None, None], logits,
                        jnp.finfo(jnp.float32).min)
@@ -198,7 +200,7 @@ def chunked_attention(q, keys, values, positions,
     weights = jnp.exp(logits - new_best[..., None])
     fade = jnp.exp(best - new_best)
     acc = acc * fade[..., None] + jnp.einsum(
-        "bkgts,bskd->bkgtd", weights.astype(v.dtype), v).astype(jnp.float32)
+        "bkgts,bksd->bkgtd", weights.astype(v.dtype), v).astype(jnp.float32)
     return new_best, total * fade + weights.sum(-1), acc
 
   shape = (batch, kv, groups, tokens)
@@ -381,11 +383,13 @@ class Decoder(nnx.Module):
 
   def empty_cache(self, batch: int, length: int, dtype=jnp.float32,
                   int8: bool = False):
-    """Zero keys and values, (batch, length, kv_heads, head_dim) per block:
-    `length` positions for `batch` sequences; with `int8`, each an int8
-    array and its float32 scales (batch, length, kv_heads)."""
+    """Zero keys and values, (batch, kv_heads, length, head_dim) per block
+    (heads first: a head's positions are contiguous, so attention reads
+    them without a transpose): `length` positions for `batch` sequences;
+    with `int8`, each an int8 array and its float32 scales (batch,
+    kv_heads, length)."""
     def part(b):
-      shape = (batch, length, b.attention.kv_heads, b.attention.head_dim)
+      shape = (batch, b.attention.kv_heads, length, b.attention.head_dim)
       if int8:
         return jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:3], jnp.float32)
       return jnp.zeros(shape, dtype)

@@ -166,7 +166,8 @@ def peak(engine: Engine, workload: Workload, policy: str, limits: dict,
          high: float, output_dir: epath.Path, steps: int,
          min_duration_ms: int, min_query_count: int) -> dict:
   """The highest Server QPS within the limits, bisected in `steps` runs
-  up to `high` (the Offline queries/s, which no Server run exceeds)."""
+  up to `high` (the Offline queries/s, which no Server run exceeds); with
+  none within them, the lowest load tried as `below`."""
   low, best = 0.0, None
   for i in range(steps):
     qps = (low + high) / 2
@@ -182,7 +183,7 @@ def peak(engine: Engine, workload: Workload, policy: str, limits: dict,
       best, low = {**result, "qps": qps}, qps
     else:
       high = qps
-  return best or {"qps": 0.0}
+  return best or {"qps": 0.0, "below": high}
 
 
 # Limits on a Server run fixed before it: p99 TTFT within this many times
@@ -203,10 +204,12 @@ def workload(windows: list[str], lengths: list[int], low: int, high: int,
 
 
 def offline(engine: Engine, load: Workload, output_dir: epath.Path,
-            repeats: int = 3) -> dict:
+            repeats: int = 5) -> dict:
   """Every query at once under each policy, the policies in turns
-  `repeats` times: median tokens/s, the median of the turns' ratios, and
-  the generate steps each policy took (the same every turn)."""
+  `repeats` times (this machine's speed drifts over seconds, so a turn's
+  ratio alone can be off by 0.2): median tokens/s, each turn's ratio and
+  their median, and the generate steps each policy took (the same every
+  turn)."""
   runs = {policy: [] for policy in POLICIES}
   for turn in range(repeats):
     for policy in POLICIES:
@@ -218,9 +221,11 @@ def offline(engine: Engine, load: Workload, output_dir: epath.Path,
             f"in {result['steps']} steps", flush=True)
   speed = {p: np.array([r["tokens_per_second"] for r in runs[p]])
            for p in POLICIES}
+  ratios = speed["continuous"] / speed["static"]
   return {**{p: {"tokens_per_s": float(np.median(speed[p])),
                  "steps": runs[p][0]["steps"]} for p in POLICIES},
-          "ratio": float(np.median(speed["continuous"] / speed["static"]))}
+          "ratio": float(np.median(ratios)),
+          "turn_ratios": [float(r) for r in ratios]}
 
 
 def measure(engine: Engine, windows: list[str], output_dir: epath.PathLike,
@@ -277,12 +282,15 @@ def markdown(results: dict) -> str:
       "longest member. The idle engine: one request at a time through the "
       "same scheduler thread, 50 ms apart.", "",
       f"Offline ({low}-character prompts, outputs uniform on {low}-{high} "
-      f"tokens; medians of the policies in turns, 3 times):", "",
+      f"tokens; medians of the policies in turns, "
+      f"{len(off['turn_ratios'])} times):", "",
       "| policy | tokens/s | generate steps |", "| --- | --- | --- |"]
   for policy in POLICIES:
     lines.append(f"| {policy} | {off[policy]['tokens_per_s']:.0f} | "
                  f"{off[policy]['steps']} |")
-  lines += ["", f"Continuous over static: **{ratio:.2f}x** tokens/s "
+  turns = ", ".join(f"{r:.2f}" for r in off["turn_ratios"])
+  lines += ["", f"Continuous over static: **{ratio:.2f}x** tokens/s, the "
+            f"median of the turns' {turns} "
             f"({off['static']['steps'] / off['continuous']['steps']:.2f}x "
             "fewer steps); the bound "
             f"E[longest of {results['slots']}] / E[mean] is {bound:.2f} "
@@ -297,11 +305,13 @@ def markdown(results: dict) -> str:
             "ms | tokens/s |", "| --- | --- | --- | --- | --- |"]
   for policy in POLICIES:
     p = results["peak"][policy]
+    if not p["qps"]:
+      lines.append(f"| {policy} | none down to {p['below']:.2f} | - | - | - |")
+      continue
     lines.append(
-        f"| {policy} | {p['qps']:.2f} | "
-        f"{p.get('ttft_p99_ns', float('nan')) / 1e6:.1f} | "
-        f"{p.get('tpot_p99_ns', float('nan')) / 1e6:.2f} | "
-        f"{p.get('completed_tokens_per_second', float('nan')):.0f} |")
+        f"| {policy} | {p['qps']:.2f} | {p['ttft_p99_ns'] / 1e6:.1f} | "
+        f"{p['tpot_p99_ns'] / 1e6:.2f} | "
+        f"{p['completed_tokens_per_second']:.0f} |")
   if "low_load" in results:
     light, idle_ms = results["low_load"], results["idle"]["ttft_ms"]
     lines += ["", f"At {light['qps']:.2f} QPS (10% of the continuous peak),"

@@ -10,8 +10,9 @@ stays within one step plus that many prefills; with no slot generating,
 every free slot is filled at once. (`static=True` is static batching
 instead, the baseline continuous batching beats: a batch is prefilled only
 when every slot is free, so it waits for its longest member.) Admission is
-decided when a request arrives: it is refused (Rejected 'queue_full') when `max_queue` requests
-already wait, or (Rejected 'deadline') when its first token cannot arrive
+decided when a request arrives: it is refused (Rejected 'queue_full') when
+`max_queue` requests already wait, or (Rejected 'deadline') when its first
+token cannot arrive
 by its deadline, estimated from the measured prefill and step times and
 the slots the running requests free at their token limits.
 
@@ -190,8 +191,8 @@ class Scheduler:
     one generate step; False when there was nothing to do."""
     with self._lock:
       cancelled, self._cancelled = self._cancelled, []
-      gone = [w[2] for w in self._waiting if w[2].cancelled] if cancelled \
-          else []
+      gone = ([w[2] for w in self._waiting if w[2].cancelled] if cancelled
+              else [])  # the queue is scanned only after a cancel
       if gone:
         self._waiting = [w for w in self._waiting if not w[2].cancelled]
         heapq.heapify(self._waiting)

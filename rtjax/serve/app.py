@@ -44,8 +44,8 @@ from rtjax.infer.batcher import (DeadlineBatcher, Rejected,
                                  measure_service_times)
 from rtjax.serve import protocol
 from rtjax.serve.generating import (CLIENT_GONE, REJECTION_STATUS,
-                                    GenerationEndpoints, Generator)
-from rtjax.serve.generating import error as _error
+                                    GenerationEndpoints, Generator,
+                                    error_response)
 from rtjax.serve.metrics import Metrics
 from rtjax.serve.servable import Servable
 
@@ -221,10 +221,10 @@ class ModelServer:
     """404 for a model the server does not have, 503 for one still
     loading; None for a model that serves (classifier or generator)."""
     if name not in self.loaders:
-      return _error(404, f"unknown model {name!r}; models: "
-                    f"{', '.join(self.loaders)}")
+      return error_response(404, f"unknown model {name!r}; models: "
+                            f"{', '.join(self.loaders)}")
     if name not in self.models and name not in self.schedulers:
-      return _error(503, f"model {name!r} is still loading")
+      return error_response(503, f"model {name!r} is still loading")
     return None
 
   def _model(self, request: Request) -> _Loaded | Response:
@@ -233,13 +233,14 @@ class ModelServer:
     if missing is not None:
       return missing
     if name in self.schedulers:
-      return _error(400, f"model {name!r} generates text: use its /generate "
-                    "or /v1/completions")
+      return error_response(400, f"model {name!r} generates text: use its "
+                            "/generate or /v1/completions")
     loaded = self.models[name]
     version = request.path_params.get("version")
     if version is not None and version != loaded.servable.version:
-      return _error(404, f"model {name!r} has no version {version!r}; "
-                    f"versions: {loaded.servable.version}")
+      return error_response(404, f"model {name!r} has no version "
+                            f"{version!r}; versions: "
+                            f"{loaded.servable.version}")
     return loaded
 
   async def model_metadata(self, request: Request) -> Response:
@@ -290,7 +291,7 @@ class ModelServer:
     except protocol.ProtocolError as e:
       rejected.labels(name, "too_large" if e.status == 413
                       else "bad_request").inc()
-      return _error(e.status, str(e))
+      return error_response(e.status, str(e))
     except ClientDisconnect:
       rejected.labels(name, "client_disconnected").inc()
       return Response(status_code=CLIENT_GONE)
@@ -306,10 +307,12 @@ class ModelServer:
         in_flight.dec()
     except Rejected as e:
       rejected.labels(name, e.reason).inc()
-      return _error(REJECTION_STATUS[e.reason], f"rejected ({e.reason}): {e}")
+      return error_response(REJECTION_STATUS[e.reason],
+                            f"rejected ({e.reason}): {e}")
     except Exception as e:  # the model failed: this batch, not the server
       logging.exception("model %s failed", name)
-      return _error(500, f"model {name!r} failed: {type(e).__name__}: {e}")
+      return error_response(500, f"model {name!r} failed: "
+                            f"{type(e).__name__}: {e}")
     body, headers = protocol.encode_infer(
         name, servable.version, parsed, outputs, servable.signature)
     self.metrics.latency.labels(name).observe(time.perf_counter() - start)

@@ -67,8 +67,8 @@ class GenerationEndpoints:
       return missing
     scheduler = self.server.schedulers.get(name)
     if scheduler is None:
-      return error(400, f"model {name!r} is not a language model: use "
-                   "/infer")
+      return error_response(400, f"model {name!r} is not a language "
+                            "model: use /infer")
     return scheduler
 
   async def models(self, request: Request) -> Response:
@@ -86,8 +86,8 @@ class GenerationEndpoints:
     name = request.path_params["name"]
     version = request.path_params.get("version", "1")
     if version != "1":
-      return self._count(name, error(404, f"model {name!r} has no version "
-                                      f"{version!r}; versions: 1"))
+      return self._count(name, error_response(
+          404, f"model {name!r} has no version {version!r}; versions: 1"))
     parsed = await self._parse(name, request, completions.parse_generate)
     if isinstance(parsed, Response):
       return parsed
@@ -143,7 +143,7 @@ class GenerationEndpoints:
     except ProtocolError as e:
       self._reject(name or "", "too_large" if e.status == 413
                    else "bad_request")
-      return self._count(name or "", error(e.status, str(e)))
+      return self._count(name or "", error_response(e.status, str(e)))
     except ClientDisconnect:
       self._reject(name or "", "client_disconnected")
       return Response(status_code=CLIENT_GONE)
@@ -166,11 +166,11 @@ class GenerationEndpoints:
           on_end=lambda completion: post(("", completion)))
     except (ProtocolError, InputError) as e:
       self._reject(name, "bad_request")
-      return self._count(name, error(400, str(e)))
+      return self._count(name, error_response(400, str(e)))
     except Rejected as e:
       self._reject(name, e.reason)
-      return self._count(name, error(REJECTION_STATUS[e.reason],
-                                      f"rejected ({e.reason}): {e}"))
+      return self._count(name, error_response(
+          REJECTION_STATUS[e.reason], f"rejected ({e.reason}): {e}"))
     return _Answer(name, stream, events)
 
   async def _pieces(self, answer: _Answer):
@@ -207,7 +207,7 @@ def _usage(answer: _Answer) -> dict:
                            len(answer.stream.completion.tokens))
 
 
-def error(status: int, message: str) -> Response:
+def error_response(status: int, message: str) -> Response:
   """A JSON error body ({"error": message}) with its status."""
   return Response(error_body(message), status_code=status,
                   media_type="application/json")
